@@ -1,0 +1,44 @@
+"""Atomic file writes: write under a temporary name in the same folder, then rename.
+
+Every output of dwise_jax (predictions, submissions, JSON beside checkpoints, caches) goes
+through here, so a crash or an error never leaves a partially written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds.
+
+    Args:
+      path: the final file name. Its folder is created if needed.
+      suffix: ending of the temporary name (some writers insist on one, e.g. ".npy").
+
+    On an exception the temporary file is removed and the final name is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes `obj` as indented JSON to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,158 @@
+"""Checkpoints of one fold of one experiment, on disk under `<workdir>/<experiment>/fold_<k>/`.
+
+Layout of a fold folder:
+
+    model.json           what prediction needs to rebuild the network: the DwiseNeuro
+                         constructor arguments, the mice (readout order) with their neuron
+                         counts, and where the weights came from (trained here, or converted
+                         from one of the original's .pth files)
+    checkpoints/<step>/  an Orbax composite checkpoint. Item `ema` is the EMA model state
+                         (parameters and BatchNorm statistics, as a nested dict of arrays), the
+                         weights that validation and prediction use, as in the original.
+                         Training adds its own items (optimizer state, step, loader state).
+
+Orbax writes each step under a temporary name and renames it when complete, so a crash during a
+write leaves the previous step readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from dwise_jax import atomic
+
+MODEL_SPEC_FILE = "model.json"
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_SPEC_FORMAT = "dwise_jax.model_spec/1"
+
+
+class CheckpointError(RuntimeError):
+    """A fold folder or checkpoint is missing, unreadable, or does not fit what was asked."""
+
+
+def fold_dir(workdir: str | os.PathLike, experiment: str, fold: int) -> Path:
+    """The folder of fold `fold` of `experiment`: `<workdir>/<experiment>/fold_<fold>`."""
+    return Path(workdir) / experiment / f"fold_{fold}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What is needed to rebuild a fold's network.
+
+    Attributes:
+      constructor: keyword arguments of `DwiseNeuro` (as JSON: tuples become lists), without
+        `rngs` and `dtype`. `readout_outputs` holds the neuron count of each readout.
+      mice: mouse folder names in readout order (same length as `readout_outputs`).
+      source: where the weights came from, e.g. "trained" or "converted from model-017-....pth".
+      extra: free-form provenance (original epoch and val_corr of a converted file, ...).
+    """
+
+    constructor: dict[str, Any]
+    mice: list[str]
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        outputs = self.constructor.get("readout_outputs")
+        if outputs is None or len(outputs) != len(self.mice):
+            raise CheckpointError(
+                f"model spec has {len(self.mice)} mice but readout_outputs={outputs!r}"
+            )
+
+    @property
+    def num_neurons(self) -> list[int]:
+        return [int(n) for n in self.constructor["readout_outputs"]]
+
+
+def write_model_spec(directory: str | os.PathLike, spec: ModelSpec) -> Path:
+    """Writes `model.json` into a fold folder atomically and returns its path."""
+    path = Path(directory) / MODEL_SPEC_FILE
+    atomic.write_json(path, {"format": MODEL_SPEC_FORMAT, **asdict(spec)})
+    return path
+
+
+def read_model_spec(directory: str | os.PathLike) -> ModelSpec:
+    """Reads a fold folder's `model.json`, with a clear error when missing or malformed."""
+    path = Path(directory) / MODEL_SPEC_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; is {directory} a dwise_jax fold folder?")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if raw.get("format") != MODEL_SPEC_FORMAT:
+        raise CheckpointError(f"{path}: unknown format {raw.get('format')!r}")
+    try:
+        return ModelSpec(
+            constructor=raw["constructor"],
+            mice=list(raw["mice"]),
+            source=raw["source"],
+            extra=raw.get("extra", {}),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing field {e}") from None
+
+
+def _manager(directory: Path, max_to_keep: int | None, create: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+    return ocp.CheckpointManager(directory / CHECKPOINTS_DIR, options=options)
+
+
+def save(directory: str | os.PathLike, step: int, items: dict[str, Any],
+         max_to_keep: int | None = 1) -> None:
+    """Saves named pytrees (e.g. {"ema": ...}) as step `step` of a fold folder, synchronously."""
+    mngr = _manager(Path(directory), max_to_keep, create=True)
+    args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+    mngr.save(step, args=ocp.args.Composite(**args), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The newest complete step of a fold folder, or None if it has none."""
+    path = Path(directory) / CHECKPOINTS_DIR
+    if not path.is_dir():
+        return None
+    mngr = _manager(Path(directory), None, create=False)
+    step = mngr.latest_step()
+    mngr.close()
+    return step
+
+
+def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
+            step: int | None = None, targets: dict[str, Any] | None = None
+            ) -> tuple[int, dict[str, Any]]:
+    """Restores named items of a fold folder's checkpoint.
+
+    Args:
+      directory: the fold folder.
+      names: which items to read.
+      step: which step; the newest complete one when None.
+      targets: optional abstract trees (jax.ShapeDtypeStruct leaves, with shardings where
+        wanted) per item name; without one an item comes back as NumPy arrays.
+
+    Returns:
+      (step, {name: tree}).
+    """
+    directory = Path(directory)
+    step = latest_step(directory) if step is None else step
+    if step is None:
+        raise CheckpointError(f"{directory / CHECKPOINTS_DIR}: no checkpoint found")
+    mngr = _manager(directory, None, create=False)
+    targets = targets or {}
+    args = {name: ocp.args.StandardRestore(targets.get(name)) for name in names}
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(**args))
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise CheckpointError(
+            f"{directory / CHECKPOINTS_DIR / str(step)}: cannot restore {list(names)} ({e})"
+        ) from None
+    finally:
+        mngr.close()
+    return step, {name: restored[name] for name in names}
