@@ -1,0 +1,303 @@
+"""Metrics against plain NumPy/SciPy references, hand-computed cases and pipeline.npz item 6."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from dwise_jax import metrics
+
+
+def err(a, b) -> float:
+    """The fixture README's measure: max|a - b| / max|b|, NaN positions must match."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    return float(np.nanmax(np.abs(a - b)) / np.nanmax(np.abs(b)))
+
+
+# --------------------------------------------------------------------------- Pearson
+
+
+def test_pearson_matches_scipy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 200))
+    y = 0.5 * x + rng.normal(size=(7, 200))
+    r = metrics.pearson_per_neuron(x, y, -1)
+    want = [scipy.stats.pearsonr(a, b).statistic for a, b in zip(x, y, strict=True)]
+    np.testing.assert_allclose(r, want, rtol=1e-7)
+    np.testing.assert_allclose(metrics.pearson_per_neuron(x.T, y.T, 0), r, rtol=1e-12)
+
+
+def test_pearson_hand_cases():
+    x = np.array([1.0, 2.0, 3.0])
+    assert metrics.pearson_per_neuron(x, np.array([1.0, 3.0, 2.0]), 0) == pytest.approx(0.5)
+    assert metrics.pearson_per_neuron(x, 2 * x + 1, 0) == pytest.approx(1.0, abs=1e-7)
+    assert metrics.pearson_per_neuron(x, -x, 0) == pytest.approx(-1.0, abs=1e-7)
+    assert metrics.pearson_per_neuron(x, np.full(3, 0.5), 0) == 0.0  # constant: eps, not NaN
+    nan = np.array([1.0, np.nan, 2.0])
+    assert np.isnan(metrics.pearson_per_neuron(x, nan, 0))
+    assert metrics.pearson_per_neuron(x, nan, 0, nan_to_zero=True) == 0.0
+
+
+def test_pearson_keeps_float32():
+    x = np.arange(10, dtype=np.float32)
+    assert metrics.pearson_per_neuron(x, x, 0).dtype == np.float32
+    assert metrics.pearson_per_neuron(x.astype(np.float64), x, 0).dtype == np.float64
+
+
+def test_nan_case_fixture(pipeline_fixture):
+    f, _ = pipeline_fixture
+    pred, target = f["metrics/nan_case/pred"], f["metrics/nan_case/target"]
+    assert (
+        err(metrics.pearson_per_neuron(pred, target, -1), f["metrics/nan_case/winner_corr"]) < 1e-5
+    )
+    baseline = metrics.competition_correlation({"m": [pred]}, {"m": [target]}).per_neuron
+    assert err(baseline, f["metrics/nan_case/baseline_corr"]) < 1e-5
+
+
+# --------------------------------------------------------------------------- frame cuts
+
+
+@pytest.mark.parametrize("length", [0, 40, 50, 51, 52, 250, 299, 300, 301, 313, 400])
+def test_cut_frames_is_the_original_cut(length):
+    x = np.arange(2 * 420).reshape(2, 420)[:, :length]
+    want = x[..., :300][..., 50:][..., :-1]
+    np.testing.assert_array_equal(metrics.cut_frames(x), want)
+    padded = np.concatenate([x, np.full((2, 20), -1)], axis=-1)
+    np.testing.assert_array_equal(metrics.cut_frames(padded, length), want)
+    # a length longer than the array: the original's slicing clamps
+    np.testing.assert_array_equal(metrics.cut_frames(x, length + 30), want)
+
+
+def test_cut_frames_counts():
+    assert metrics.cut_frames(np.zeros((3, 300))).shape == (3, 249)
+    assert metrics.cut_frames(np.zeros((3, 313))).shape == (3, 249)
+    assert metrics.cut_frames(np.zeros((3, 250))).shape == (3, 199)
+    assert metrics.submission_frames(300) == slice(50, 299)
+
+
+# --------------------------------------------------------------------------- competition
+
+
+def _random_mice(rng, neurons=(5, 3), lengths=((120, 90), (310, 70, 100))):
+    preds, targets = {}, {}
+    for m, (n, ls) in enumerate(zip(neurons, lengths, strict=True)):
+        targets[f"m{m}"] = [rng.gamma(2.0, size=(n, L)) for L in ls]
+        preds[f"m{m}"] = [t * 0.5 + rng.gamma(2.0, size=t.shape) for t in targets[f"m{m}"]]
+    return preds, targets
+
+
+@pytest.mark.parametrize("cut", ["baseline", "submission"])
+def test_competition_correlation_reference(cut):
+    rng = np.random.default_rng(1)
+    preds, targets = _random_mice(rng)
+    scores = metrics.competition_correlation(preds, targets, cut=cut)
+    keep = (lambda x: x[:, 50:]) if cut == "baseline" else (lambda x: x[:, :300][:, 50:][:, :-1])
+    means = []
+    for mouse in preds:
+        p = np.concatenate([keep(x) for x in preds[mouse]], axis=1)
+        t = np.concatenate([keep(x) for x in targets[mouse]], axis=1)
+        want = [np.corrcoef(a, b)[0, 1] for a, b in zip(p, t, strict=True)]
+        np.testing.assert_allclose(scores.per_mouse[mouse], want, rtol=1e-6)
+        means.append(np.mean(want))
+    all_neurons = np.concatenate([scores.per_mouse[m] for m in preds])
+    assert scores.neuron_mean == pytest.approx(np.mean(all_neurons))
+    assert scores.mouse_mean == pytest.approx(np.mean(means), rel=1e-6)
+    assert scores.neuron_mean != pytest.approx(scores.mouse_mean)  # 5 vs 3 neurons
+
+
+def test_competition_correlation_weighting_by_hand():
+    t = np.tile(np.arange(60.0), (3, 1))
+    preds = {"a": [np.stack([t[0], t[0], -t[0]])], "b": [t[:1].copy()]}
+    targets = {"a": [t], "b": [t[:1]]}
+    scores = metrics.competition_correlation(preds, targets, skip=0)
+    np.testing.assert_allclose(scores.per_neuron, [1, 1, -1, 1], atol=1e-7)
+    assert scores.neuron_mean == pytest.approx(0.5, abs=1e-7)  # (1 + 1 - 1 + 1) / 4
+    assert scores.mouse_mean == pytest.approx((1 / 3 + 1) / 2, abs=1e-7)
+
+
+def test_competition_correlation_fixture(pipeline_fixture):
+    f, meta = pipeline_fixture
+    mice = meta["fake_dataset"]["mice"]
+    preds, targets = {}, {}
+    for m, name in enumerate(mice):
+        trials = meta["metrics"]["trial_order"][str(m)]
+        preds[name] = [f[f"metrics/mouse{m}/pred/{t}"] for t in trials]
+        targets[name] = [
+            f[f"fake/mouse{m}/responses/{t}"][:, : p.shape[-1]]
+            for t, p in zip(trials, preds[name], strict=True)
+        ]
+    baseline = metrics.competition_correlation(preds, targets)
+    assert err(baseline.per_neuron, f["metrics/baseline/per_neuron"]) < 1e-5
+    assert err(baseline.neuron_mean, f["metrics/baseline/mean"]) < 1e-5
+    for m, name in enumerate(mice):
+        assert err(baseline.per_mouse[name], f[f"metrics/baseline/as_dict/mouse{m}"]) < 1e-5
+    winner = metrics.competition_correlation(preds, targets, cut="submission", nan_to_zero=False)
+    for m, name in enumerate(mice):
+        assert err(winner.per_mouse[name], f[f"metrics/winner_corr/mouse{m}"]) < 1e-5
+    assert err(list(winner.mouse_means.values()), f["metrics/oof/mouse_corr"]) < 1e-5
+    assert err(winner.mouse_mean, f["metrics/oof/mean"]) < 1e-5
+    assert winner.per_mouse[mice[0]][5] == 0.0  # the constant prediction
+
+
+def test_competition_correlation_rejects_mismatch():
+    with pytest.raises(ValueError):
+        metrics.competition_correlation({"a": [np.zeros((2, 60))]}, {"a": [np.zeros((2, 61))]})
+    with pytest.raises(ValueError):
+        metrics.competition_correlation({"a": [np.zeros((2, 60))]}, {"b": [np.zeros((2, 60))]})
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _corrmetric_batches(f):
+    """The fixture's batches, converted to channels-last (batch, time, neurons)."""
+    batches = []
+    for b in range(2):
+        key = f"metrics/corrmetric/batch{b}"
+        preds = [f[f"{key}/pred/{i}"].transpose(0, 2, 1) for i in range(2)]
+        targets = [f[f"{key}/target/{i}"].transpose(0, 2, 1) for i in range(2)]
+        batches.append((preds, targets, f[f"{key}/mice_weights"]))
+    return batches
+
+
+def test_validation_correlation_fixture(pipeline_fixture):
+    f, _ = pipeline_fixture
+    batches = _corrmetric_batches(f)
+    preds = [np.concatenate([b[0][i] for b in batches]) for i in range(2)]
+    targets = [np.concatenate([b[1][i] for b in batches]) for i in range(2)]
+    weights = np.concatenate([b[2] for b in batches])
+    per_readout, val_corr = metrics.validation_correlation(preds, targets, weights)
+    assert err(per_readout, f["metrics/corrmetric/mouse_corr"]) < 1e-5
+    assert err(val_corr, f["metrics/corrmetric/val_corr"]) < 1e-5
+
+    # The same, streamed batch by batch through PearsonSums.
+    sums = [metrics.PearsonSums.zeros(p.shape[-1]) for p in preds]
+    for bp, bt, bw in batches:
+        for i in range(2):
+            keep = bw[:, i] != 0
+            n = bp[i].shape[-1]
+            sums[i] = sums[i] + metrics.PearsonSums.of(
+                bp[i][keep].reshape(-1, n), bt[i][keep].reshape(-1, n)
+            )
+    streamed = [float(np.mean(s.correlation())) for s in sums]
+    assert err(streamed, f["metrics/corrmetric/mouse_corr"]) < 1e-5
+
+
+def test_validation_correlation_reference_and_empty_readout():
+    rng = np.random.default_rng(2)
+    weights = np.array([[1, 0], [0, 1], [1, 0], [1, 0]], np.float32)
+    preds = [rng.normal(size=(4, 16, 6)), rng.normal(size=(4, 16, 4))]
+    targets = [p + rng.normal(size=p.shape) for p in preds]
+    per_readout, mean = metrics.validation_correlation(preds, targets, weights)
+    for i in range(2):
+        keep = weights[:, i] != 0
+        n = preds[i].shape[-1]
+        p, t = preds[i][keep].reshape(-1, n), targets[i][keep].reshape(-1, n)
+        want = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(p.T, t.T, strict=True)])
+        assert per_readout[i] == pytest.approx(want, rel=1e-6)
+    assert mean == pytest.approx(per_readout.mean())
+    weights[:, 1] = 0
+    per_readout, mean = metrics.validation_correlation(preds, targets, weights)
+    assert np.isnan(per_readout[1]) and mean == pytest.approx(per_readout[0])
+
+
+def test_pearson_sums_constant_series():
+    sums = metrics.PearsonSums.of(
+        np.full((50, 2), 3.0), np.random.default_rng(3).normal(size=(50, 2))
+    )
+    np.testing.assert_allclose(sums.correlation(), 0.0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- repeats
+
+
+def _repeats(rng, videos=3, repeats=(4, 2, 5), neurons=6, frames=(40, 25, 30), noise=0.7):
+    signal = [rng.gamma(2.0, size=(neurons, t)) for t in frames[:videos]]
+    responses = [
+        s + noise * rng.normal(size=(r,) + s.shape) for s, r in zip(signal, repeats, strict=True)
+    ]
+    return signal, responses
+
+
+def test_correlation_to_average_reference():
+    rng = np.random.default_rng(4)
+    signal, responses = _repeats(rng)
+    preds = [s + 0.3 * rng.normal(size=s.shape) for s in signal]
+    r = metrics.correlation_to_average(preds, responses)
+    p = np.concatenate(preds, axis=1)
+    mean = np.concatenate([x.mean(0) for x in responses], axis=1)
+    want = [scipy.stats.pearsonr(a, b).statistic for a, b in zip(p, mean, strict=True)]
+    np.testing.assert_allclose(r, want, rtol=1e-6)
+    # A per-repeat prediction is averaged over repeats first.
+    per_repeat = [
+        np.broadcast_to(x, (len(rs),) + x.shape) + 0 for x, rs in zip(preds, responses, strict=True)
+    ]
+    np.testing.assert_allclose(metrics.correlation_to_average(per_repeat, responses), r, rtol=1e-12)
+    # Predicting the mean itself gives 1.
+    np.testing.assert_allclose(
+        metrics.correlation_to_average([x.mean(0) for x in responses], responses), 1.0, atol=1e-7
+    )
+
+
+def _feve_reference(preds, responses):
+    """neuralpredictors-style FEVE, one 'image' per (video, frame), written with loops."""
+    targets, predictions = [], []
+    for p, r in zip(preds, responses, strict=True):
+        for t in range(r.shape[-1]):
+            targets.append(r[:, :, t])  # (repeats, neurons)
+            predictions.append(np.broadcast_to(p[..., t], r[:, :, t].shape))
+    img_var = np.vstack([np.var(t, axis=0, ddof=1) for t in targets])
+    pred_sq = np.vstack([(t - p) ** 2 for t, p in zip(targets, predictions, strict=True)])
+    total_var = np.var(np.vstack(targets), axis=0, ddof=1)
+    noise_var = img_var.mean(0)
+    return 1 - (pred_sq.mean(0) - noise_var) / (total_var - noise_var)
+
+
+def test_feve_reference():
+    rng = np.random.default_rng(5)
+    signal, responses = _repeats(rng)
+    preds = [s + 0.3 * rng.normal(size=s.shape) for s in signal]
+    np.testing.assert_allclose(
+        metrics.feve(preds, responses), _feve_reference(preds, responses), rtol=1e-10
+    )
+    per_repeat = [rng.normal(size=r.shape) + s for r, s in zip(responses, signal, strict=True)]
+    np.testing.assert_allclose(
+        metrics.feve(per_repeat, responses), _feve_reference(per_repeat, responses), rtol=1e-10
+    )
+
+
+def test_feve_hand_cases():
+    rng = np.random.default_rng(6)
+    signal = [rng.normal(size=(2, 10)) for _ in range(3)]
+    noiseless = [np.broadcast_to(s, (3,) + s.shape).copy() for s in signal]
+    np.testing.assert_allclose(metrics.feve(signal, noiseless), 1.0)
+    # Predicting the grand mean without noise: MSE = total var * (n - 1) / n, FEVE = 1 / n.
+    n = 3 * 3 * 10
+    grand = np.concatenate(signal, axis=1).mean(1, keepdims=True)
+    const = [np.broadcast_to(grand, s.shape) for s in signal]
+    np.testing.assert_allclose(metrics.feve(const, noiseless), 1.0 / n, rtol=1e-10)
+    with pytest.raises(ValueError):
+        metrics.feve([signal[0]], [noiseless[0][:1]])
+
+
+# --------------------------------------------------------------------------- Poisson loss
+
+
+def test_poisson_loss_reference_and_hand_case():
+    rng = np.random.default_rng(7)
+    output = [rng.gamma(2.0, size=(4, 120)), rng.gamma(2.0, size=(4, 80))]
+    target = [rng.poisson(2.0, size=o.shape).astype(float) for o in output]
+    o = np.concatenate([x[:, 50:] for x in output], axis=1)
+    t = np.concatenate([x[:, 50:] for x in target], axis=1)
+    loss = o - t * np.log(o + 1e-12)
+    np.testing.assert_allclose(metrics.poisson_loss(output, target), loss.sum(1), rtol=1e-12)
+    np.testing.assert_allclose(
+        metrics.poisson_loss(output, target, avg=True), loss.mean(1), rtol=1e-12
+    )
+    # output = target = 1 on 70 scored frames: 1 - log(1 + 1e-12) per frame.
+    ones = np.ones((2, 120))
+    np.testing.assert_allclose(metrics.poisson_loss(ones, ones), 70 * (1 - np.log1p(1e-12)))
+    np.testing.assert_allclose(metrics.poisson_loss(ones, 0 * ones, skip=0), [120, 120])
