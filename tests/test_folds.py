@@ -357,12 +357,12 @@ def test_fold_balance_report(tmp_path, pipeline_fixture):
 
 
 def test_folds_through_sensorium_dataset(tmp_path, pipeline_fixture):
-    sensorium = pytest.importorskip("dwise_jax.data.sensorium")
+    from dwise_jax.data import sensorium
+
     f, meta = pipeline_fixture
     write_fake_dataset(tmp_path, f, meta, list(range(5)))
     dataset = sensorium.SensoriumDataset.open(tmp_path)
-    mice = dataset.mice.values() if isinstance(dataset.mice, dict) else dataset.mice
-    by_name = {mouse.name: mouse for mouse in mice}
+    by_name = {mouse.name: mouse for mouse in dataset.mice}
     for m, name in enumerate(meta["fake_dataset"]["mice"]):
         np.testing.assert_array_equal(
             folds.fold_tiers(by_name[name]), f[f"fake/mouse{m}/tiers_after_folds"]
