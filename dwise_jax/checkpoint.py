@@ -156,3 +156,39 @@ def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
     finally:
         mngr.close()
     return step, {name: restored[name] for name in names}
+
+
+def load_ema_model(directory: str | os.PathLike, dtype: Any = None, step: int | None = None):
+    """The EMA model of a fold folder, ready for prediction (eval mode).
+
+    Args:
+      directory: the fold folder (holding model.json and checkpoints/).
+      dtype: compute dtype (float32 by default); parameters are float32 whatever it is.
+      step: which checkpoint step; the newest when None.
+
+    Returns:
+      (model, spec, step).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dwise_jax.models.dwiseneuro import DwiseNeuro
+
+    spec = read_model_spec(directory)
+    model = DwiseNeuro(**spec.constructor, dtype=dtype or jnp.float32, rngs=nnx.Rngs(0))
+    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
+    expected = nnx.to_pure_dict(state)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), expected)
+    try:
+        step, items = restore(directory, ("ema",), step=step, targets={"ema": abstract})
+    except CheckpointError:
+        raise
+    except Exception as e:  # Orbax reports tree mismatches with several exception types
+        raise CheckpointError(
+            f"{Path(directory) / CHECKPOINTS_DIR}: its EMA weights do not fit the architecture "
+            f"in {MODEL_SPEC_FILE} ({type(e).__name__}: {e})") from None
+    nnx.replace_by_pure_dict(state, items["ema"])
+    nnx.update(model, state)
+    model.eval()
+    return model, spec, step
