@@ -427,15 +427,20 @@ def check_all(dataset: SensoriumDataset) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dwise_jax.data.sensorium",
-        description="Print a summary of a Sensorium 2023 root; --check validates every trial.")
+        description="Print a summary of a Sensorium 2023 root and its seven folds; "
+                    "--check validates every trial.")
     parser.add_argument("root", type=Path)
     parser.add_argument("--check", action="store_true", help="load and validate every trial")
     args = parser.parse_args(argv)
+    from dwise_jax.data import folds  # folds reads mice through this module's objects
+
     try:
         dataset = SensoriumDataset.open(args.root)
         print(dataset.summary())
         if args.check:
             print(f"checked {check_all(dataset)} trials: all valid")
+        print("\ntrials per fold (perceptual video hash % 7):")
+        print(folds.format_fold_balance(folds.fold_balance(dataset.mice)))
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
