@@ -1,0 +1,153 @@
+"""Experiment configs: the defaults of every field (the original's true_batch_001 recipe).
+
+Every field used anywhere lives here (configs are loaded locked, so a typo in an override is an
+error, and code never repeats a default with `.get(key, default)`). Experiment files change only
+what differs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# The true_batch_001 architecture (spec section 3); readout sizes come from the dataset.
+CORE_FEATURES = (64, 64, 64, 64, 128, 128, 128, 256, 256)
+SPATIAL_STRIDES = (2, 1, 1, 1, 2, 1, 1, 2, 1)
+CORTEX_FEATURES = (1024, 2048, 4096)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.experiment = "true_batch_001"
+    # Where the Sensorium 2023 root (mouse folders) lies, and where experiments are written.
+    config.data_root = "data/simulated"
+    config.workdir = "workdir"
+    config.seed = 0
+    # Folds to train; each fold k trains on the other six and validates on k.
+    config.folds = (0, 1, 2, 3, 4, 5, 6)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.in_channels = 5
+    config.model.core_features = CORE_FEATURES
+    config.model.spatial_strides = SPATIAL_STRIDES
+    config.model.spatial_kernel = 3
+    config.model.temporal_kernel = 5
+    config.model.expansion_ratio = 7
+    config.model.se_reduce_ratio = 32
+    config.model.cortex_features = CORTEX_FEATURES
+    config.model.groups = 2
+    config.model.softplus_beta = 0.07
+    config.model.drop_rate = 0.4
+    config.model.drop_path_rate = 0.1
+    # Compute dtype of the training forward pass: "float32" or "bfloat16" (the original used
+    # fp16 autocast). Parameters, BatchNorm statistics and the loss stay float32; validation and
+    # prediction run in float32, as in the original.
+    config.model.compute_dtype = "float32"
+
+    config.data = ml_collections.ConfigDict()
+    config.data.batch_size = 32  # global batch, split over all devices
+    config.data.train_epoch_size = 72000  # samples per epoch, equal shares per mouse
+    config.data.val_batch_size = 32
+    config.data.num_workers = 2  # Grain worker processes for the training stream
+    config.data.prefetch_buffer_size = 4
+    config.data.cutmix_alpha = 1.0
+    config.data.cutmix_prob = 0.5
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.base_lr = 3e-4  # per 4 samples; scaled linearly with the batch size
+    config.optim.min_lr = 3e-6  # per 4 samples
+    config.optim.weight_decay = 0.05
+    config.optim.warmup_epochs = 3
+    config.optim.cosine_epochs = 18
+    config.optim.ema_decay = 0.999
+    config.optim.iter_size = 1  # gradient accumulation: the batch is split into iter_size chunks
+
+    config.distill = ml_collections.ConfigDict()
+    config.distill.enabled = False
+    config.distill.teacher_experiment = "true_batch_001"
+    config.distill.ratio = 0.36
+
+    config.log = ml_collections.ConfigDict()
+    config.log.every_steps = 50
+    config.log.tensorboard = True
+    config.log.plot = True
+    return config
+
+
+class ConfigError(ValueError):
+    """An experiment config holds an impossible or inconsistent value."""
+
+
+def load_config_file(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """Loads `get_config()` of a config file, applies dotted overrides, returns it locked.
+
+    Args:
+      path: a Python file defining `get_config()`.
+      overrides: {"optim.base_lr": 1e-3, ...}; an unknown key raises an error (locked config).
+    """
+    import importlib.util
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{file}: no such config file")
+    spec = importlib.util.spec_from_file_location(f"dwise_jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{file}: defines no get_config()")
+    config = module.get_config()
+    config.lock()
+    for key, value in (overrides or {}).items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, leaf, value)
+    return config
+
+
+def model_kwargs(config: ml_collections.ConfigDict, readout_outputs: list[int]) -> dict:
+    """DwiseNeuro constructor arguments (JSON-friendly) from a config and the data's mice."""
+    m = config.model
+    return {
+        "readout_outputs": [int(n) for n in readout_outputs],
+        "in_channels": m.in_channels,
+        "core_features": list(m.core_features),
+        "spatial_strides": list(m.spatial_strides),
+        "spatial_kernel": m.spatial_kernel,
+        "temporal_kernel": m.temporal_kernel,
+        "expansion_ratio": m.expansion_ratio,
+        "se_reduce_ratio": m.se_reduce_ratio,
+        "cortex_features": list(m.cortex_features),
+        "groups": m.groups,
+        "softplus_beta": m.softplus_beta,
+        "drop_rate": m.drop_rate,
+        "drop_path_rate": m.drop_path_rate,
+    }
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+    """Raises ConfigError naming the field for impossible values."""
+    d, o, m = config.data, config.optim, config.model
+    checks = [
+        (d.batch_size > 0, "data.batch_size must be positive"),
+        (d.batch_size % (num_devices * o.iter_size) == 0,
+         f"data.batch_size={d.batch_size} must divide over {num_devices} device(s) x "
+         f"optim.iter_size={o.iter_size}"),
+        (d.train_epoch_size >= d.batch_size, "data.train_epoch_size must be >= data.batch_size"),
+        (0.0 <= d.cutmix_prob <= 1.0, "data.cutmix_prob must be in [0, 1]"),
+        (d.cutmix_alpha > 0, "data.cutmix_alpha must be positive"),
+        (o.base_lr > 0 and o.min_lr >= 0, "optim.base_lr must be > 0 and optim.min_lr >= 0"),
+        (o.warmup_epochs >= 0 and o.cosine_epochs > 0,
+         "optim.warmup_epochs must be >= 0 and optim.cosine_epochs > 0"),
+        (0.0 <= o.ema_decay < 1.0, "optim.ema_decay must be in [0, 1)"),
+        (m.compute_dtype in ("float32", "bfloat16"),
+         f"model.compute_dtype must be float32 or bfloat16, got {m.compute_dtype!r}"),
+        (len(m.core_features) == len(m.spatial_strides),
+         "model.core_features and model.spatial_strides must have the same length"),
+        (all(0 <= k < 7 for k in config.folds), f"folds must be in 0..6, got {config.folds}"),
+        (0.0 < config.distill.ratio < 1.0, "distill.ratio must be in (0, 1)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
