@@ -1,0 +1,156 @@
+"""Validation and prediction streams of fixed windows, and the mean blending of predictions.
+
+Batch formats are documented once, in `dwise_jax.data.pipeline`. Both streams are Grain
+datasets of whole batches: iterate them as often as needed (each pass reads the same batches);
+the last batch is padded to the batch size with `valid` False so that shapes stay static.
+
+Validation (spec section 2): non-overlapping windows, anchors 30 + 31 k (length // 31 per
+trial), over the validation fold of every mouse, in mouse order, trial id ascending.
+Prediction (spec section 6): every anchor of a trial (stride 1 as the original, or a coarser
+stride that still covers every frame); `WindowBlender` sums each (16, N) output into its
+frames and divides by max(count, 1), the original's overlapping-window mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from dwise_jax.data import folds, windows
+from dwise_jax.data.sensorium import Mouse, SensoriumDataset
+from dwise_jax.data.window_reader import (
+    TrialArrays,
+    load_window,
+    neuron_mask,
+    pad_neurons,
+    read_options,
+)
+
+
+def validation_windows(dataset: SensoriumDataset, fold: int) -> np.ndarray:
+    """(windows, 3) int64 rows (mouse index, trial id, anchor) of the validation fold."""
+    rows = []
+    for mouse in dataset.mice:
+        trial_fold = folds.trial_folds(mouse)
+        for trial in np.flatnonzero(trial_fold == fold):
+            if not mouse.is_labeled(int(trial)):
+                continue
+            for anchor in windows.validation_anchors(int(mouse.lengths[trial])):
+                rows.append((mouse.index, int(trial), int(anchor)))
+    return np.array(rows, np.int64).reshape(-1, 3)
+
+
+def prediction_windows(mouse: Mouse, trials: Iterable[int], stride: int = 1) -> np.ndarray:
+    """(windows, 3) int64 rows (mouse index, trial id, anchor): every anchor of each trial."""
+    rows = [(mouse.index, int(t), int(a)) for t in trials
+            for a in windows.prediction_anchors(int(mouse.lengths[t]), stride)]
+    return np.array(rows, np.int64).reshape(-1, 3)
+
+
+def _pad_rows(rows: np.ndarray, multiple: int) -> np.ndarray:
+    """Pads the window table with (-1, -1, -1) rows to a multiple of `multiple`."""
+    pad = -len(rows) % multiple
+    return np.concatenate([rows, np.full((pad, 3), -1, np.int64)])
+
+
+class WindowRecords:
+    """Grain map function: row i of a window table -> one record of the eval batch formats."""
+
+    def __init__(self, mice: Sequence[Mouse], rows: np.ndarray, with_targets: bool):
+        self.mice = {m.index: m for m in mice}
+        self.rows = rows
+        self.with_targets = with_targets
+        self.num_neurons = max(m.num_neurons for m in mice)
+        self.arrays = TrialArrays()
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        m, trial, anchor = (int(v) for v in self.rows[index])
+        valid = trial >= 0
+        if valid:
+            mouse = self.mice[m]
+            frames, traces, target = load_window(mouse, trial, anchor, self.with_targets,
+                                                  self.arrays)
+        else:  # padding of the last batch
+            frames = np.zeros((windows.WINDOW_FRAMES, windows.VIDEO_HEIGHT,
+                               windows.VIDEO_WIDTH), np.float32)
+            traces = np.zeros((windows.WINDOW_FRAMES, 4), np.float32)
+            target = np.zeros((windows.WINDOW_FRAMES, 0), np.float32)
+        record = {"frames": frames, "traces": traces, "trial": np.int32(trial),
+                  "anchor": np.int32(anchor), "valid": np.bool_(valid)}
+        if self.with_targets:
+            record["mouse"] = np.int32(max(m, 0))
+            record["targets"] = pad_neurons(target, self.num_neurons)
+            record["neuron_mask"] = neuron_mask(self.mice[m].num_neurons if valid else 0,
+                                                self.num_neurons)
+        return record
+
+
+def _batches(records: WindowRecords, batch_size: int, shard_index: int, shard_count: int,
+             read_threads: int, read_buffer: int) -> grain.IterDataset:
+    if batch_size % shard_count or not 0 <= shard_index < shard_count:
+        raise ValueError(f"batch size {batch_size} must split into {shard_count} shards "
+                         f"and shard index {shard_index} be one of them")
+    local = batch_size // shard_count
+    # Row r of global batch b on host h is window b * batch_size + h * local + r.
+    ds = grain.MapDataset.range(len(records.rows) // shard_count).map(
+        _ShardIndex(batch_size, local, shard_index)).map(records)
+    return ds.batch(local, drop_remainder=True).to_iter_dataset(
+        read_options(read_threads, read_buffer))
+
+
+class _ShardIndex:
+    """This host's flat index j -> the window's row in the padded global table."""
+
+    def __init__(self, batch_size: int, local: int, shard_index: int):
+        self.batch_size, self.local, self.shard_index = batch_size, local, shard_index
+
+    def __call__(self, j: int) -> int:
+        batch, row = divmod(int(j), self.local)
+        return batch * self.batch_size + self.shard_index * self.local + row
+
+
+def validation_batches(dataset: SensoriumDataset, fold: int, batch_size: int = 32, *,
+                       shard_index: int = 0, shard_count: int = 1, read_threads: int = 2,
+                       read_buffer: int = 2) -> grain.IterDataset:
+    """Validation batches of every mouse's validation-fold windows (format: pipeline.py)."""
+    rows = _pad_rows(validation_windows(dataset, fold), batch_size)
+    records = WindowRecords(dataset.mice, rows, with_targets=True)
+    return _batches(records, batch_size, shard_index, shard_count, read_threads, read_buffer)
+
+
+def prediction_batches(mouse: Mouse, trials: Iterable[int], batch_size: int = 32, *,
+                       stride: int = 1, read_threads: int = 2,
+                       read_buffer: int = 2) -> grain.IterDataset:
+    """Prediction batches of one mouse's trials (format: pipeline.py); labels are not read."""
+    rows = _pad_rows(prediction_windows(mouse, trials, stride), batch_size)
+    records = WindowRecords([mouse], rows, with_targets=False)
+    return _batches(records, batch_size, 0, 1, read_threads, read_buffer)
+
+
+class WindowBlender:
+    """Accumulates window outputs into per-trial sums and counts; returns the mean blend."""
+
+    def __init__(self, lengths: Mapping[int, int], num_neurons: int):
+        """Args: lengths: {trial id: valid length}; num_neurons: the mouse's N."""
+        self.num_neurons = num_neurons
+        self.sums = {int(t): np.zeros((num_neurons, int(n)), np.float64)
+                     for t, n in lengths.items()}
+        self.counts = {int(t): np.zeros(int(n), np.int64) for t, n in lengths.items()}
+
+    def add(self, outputs: np.ndarray, batch: Mapping[str, np.ndarray]) -> None:
+        """Adds (B, 16, >= N) outputs of a prediction batch; padded rows are skipped."""
+        outputs = np.asarray(outputs)[..., : self.num_neurons]
+        for b in np.flatnonzero(batch["valid"]):
+            trial, idx = int(batch["trial"][b]), windows.window_indexes(int(batch["anchor"][b]))
+            # One window's 16 indexes are distinct, so a fancy-index add is exact.
+            self.sums[trial][:, idx] += outputs[b].T
+            self.counts[trial][idx] += 1
+
+    def result(self, trial: int) -> np.ndarray:
+        """(N, L) float32: each frame's mean over the windows covering it (0 if none)."""
+        return (self.sums[trial] / np.maximum(self.counts[trial], 1)).astype(np.float32)
+
+    def results(self) -> dict[int, np.ndarray]:
+        return {t: self.result(t) for t in self.sums}

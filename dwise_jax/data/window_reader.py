@@ -1,0 +1,137 @@
+"""Reading windows from the trial files: kept-open memory maps, checks that name the file.
+
+The layer between `sensorium.py` (files, trials) and the Grain streams of `pipeline.py` and
+`eval_windows.py`: one window's compact inputs and targets (see `windows.py`), read from the
+memory-mapped trial arrays, with every way a file can be broken turned into a `DatasetError`
+that names it (raised in a Grain worker, it reaches the main process as it is).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import grain
+import numpy as np
+
+from dwise_jax.data import windows
+from dwise_jax.data.sensorium import DatasetError, Mouse
+
+# Memory maps kept open per process: more than the real dataset's ~28000 trial files (10 mice,
+# ~700 trials, 4 modalities) and well under Linux's default 65530 mappings per process.
+MAX_OPEN_ARRAYS = 32768
+# np.load parses each .npy header with ast.literal_eval, and CPython 3.11's AST construction is
+# not thread-safe: Grain's read threads opening files at once rarely raise "SystemError: AST
+# constructor recursion depth mismatch" (python/cpython#106905, seen in our tests). Opening is
+# serialised per process; with the maps kept open it happens once per file.
+_OPEN_LOCK = threading.Lock()
+
+
+def open_array(mouse: Mouse, modality: str, trial: int) -> np.ndarray:
+    """`mouse.load(modality, trial)` (checked memory map), safe to call from several threads."""
+    with _OPEN_LOCK:
+        return mouse.load(modality, trial)
+
+
+class TrialArrays:
+    """Checked memory maps of trial files, opened once per process and kept (LRU).
+
+    Re-opening a file per window costs more than reading the window: parsing the .npy header,
+    mapping the file and faulting its pages in again made a sample twice as slow. Each process
+    (each Grain worker) fills its own cache; pickling sends an empty one. A file truncated
+    while its map is open makes reads past the new end fatal (SIGBUS), as with any memory map:
+    do not rewrite the dataset under a running stream.
+    """
+
+    def __init__(self, max_arrays: int = MAX_OPEN_ARRAYS):
+        self.max_arrays = max_arrays
+        self._maps: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # Grain's read threads share one cache
+
+    def load(self, mouse: Mouse, modality: str, trial: int) -> np.ndarray:
+        """`mouse.load(modality, trial)`, memoised."""
+        key = (str(mouse.path), modality, int(trial))
+        with self._lock:
+            array = self._maps.get(key)
+            if array is not None:
+                self._maps.move_to_end(key)
+                return array
+        array = open_array(mouse, modality, trial)
+        with self._lock:
+            self._maps[key] = array
+            while len(self._maps) > self.max_arrays:
+                self._maps.popitem(last=False)
+        return array
+
+    def __getstate__(self) -> dict[str, int]:
+        return {"max_arrays": self.max_arrays}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(state["max_arrays"])
+
+
+def _check_finite(mouse: Mouse, modality: str, trial: int, window: np.ndarray,
+                  anchor: int) -> None:
+    # A window inside the valid length never holds NaN; one that does means a damaged file.
+    if not np.isfinite(window).all():
+        raise DatasetError(f"{mouse.path_of(modality, trial)}: holds NaN or inf inside the "
+                           f"trial, in the window of frames {anchor - windows.BEHIND}..{anchor}")
+
+
+def load_window(mouse: Mouse, trial: int, anchor: int, targets: bool = True,
+                arrays: TrialArrays | None = None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Compact inputs and target of one window, read from the memory-mapped trial files.
+
+    Args:
+        mouse: the mouse; trial: its trial id; anchor: the window's last frame (>= 30).
+        targets: also read the responses (labeled trials only).
+        arrays: a cache of open memory maps (default: open the files for this window only).
+
+    Returns:
+        frames (16, 36, 64) float32, traces (16, 4) float32, targets (16, neurons) float32
+        ReLU'd (None when `targets` is False).
+
+    Raises:
+        DatasetError: naming the file, when a file is missing, unreadable, too short or holds
+            NaN inside the trial.
+    """
+    trial_arrays = {}
+    for modality in ("videos", "behavior", "pupil_center") + (("responses",) if targets else ()):
+        array = (arrays.load(mouse, modality, trial) if arrays
+                 else open_array(mouse, modality, trial))
+        if array.shape[-1] <= anchor:
+            raise DatasetError(f"{mouse.path_of(modality, trial)}: has {array.shape[-1]} "
+                               f"frames, but the trial is {mouse.lengths[trial]} frames long")
+        trial_arrays[modality] = array
+    try:
+        frames, traces = windows.compact_window(trial_arrays["videos"], trial_arrays["behavior"],
+                                                trial_arrays["pupil_center"], anchor)
+        target = (windows.window_targets(trial_arrays["responses"], anchor) if targets
+                  else None)
+    except OSError as err:  # an I/O error while the memory map is read
+        raise DatasetError(f"{mouse.path_of('videos', trial)} (or its sibling files): read "
+                           f"failed ({err})") from None
+    _check_finite(mouse, "videos", trial, frames, anchor)
+    for modality, rows in (("behavior", traces[:, :2]), ("pupil_center", traces[:, 2:])):
+        _check_finite(mouse, modality, trial, rows, anchor)
+    if target is not None:
+        _check_finite(mouse, "responses", trial, target, anchor)
+    return frames, traces, target
+
+
+def pad_neurons(targets: np.ndarray, num_neurons: int) -> np.ndarray:
+    """(..., n) -> (..., num_neurons) float32, zeros past n."""
+    out = np.zeros((*targets.shape[:-1], num_neurons), np.float32)
+    out[..., : targets.shape[-1]] = targets
+    return out
+
+
+def neuron_mask(n: int, num_neurons: int) -> np.ndarray:
+    """(num_neurons,) bool, True for the first n."""
+    return np.arange(num_neurons) < n
+
+
+def read_options(threads: int, buffer: int) -> grain.ReadOptions:
+    """Grain's per-process reading: `threads` threads, `buffer` elements (batches) ahead."""
+    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
