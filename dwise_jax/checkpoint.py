@@ -99,35 +99,40 @@ def read_model_spec(directory: str | os.PathLike) -> ModelSpec:
         raise CheckpointError(f"{path}: missing field {e}") from None
 
 
-def _manager(directory: Path, max_to_keep: int | None, create: bool) -> ocp.CheckpointManager:
+def _manager(directory: Path, max_to_keep: int | None, create: bool,
+             subdir: str = CHECKPOINTS_DIR) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
-    return ocp.CheckpointManager(directory / CHECKPOINTS_DIR, options=options)
+    return ocp.CheckpointManager(directory / subdir, options=options)
 
 
 def save(directory: str | os.PathLike, step: int, items: dict[str, Any],
-         max_to_keep: int | None = 1) -> None:
-    """Saves named pytrees (e.g. {"ema": ...}) as step `step` of a fold folder, synchronously."""
-    mngr = _manager(Path(directory), max_to_keep, create=True)
+         max_to_keep: int | None = 1, subdir: str = CHECKPOINTS_DIR) -> None:
+    """Saves named pytrees (e.g. {"ema": ...}) as step `step` of a fold folder, synchronously.
+
+    `subdir` selects the series: `checkpoints` (the latest, for resume and prediction) or
+    another, e.g. `best` (the best validation correlation).
+    """
+    mngr = _manager(Path(directory), max_to_keep, create=True, subdir=subdir)
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     mngr.save(step, args=ocp.args.Composite(**args), force=True)
     mngr.wait_until_finished()
     mngr.close()
 
 
-def latest_step(directory: str | os.PathLike) -> int | None:
-    """The newest complete step of a fold folder, or None if it has none."""
-    path = Path(directory) / CHECKPOINTS_DIR
+def latest_step(directory: str | os.PathLike, subdir: str = CHECKPOINTS_DIR) -> int | None:
+    """The newest complete step of a fold folder's series, or None if it has none."""
+    path = Path(directory) / subdir
     if not path.is_dir():
         return None
-    mngr = _manager(Path(directory), None, create=False)
+    mngr = _manager(Path(directory), None, create=False, subdir=subdir)
     step = mngr.latest_step()
     mngr.close()
     return step
 
 
 def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
-            step: int | None = None, targets: dict[str, Any] | None = None
-            ) -> tuple[int, dict[str, Any]]:
+            step: int | None = None, targets: dict[str, Any] | None = None,
+            subdir: str = CHECKPOINTS_DIR) -> tuple[int, dict[str, Any]]:
     """Restores named items of a fold folder's checkpoint.
 
     Args:
@@ -141,17 +146,17 @@ def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
       (step, {name: tree}).
     """
     directory = Path(directory)
-    step = latest_step(directory) if step is None else step
+    step = latest_step(directory, subdir) if step is None else step
     if step is None:
-        raise CheckpointError(f"{directory / CHECKPOINTS_DIR}: no checkpoint found")
-    mngr = _manager(directory, None, create=False)
+        raise CheckpointError(f"{directory / subdir}: no checkpoint found")
+    mngr = _manager(directory, None, create=False, subdir=subdir)
     targets = targets or {}
     args = {name: ocp.args.StandardRestore(targets.get(name)) for name in names}
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(**args))
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise CheckpointError(
-            f"{directory / CHECKPOINTS_DIR / str(step)}: cannot restore {list(names)} ({e})"
+            f"{directory / subdir / str(step)}: cannot restore {list(names)} ({e})"
         ) from None
     finally:
         mngr.close()

@@ -1,0 +1,283 @@
+"""`train_fold`: one fold of one experiment, from set-up to the last epoch, resumable.
+
+Sections in the order things happen: devices and mesh, data, model, optimiser, fold folder and
+restore, the epoch loop (validate, train, validate, save), clean-up. Helpers beside it:
+`validate` (the original's val_corr with the EMA weights) and the compatibility check of an
+existing fold folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dwise_jax import atomic, checkpoint, optim, sharding, train_step
+from dwise_jax import config as config_lib
+from dwise_jax.data import eval_windows, pipeline
+from dwise_jax.data.sensorium import DatasetError, SensoriumDataset
+from dwise_jax.logbook import Logbook
+from dwise_jax.metrics import PearsonSums
+from dwise_jax.models.dwiseneuro import DwiseNeuro
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on (incompatible fold folder, non-finite loss, ...)."""
+
+
+USER_ERRORS = (TrainingError, DatasetError, checkpoint.CheckpointError, config_lib.ConfigError)
+# Config fields that may change between a run and its restart (they do not change results).
+_RESTART_FREE = ("workdir", "data_root", "folds", "log", "data.num_workers",
+                 "data.prefetch_buffer_size")
+_STOP_REQUESTED = False
+
+
+def request_stop(signum: int = 0, frame: Any = None) -> None:
+    """SIGTERM handler: finish the current step, save a checkpoint, and return."""
+    global _STOP_REQUESTED
+    _STOP_REQUESTED = True
+
+
+def _comparable(config_dict: dict) -> dict:
+    out = json.loads(json.dumps(config_dict))
+    for key in _RESTART_FREE:
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return out
+
+
+def _check_fold_folder(directory: Path, config, spec: checkpoint.ModelSpec) -> None:
+    """Refuses to train into a fold folder made by another experiment or architecture."""
+    if (directory / checkpoint.MODEL_SPEC_FILE).exists():
+        old = checkpoint.read_model_spec(directory)
+        if old.constructor != spec.constructor or old.mice != spec.mice:
+            raise TrainingError(
+                f"{directory}: holds checkpoints of another architecture or mice "
+                f"({checkpoint.MODEL_SPEC_FILE} differs); choose another workdir or experiment")
+    config_file = directory / "config.json"
+    if config_file.exists():
+        old, new = _flat(_comparable(json.loads(config_file.read_text()))), _flat(
+            _comparable(config.to_dict()))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            raise TrainingError(
+                f"{config_file}: this fold was trained with another config (changed: "
+                f"{', '.join(changed)}); choose another workdir or experiment name")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Deep union of two nested dicts with disjoint leaves (params + batch_stats)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and k in out else v
+    return out
+
+
+def _pick(merged: dict, template: dict) -> dict:
+    """The part of `merged` that has `template`'s structure."""
+    return {k: _pick(merged[k], v) if isinstance(v, dict) else merged[k]
+            for k, v in template.items()}
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype), tree)
+
+
+def validate(evaluate, weights, dataset: SensoriumDataset, fold: int, batch_size: int,
+             mesh) -> dict[str, float]:
+    """The original's val_corr and the validation loss, with the given (EMA) weights.
+
+    val_corr: per mouse, the per-neuron Pearson r over all (window, frame) rows of its
+    validation windows, averaged over neurons; then averaged over mice (spec section 4).
+    """
+    sums = [PearsonSums.zeros(n) for n in dataset.num_neurons]
+    loss_sum, count = 0.0, 0
+    for batch in eval_windows.validation_batches(dataset, fold, batch_size):
+        out = evaluate(weights, sharding.put_batch(dict(batch), mesh))
+        preds, losses = np.asarray(out["preds"]), np.asarray(out["loss"])
+        for b in np.flatnonzero(batch["valid"]):
+            m = int(batch["mouse"][b])
+            n = dataset.num_neurons[m]
+            sums[m] = sums[m] + PearsonSums.of(preds[b, :, :n], batch["targets"][b, :, :n])
+            loss_sum += float(losses[b])
+            count += 1
+    if count == 0:
+        raise TrainingError(f"fold {fold} has no validation windows in {dataset.root}")
+    per_mouse = [float(np.mean(s.correlation())) for s in sums if s.n > 0]
+    return {"corr": float(np.mean(per_mouse)), "loss": loss_sum / count}
+
+
+def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, int] | None = None,
+               dump_hlo: bool = False, max_steps: int | None = None) -> float:
+    """Trains fold `fold` (validation fold) and returns its final EMA validation correlation."""
+    global _STOP_REQUESTED
+    # Devices and mesh.
+    mesh = sharding.make_mesh()
+    config_lib.validate(config, num_devices=mesh.size)
+    is_main = jax.process_index() == 0
+
+    # Data.
+    dataset = SensoriumDataset.open(config.data_root)
+    d = config.data
+    steps_per_epoch = d.train_epoch_size // d.batch_size
+    stream_config = pipeline.TrainStreamConfig(
+        fold=fold, batch_size=d.batch_size, epoch_size=d.train_epoch_size, seed=config.seed,
+        cutmix_alpha=d.cutmix_alpha, cutmix_prob=d.cutmix_prob, num_workers=d.num_workers,
+        worker_buffer_size=d.prefetch_buffer_size, shard_index=jax.process_index(),
+        shard_count=jax.process_count())
+
+    # Model.
+    kwargs = config_lib.model_kwargs(config, dataset.num_neurons)
+    dtype = jnp.bfloat16 if config.model.compute_dtype == "bfloat16" else jnp.float32
+    model = DwiseNeuro(**kwargs, dtype=dtype,
+                       rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+    spec = checkpoint.ModelSpec(constructor=kwargs, mice=dataset.names, source="trained",
+                                extra={"experiment": config.experiment, "fold": fold})
+
+    # Optimiser: warm-up then cosine, both per iteration (spec section 4).
+    o = config.optim
+    warmup_steps = o.warmup_epochs * steps_per_epoch
+    cosine_steps = o.cosine_epochs * steps_per_epoch
+    schedule = optim.lr_schedule(optim.scaled_lr(o.base_lr, d.batch_size),
+                                 optim.scaled_lr(o.min_lr, d.batch_size), warmup_steps,
+                                 cosine_steps)
+    trainer = train_step.Trainer(model, optim.adamw(schedule, o.weight_decay),
+                                 ema_decay=o.ema_decay, iter_size=o.iter_size, seed=config.seed)
+    state = trainer.init_state()
+    del model
+    replicated = sharding.replicated(mesh)
+    train, evaluate = train_step.jit_steps(trainer, replicated, sharding.batch_sharding(mesh))
+
+    # Fold folder and restore.
+    directory = checkpoint.fold_dir(workdir, config.experiment, fold)
+    _check_fold_folder(directory, config, spec)
+    logbook = Logbook(directory, enabled=is_main, tensorboard=config.log.tensorboard,
+                      plot=config.log.plot)
+    stream = pipeline.TrainStream(dataset, stream_config)
+    resume_step = checkpoint.latest_step(directory)
+    if resume_step is not None:
+        state, stream_state = _restore(directory, state)
+        stream.set_state(stream_state)
+        logbook.truncate_after(int(state["step"]))
+        print(f"fold {fold}: resuming from step {int(state['step'])} in {directory}")
+    elif is_main:
+        checkpoint.write_model_spec(directory, spec)
+        atomic.write_json(directory / "config.json", config.to_dict())
+    state = jax.device_put(state, replicated)
+
+    # The epoch loop.
+    total_steps = warmup_steps + cosine_steps
+    last_step = total_steps if max_steps is None else min(total_steps, max_steps)
+    step = int(state["step"])
+    val_history = [r["corr"] for r in logbook.records() if r["kind"] == "val"]
+    best = max(val_history, default=-math.inf)
+    score = val_history[-1] if val_history else math.nan
+    val_batch = d.val_batch_size
+    if dump_hlo and is_main:
+        first = sharding.put_batch(_first_batch(dataset, stream_config), mesh)
+        hlo = train.lower(state, first).compile().as_text()
+        with atomic.atomic_path(directory / "train_step.hlo.txt") as tmp:
+            tmp.write_text(hlo)
+    timer, samples = time.perf_counter(), 0
+    try:
+        while step < last_step and not _STOP_REQUESTED:
+            if step in (0, warmup_steps) and step % steps_per_epoch == 0:
+                val = validate(evaluate, state["ema"], dataset, fold, val_batch, mesh)
+                logbook.log(step, "val", **val)
+                score = val["corr"]
+            if profile_steps and step == profile_steps[0] and is_main:
+                jax.profiler.start_trace(str(directory / "profile"))
+            batch = sharding.put_batch(next(stream), mesh)
+            state, metrics = train(state, batch)
+            step += 1
+            samples += d.batch_size
+            if profile_steps and step == profile_steps[1] and is_main:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+            if step % config.log.every_steps == 0 or step == last_step:
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise TrainingError(
+                        f"fold {fold}: loss is {loss} at step {step} (batch mice "
+                        f"{sorted(set(np.asarray(batch['mouse']).tolist()))}); the last good "
+                        f"checkpoint is kept in {directory}")
+                rate = samples / (time.perf_counter() - timer)
+                logbook.log(step, "train", loss=loss, lr=float(schedule(step - 1)),
+                            grad_norm=float(metrics["grad_norm"]), samples_per_s=rate)
+                if is_main:
+                    print(f"fold {fold} step {step}/{last_step} epoch {step / steps_per_epoch:.2f}"
+                          f" loss {loss:.2f} lr {float(schedule(step - 1)):.2e}"
+                          f" {rate:.1f} samples/s", flush=True)
+                timer, samples = time.perf_counter(), 0
+            if step % steps_per_epoch == 0 or step == last_step:
+                val = validate(evaluate, state["ema"], dataset, fold, val_batch, mesh)
+                logbook.log(step, "val", **val)
+                score = val["corr"]
+                if is_main:
+                    print(f"fold {fold} step {step}: val_corr {val['corr']:.4f} "
+                          f"val_loss {val['loss']:.2f}", flush=True)
+                _save(directory, state, trainer, stream, step, val["corr"])
+                if val["corr"] > best:
+                    best = val["corr"]
+                    checkpoint.save(directory, step, {"ema": _ema_tree(state)}, subdir="best")
+                logbook.plot()
+        if _STOP_REQUESTED and step % steps_per_epoch != 0:
+            _save(directory, state, trainer, stream, step, math.nan)
+            print(f"fold {fold}: stopped by request at step {step}; checkpoint saved")
+    finally:
+        _STOP_REQUESTED = False
+        stream.close()
+        logbook.close()
+    return score
+
+
+def _first_batch(dataset, stream_config) -> dict:
+    with pipeline.TrainStream(dataset, stream_config) as probe:
+        return next(probe)
+
+
+def _ema_tree(state) -> dict:
+    """The EMA in the layout of `nnx.state(model, (Param, BatchStat))` (what prediction reads)."""
+    ema = jax.device_get(state["ema"])
+    return _merge(ema["params"], ema["batch_stats"])
+
+
+def _save(directory: Path, state, trainer, stream, step: int, val_corr: float) -> None:
+    host = jax.device_get({k: state[k] for k in ("step", "params", "batch_stats", "opt_state")})
+    checkpoint.save(directory, step, {
+        "state": host,
+        "ema": _ema_tree(state),
+        "loader": {"state": pipeline.encode_state(stream.get_state())},
+        "meta": {"val_corr": np.float64(val_corr)},
+    })
+
+
+def _restore(directory: Path, template) -> tuple[dict, dict]:
+    train_part = {k: template[k] for k in ("step", "params", "batch_stats", "opt_state")}
+    ema_template = _merge(template["ema"]["params"], template["ema"]["batch_stats"])
+    _, items = checkpoint.restore(directory, ("state", "ema", "loader"), targets={
+        "state": _abstract(train_part), "ema": _abstract(ema_template)})
+    state = dict(items["state"])
+    state["ema"] = {"params": _pick(items["ema"], template["ema"]["params"]),
+                    "batch_stats": _pick(items["ema"], template["ema"]["batch_stats"])}
+    return state, pipeline.decode_state(items["loader"]["state"])

@@ -1,0 +1,99 @@
+"""What a user watches during training: metrics.jsonl, TensorBoard events and a PNG of the curves.
+
+One `Logbook` per fold folder. `metrics.jsonl` holds one JSON object per line ({"step", "kind":
+"train" | "val", ...values}); TensorBoard event files are written with tensorboardX (no
+TensorFlow needed) when it is installed; `curves.png` (training loss, learning rate, validation
+loss and correlation) is redrawn at each validation. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dwise_jax import atomic
+
+
+class Logbook:
+    """Appends metrics to `<fold>/metrics.jsonl` and mirrors them to TensorBoard."""
+
+    def __init__(self, directory: Path, enabled: bool = True, tensorboard: bool = True,
+                 plot: bool = True):
+        self.directory = Path(directory)
+        self.enabled = enabled
+        self.plot_enabled = plot and enabled
+        self.path = self.directory / "metrics.jsonl"
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.writer = SummaryWriter(str(self.directory / "tensorboard"))
+
+    def records(self) -> list[dict[str, Any]]:
+        """Everything logged so far (survives restarts: the file is appended to)."""
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        """Drops records past `step` (a restart replays them from the last checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in self.records() if r["step"] <= step]
+        with atomic.atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, step: int, kind: str, **values: float) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "kind": kind, **{k: float(v) for k, v in values.items()}}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{kind}/{name}", float(value), int(step))
+            self.writer.flush()
+
+    def plot(self) -> Path | None:
+        """Redraws `curves.png` from metrics.jsonl; returns its path."""
+        if not self.plot_enabled:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = self.records()
+        train = [r for r in records if r["kind"] == "train"]
+        val = [r for r in records if r["kind"] == "val"]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        if train:
+            steps = [r["step"] for r in train]
+            axes[0].plot(steps, [r["loss"] for r in train], lw=1)
+            axes[1].plot(steps, [r["lr"] for r in train], lw=1)
+        if val:
+            steps = [r["step"] for r in val]
+            axes[0].plot(steps, [r["loss"] for r in val], "o-", label="validation (EMA)")
+            axes[0].legend()
+            axes[2].plot(steps, [r["corr"] for r in val], "o-")
+        for ax, title in zip(axes, ("loss", "learning rate", "validation correlation"),
+                             strict=True):
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.suptitle(self.directory.name)
+        fig.tight_layout()
+        path = self.directory / "curves.png"
+        with atomic.atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

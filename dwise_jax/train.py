@@ -1,0 +1,98 @@
+"""`python -m dwise_jax.train --config CONFIG [--folds 0,3] [--workdir DIR]`: train the folds.
+
+Each fold k trains on the other six folds and validates on fold k, with the original's recipe
+(spec section 4): all mice in every batch, the mouse-weighted Poisson loss, CutMix, AdamW with
+a per-iteration warm-up from 0 then a cosine, EMA after every step, validation with the EMA
+weights before each of the two fits (warm-up, cosine) and after every epoch.
+
+Everything a fold writes lies under `<workdir>/<experiment>/fold_<k>/`: `config.json` (the
+resolved config), `model.json` (architecture and mice), `checkpoints/` (the last epoch: train
+state, EMA, loader state; what a restart resumes from and what prediction uses, as the
+original kept its last epoch), `best/` (the epoch with the best validation correlation),
+`metrics.jsonl`, `tensorboard/` and `curves.png`. A run restarts from its latest checkpoint by
+itself; SIGTERM saves and exits.
+
+Profiling: `--profile_steps=10:20` writes a jax.profiler trace of those steps to
+`<fold>/profile/` (TensorBoard's profile plugin or Perfetto open it); `--dump_hlo` writes the
+optimised HLO of the train step to `<fold>/train_step.hlo.txt`.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dwise_jax import config as config_lib
+from dwise_jax import fold_run
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/true_batch.py.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work folder (overrides config.workdir).")
+_DATA_ROOT = flags.DEFINE_string("data_root", None, "Dataset root (overrides config.data_root).")
+_FOLDS = flags.DEFINE_string("folds", None, "Comma-separated folds (overrides config.folds).")
+_PROFILE = flags.DEFINE_string("profile_steps", None, "START:END steps to trace.")
+_DUMP_HLO = flags.DEFINE_bool("dump_hlo", False, "Write the optimised HLO of the train step.")
+_MAX_STEPS = flags.DEFINE_integer(
+    "max_steps", None, "Stop each fold after this many steps (smoke runs; the schedule is kept).")
+
+
+def train_and_evaluate(config, workdir: str | Path, *, folds: list[int] | None = None,
+                       **options) -> dict[int, float]:
+    """Trains the given folds (default: config.folds) one after the other.
+
+    Returns:
+      {fold: validation correlation of its last epoch's EMA weights}.
+    """
+    results = {}
+    for fold in folds if folds is not None else list(config.folds):
+        results[fold] = fold_run.train_fold(config, Path(workdir), fold, **options)
+    return results
+
+
+def _parse_profile(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        start, end = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise app.UsageError(f"--profile_steps must be START:END, got {text!r}") from None
+    if not 0 <= start < end:
+        raise app.UsageError(f"--profile_steps needs 0 <= START < END, got {text!r}")
+    return start, end
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/true_batch.py")
+    with config.unlocked():
+        if _WORKDIR.value:
+            config.workdir = _WORKDIR.value
+        if _DATA_ROOT.value:
+            config.data_root = _DATA_ROOT.value
+        if _FOLDS.value:
+            config.folds = tuple(int(k) for k in _FOLDS.value.split(","))
+    signal.signal(signal.SIGTERM, fold_run.request_stop)
+    try:
+        config_lib.validate(config)
+        results = train_and_evaluate(
+            config, config.workdir, profile_steps=_parse_profile(_PROFILE.value),
+            dump_hlo=_DUMP_HLO.value, max_steps=_MAX_STEPS.value)
+    except fold_run.USER_ERRORS as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for fold, score in results.items():
+        print(f"fold {fold}: val_corr {score:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

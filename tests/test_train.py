@@ -1,0 +1,146 @@
+"""Training end to end at tiny size: artifacts, resume after SIGKILL bit for bit, one step on 4
+devices equal to one device, and the clear errors of the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dwise_jax import checkpoint, fold_run
+from dwise_jax import config as config_lib
+from dwise_jax.train import train_and_evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "configs" / "demo.py")
+TINY = {
+    "model.core_features": (8, 8, 16), "model.spatial_strides": (2, 2, 2),
+    "model.expansion_ratio": 2, "model.se_reduce_ratio": 4, "model.cortex_features": (32, 64),
+    "data.batch_size": 4, "data.val_batch_size": 16, "data.train_epoch_size": 12,
+    "optim.warmup_epochs": 1, "optim.cosine_epochs": 2, "log.every_steps": 2,
+}
+CLI_TINY = [f"--config.{k}={v if not isinstance(v, tuple) else ','.join(map(str, v))}"
+            for k, v in TINY.items()]
+
+
+def _run(args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "dwise_jax.train", "--config", DEMO, *args],
+                          capture_output=True, text=True, env=env, cwd=REPO, **kwargs)
+
+
+def _final_state(fold_dir: Path) -> dict:
+    _, items = checkpoint.restore(fold_dir, ("state", "ema"))
+    return items
+
+
+def test_tiny_training_writes_everything(sim_root, tmp_path):
+    config = config_lib.load_config_file(DEMO, {**TINY, "data_root": str(sim_root)})
+    scores = train_and_evaluate(config, tmp_path, folds=[1])
+    fold = checkpoint.fold_dir(tmp_path, "demo", 1)
+    assert np.isfinite(scores[1])
+    for name in ("config.json", "model.json", "metrics.jsonl", "curves.png"):
+        assert (fold / name).is_file(), name
+    assert checkpoint.latest_step(fold) == 9 and checkpoint.latest_step(fold, "best") is not None
+    assert any((fold / "tensorboard").iterdir())
+    records = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
+    val_steps = [r["step"] for r in records if r["kind"] == "val"]
+    # Validation before each fit (steps 0 and 3) and after every epoch (3, 6, 9).
+    assert val_steps == [0, 3, 3, 6, 9]
+    assert records[-1]["corr"] == pytest.approx(scores[1])
+    # Prediction reads the EMA of the last epoch through model.json.
+    model, spec, step = checkpoint.load_ema_model(fold)
+    assert step == 9 and spec.mice == [p.name for p in sorted(sim_root.iterdir())
+                                      if p.name.startswith("dynamic")]
+    # A finished fold resumes to nothing and reports the same score.
+    assert train_and_evaluate(config, tmp_path, folds=[1])[1] == pytest.approx(scores[1])
+
+
+def test_refuses_another_architecture_or_config(sim_root, tmp_path):
+    config = config_lib.load_config_file(DEMO, {**TINY, "data_root": str(sim_root)})
+    fold = checkpoint.fold_dir(tmp_path, "demo", 0)
+    spec = checkpoint.ModelSpec(constructor={"readout_outputs": [1, 2, 3]}, mice=["a", "b", "c"],
+                                source="trained")
+    checkpoint.write_model_spec(fold, spec)
+    with pytest.raises(fold_run.TrainingError, match="another architecture"):
+        train_and_evaluate(config, tmp_path, folds=[0])
+    (fold / "model.json").unlink()
+    (fold / "config.json").write_text(json.dumps({**config.to_dict(), "seed": 99}))
+    with pytest.raises(fold_run.TrainingError, match="changed: seed"):
+        train_and_evaluate(config, tmp_path, folds=[0])
+
+
+@pytest.mark.slow
+def test_sigkill_and_restart_ends_bit_identical(sim_root, tmp_path):
+    args = [f"--data_root={sim_root}", "--folds=2", *CLI_TINY]
+    straight = _run([*args, f"--workdir={tmp_path / 'a'}"], timeout=600)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed_dir = tmp_path / "b"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "dwise_jax.train", "--config", DEMO, *args,
+                             f"--workdir={killed_dir}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = killed_dir / "demo" / "fold_2" / "checkpoints" / "3"
+    deadline = time.time() + 600
+    while not first.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert first.is_dir(), "the first epoch's checkpoint never appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = _run([*args, f"--workdir={killed_dir}"], timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step" in resumed.stdout
+
+    a = _final_state(tmp_path / "a" / "demo" / "fold_2")
+    b = _final_state(killed_dir / "demo" / "fold_2")
+    flat_a, flat_b = (dict(checkpoint_leaves(x)) for x in (a, b))
+    assert flat_a.keys() == flat_b.keys()
+    for key, value in flat_a.items():
+        np.testing.assert_array_equal(value, flat_b[key], err_msg=key)
+
+
+def checkpoint_leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from checkpoint_leaves(v, f"{prefix}/{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from checkpoint_leaves(v, f"{prefix}/{i}")
+    else:
+        yield prefix, np.asarray(tree)
+
+
+def test_one_step_on_four_devices_equals_one_device(sim_root):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "multidevice_step.py"),
+                          str(sim_root)], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 4
+    one, four = result["results"]["1"], result["results"]["4"]
+    assert four["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert four["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    np.testing.assert_allclose(four["params"], one["params"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.optim.base_rl=1e-3"], "base_rl"),
+        (["--data_root=/nonexistent/sensorium"], "/nonexistent/sensorium"),
+        (["--folds=7"], "folds must be in 0..6"),
+    ],
+)
+def test_cli_errors_are_clear(tmp_path, args, message):
+    out = _run([f"--workdir={tmp_path}", *args], timeout=300)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr or "base_rl" in message
