@@ -90,8 +90,24 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for fold, score in results.items():
-        print(f"fold {fold}: val_corr {score:.4f}")
+        print(f"fold {fold}: val_corr {score:.4f} (EMA weights of the last epoch)")
+    _compare_with_references(config.data_root, results)
     return 0
+
+
+def _compare_with_references(root: str, results: dict[int, float]) -> None:
+    """On a simulated root, the ridge baseline and the noise ceiling on the same windows."""
+    from dwise_jax import baseline
+    from dwise_jax.data.sensorium import SensoriumDataset
+
+    dataset = SensoriumDataset.open(root)
+    if not baseline.is_simulated(dataset):
+        return
+    print("\nfold  model   ridge baseline  noise ceiling   (val_corr on the same windows)")
+    for fold, score in results.items():
+        ridge = baseline.ridge_val_corr(dataset, fold)
+        ceiling = baseline.ceiling_val_corr(dataset, fold)
+        print(f"{fold:<5} {score:.4f}  {ridge:.4f}          {ceiling:.4f}")
 
 
 if __name__ == "__main__":

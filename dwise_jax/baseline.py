@@ -1,0 +1,154 @@
+"""Reference scores for a validation fold: a ridge-regression baseline and, on simulated data,
+the noise ceiling. Both are scored with the original's val_corr on the same validation windows
+that training validates on, so the three numbers compare directly.
+
+Ridge baseline: each neuron's response at frame t is a linear function of the video (averaged
+over 4 x 4 pixel blocks, 9 x 16) at frames t, t-2, ..., t-8 (the simulated temporal kernels peak
+at 80-160 ms) and of the four behaviour and pupil traces at frame t, fitted on the same
+training trials as the network (the other six folds), the penalty chosen on a held-out part of
+them.
+
+Noise ceiling (simulated data only): the val_corr of the simulation's noiseless rate, i.e. what a
+perfect model of the simulated neurons would score against the noisy responses.
+
+    python -m dwise_jax.baseline --root data/simulated --fold 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dwise_jax.data import eval_windows, folds, windows
+from dwise_jax.data.sensorium import DatasetError, Mouse, SensoriumDataset
+from dwise_jax.metrics import PearsonSums
+
+LAGS = (0, 2, 4, 6, 8)
+BLOCK = 4
+PENALTIES = (1e-1, 1e1, 1e3, 1e5)
+
+
+def frame_features(video: np.ndarray, behavior: np.ndarray, pupil: np.ndarray,
+                   length: int) -> np.ndarray:
+    """(length, features) design matrix of a trial: lagged block-averaged frames + traces + 1."""
+    h, w, _ = video.shape
+    frames = np.asarray(video[:, :, :length], np.float32) / 255.0
+    small = frames.reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK, length).mean(axis=(1, 3))
+    small = small.reshape(-1, length).T  # (length, 144)
+    lagged = [np.concatenate([np.repeat(small[:1], lag, 0), small[: length - lag]]) for lag in LAGS]
+    traces = windows.traces_of(behavior[:, :length], pupil[:, :length])
+    traces = (traces - traces.mean(0)) / (traces.std(0) + 1e-6)
+    return np.concatenate([*lagged, traces, np.ones((length, 1), np.float32)], axis=1)
+
+
+def _trial_rows(mouse: Mouse, trial: int) -> tuple[np.ndarray, np.ndarray]:
+    data = mouse.load_trial(trial)
+    length = data.length
+    x = frame_features(data.video, data.behavior, data.pupil_center, length)
+    y = np.maximum(np.asarray(data.responses[:, :length], np.float32).T, 0.0)
+    return x, y
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> np.ndarray:
+    gram = x.T @ x
+    gram[np.diag_indices_from(gram)] += penalty
+    return np.linalg.solve(gram, x.T @ y)
+
+
+def fit_ridge(mouse: Mouse, train_trials: np.ndarray) -> np.ndarray:
+    """Ridge weights (features, neurons) of one mouse, the penalty chosen on 20% held out."""
+    rows = [_trial_rows(mouse, int(t)) for t in train_trials]
+    split = max(1, len(rows) // 5)
+    x_fit = np.concatenate([r[0] for r in rows[split:]])
+    y_fit = np.concatenate([r[1] for r in rows[split:]])
+    x_held = np.concatenate([r[0] for r in rows[:split]])
+    y_held = np.concatenate([r[1] for r in rows[:split]])
+    scores = []
+    for penalty in PENALTIES:
+        pred = x_held @ _ridge(x_fit, y_fit, penalty)
+        scores.append(np.mean((PearsonSums.of(pred, y_held)).correlation()))
+    best = PENALTIES[int(np.argmax(scores))]
+    x_all = np.concatenate([x_fit, x_held])
+    y_all = np.concatenate([y_fit, y_held])
+    return _ridge(x_all, y_all, best)
+
+
+def _val_corr(dataset: SensoriumDataset, fold: int, predict) -> float:
+    """val_corr of per-trial predictions `predict(mouse, trial) -> (length, neurons)`."""
+    rows = eval_windows.validation_windows(dataset, fold)
+    per_mouse = []
+    for mouse in dataset.mice:
+        sums = PearsonSums.zeros(mouse.num_neurons)
+        mine = rows[rows[:, 0] == mouse.index]
+        for trial in np.unique(mine[:, 1]):
+            pred = predict(mouse, int(trial))
+            responses = mouse.load_trial(int(trial)).responses
+            for anchor in mine[mine[:, 1] == trial, 2]:
+                idx = windows.window_indexes(anchor)
+                target = np.maximum(np.asarray(responses[:, idx], np.float32).T, 0.0)
+                sums = sums + PearsonSums.of(pred[idx], target)
+        if sums.n:
+            per_mouse.append(float(np.mean(sums.correlation())))
+    return float(np.mean(per_mouse))
+
+
+def ridge_val_corr(dataset: SensoriumDataset, fold: int) -> float:
+    """The ridge baseline's val_corr on fold `fold`, fitted on the other folds."""
+    weights = {}
+    for mouse in dataset.mice:
+        trial_folds = folds.trial_folds(mouse)
+        train = np.flatnonzero((trial_folds >= 0) & (trial_folds != fold))
+        weights[mouse.index] = fit_ridge(mouse, train)
+
+    def predict(mouse: Mouse, trial: int) -> np.ndarray:
+        data = mouse.load_trial(trial)
+        x = frame_features(data.video, data.behavior, data.pupil_center, data.length)
+        return x @ weights[mouse.index]
+
+    return _val_corr(dataset, fold, predict)
+
+
+def is_simulated(dataset: SensoriumDataset) -> bool:
+    """Whether the root was written by dwise_jax.data.synthetic (it keeps the truth aside)."""
+    from dwise_jax.data import synthetic
+
+    return (Path(dataset.root) / synthetic.SIMULATION_DIR / "simulation.json").is_file()
+
+
+def ceiling_val_corr(dataset: SensoriumDataset, fold: int) -> float | None:
+    """The noiseless rate's val_corr on a simulated root, None on real data."""
+    from dwise_jax.data import synthetic
+
+    if not is_simulated(dataset):
+        return None
+
+    def predict(mouse: Mouse, trial: int) -> np.ndarray:
+        rate = synthetic.load_truth(dataset.root, mouse.name, trial, noiseless=True)
+        return rate[:, : mouse.lengths[trial]].T
+
+    return _val_corr(dataset, fold, predict)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dwise_jax.baseline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--fold", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        dataset = SensoriumDataset.open(args.root)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"fold {args.fold}: ridge baseline val_corr {ridge_val_corr(dataset, args.fold):.4f}")
+    ceiling = ceiling_val_corr(dataset, args.fold)
+    if ceiling is not None:
+        print(f"fold {args.fold}: noise ceiling val_corr {ceiling:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
