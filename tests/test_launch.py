@@ -20,7 +20,7 @@ def test_train_folds_dry_run_assigns_gpus_round_robin(tmp_path):
     assert [p[1] for p in parsed] == ["CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1",
                                       "CUDA_VISIBLE_DEVICES=0"]
     for fold, p in zip((0, 3, 5), parsed, strict=True):
-        assert p[3:9] == ["dwise_jax.train", "--config", "configs/true_batch.py", "--folds",
+        assert p[4:10] == ["dwise_jax.train", "--config", "configs/true_batch.py", "--folds",
                           str(fold), "--workdir=/w"]
         assert p[-1] == f"logs/true_batch_fold_{fold}.log"
     assert not (tmp_path / "logs").exists()  # a dry run writes nothing
