@@ -22,5 +22,5 @@ def test_train_folds_dry_run_assigns_gpus_round_robin(tmp_path):
     for fold, p in zip((0, 3, 5), parsed, strict=True):
         assert p[4:10] == ["dwise_jax.train", "--config", "configs/true_batch.py", "--folds",
                           str(fold), "--workdir=/w"]
-        assert p[-1] == f"logs/true_batch_fold_{fold}.log"
+        assert p[-3:] == [">", f"logs/true_batch_fold_{fold}.log", "2>&1"]
     assert not (tmp_path / "logs").exists()  # a dry run writes nothing
