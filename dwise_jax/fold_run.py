@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from dwise_jax import atomic, checkpoint, optim, sharding, train_step
 from dwise_jax import config as config_lib
@@ -199,6 +200,8 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
         with atomic.atomic_path(directory / "train_step.hlo.txt") as tmp:
             tmp.write_text(hlo)
     timer, samples = time.perf_counter(), 0
+    bar = tqdm(total=last_step, initial=step, desc=f"fold {fold}", unit="step",
+               disable=not is_main, mininterval=1.0, dynamic_ncols=True)
     try:
         while step < last_step and not _STOP_REQUESTED:
             if step in (0, warmup_steps) and step % steps_per_epoch == 0:
@@ -211,6 +214,7 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
             state, metrics = train(state, batch)
             step += 1
             samples += d.batch_size
+            bar.update(1)
             if profile_steps and step == profile_steps[1] and is_main:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
@@ -224,18 +228,17 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                 rate = samples / (time.perf_counter() - timer)
                 logbook.log(step, "train", loss=loss, lr=float(schedule(step - 1)),
                             grad_norm=float(metrics["grad_norm"]), samples_per_s=rate)
-                if is_main:
-                    print(f"fold {fold} step {step}/{last_step} epoch {step / steps_per_epoch:.2f}"
-                          f" loss {loss:.2f} lr {float(schedule(step - 1)):.2e}"
-                          f" {rate:.1f} samples/s", flush=True)
+                bar.set_postfix(epoch=f"{step / steps_per_epoch:.2f}", loss=f"{loss:.1f}",
+                                lr=f"{float(schedule(step - 1)):.2e}",
+                                samples_s=f"{rate:.1f}")
                 timer, samples = time.perf_counter(), 0
             if step % steps_per_epoch == 0 or step == last_step:
                 val = validate(evaluate, state["ema"], dataset, fold, val_batch, mesh)
                 logbook.log(step, "val", **val)
                 score = val["corr"]
                 if is_main:
-                    print(f"fold {fold} step {step}: val_corr {val['corr']:.4f} "
-                          f"val_loss {val['loss']:.2f}", flush=True)
+                    bar.write(f"fold {fold} step {step}: val_corr {val['corr']:.4f} "
+                              f"val_loss {val['loss']:.2f}")
                 _save(directory, state, trainer, stream, step, val["corr"])
                 if val["corr"] > best:
                     best = val["corr"]
@@ -246,6 +249,7 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
             print(f"fold {fold}: stopped by request at step {step}; checkpoint saved")
     finally:
         _STOP_REQUESTED = False
+        bar.close()
         stream.close()
         logbook.close()
     return score
