@@ -144,3 +144,34 @@ def test_cli_errors_are_clear(tmp_path, args, message):
     assert out.returncode != 0
     assert message in out.stderr
     assert "Traceback" not in out.stderr or "base_rl" in message
+
+
+def test_profile_and_hlo_dump(sim_root, tmp_path):
+    out = _run([f"--data_root={sim_root}", f"--workdir={tmp_path}", "--folds=0", *CLI_TINY,
+                "--profile_steps=1:2", "--dump_hlo", "--max_steps=2"], timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    fold = tmp_path / "demo" / "fold_0"
+    assert "HloModule" in (fold / "train_step.hlo.txt").read_text()[:1000]
+    traces = list((fold / "profile").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
+    assert checkpoint.latest_step(fold) == 2  # --max_steps stops with a checkpoint
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(sim_root, tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dwise_jax.train", "--config", DEMO, f"--data_root={sim_root}",
+         f"--workdir={tmp_path}", "--folds=0", *CLI_TINY, "--config.data.train_epoch_size=400"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "demo" / "fold_0" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and '"train"' in metrics.read_text()):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped by request" in stdout
+    step = checkpoint.latest_step(tmp_path / "demo" / "fold_0")
+    assert step is not None and step % 100 != 0  # saved mid-epoch (100 steps per epoch)
