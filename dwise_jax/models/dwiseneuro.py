@@ -1,0 +1,321 @@
+"""DwiseNeuro: the 3-D inverted-residual core, the shuffle cortex and the per-mouse readouts.
+
+Channels-last throughout. Input video windows are `(batch, time, height, width, channels)`;
+every readout returns `(batch, time, neurons)` float32, frame t aligned with input frame t.
+Numerics follow the original PyTorch model (lRomul/sensorium, spec section 3) so that its
+state dict maps one to one (see `torch_mapping.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dwise_jax.models.depthwise import depthwise_conv3d
+from dwise_jax.models.layers import (
+    BatchNorm,
+    ChannelDropout,
+    DropPath,
+    Dtype,
+    SqueezeExcite,
+    add_positional_encoding,
+    channel_shuffle,
+    conv_init,
+    grouped_pointwise,
+    nearest_downsample,
+    pointwise,
+    softplus,
+    tile_channels,
+)
+
+# XLA:CPU flag for training this model (set in XLA_FLAGS before JAX starts; it has no effect
+# as a per-jit compiler option): the concurrency-optimised scheduler about doubles peak memory
+# (17 GB instead of 8.6 GB of temporaries at batch 4, see benchmarks/RESULTS.md).
+CPU_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+class InvertedResidual3d(nnx.Module):
+    """Pointwise expansion, spatial (1,3,3) and temporal (5,1,1) depthwise convs, SE, pointwise
+    projection, drop path, plus a shortcut (nearest downsample, cyclic tiling, BatchNorm)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        stride: int,
+        spatial_kernel: int,
+        temporal_kernel: int,
+        expansion_ratio: int,
+        se_reduce_ratio: int,
+        drop_path_rate: float,
+        dtype: Dtype,
+        rngs: nnx.Rngs,
+    ):
+        mid = in_features * expansion_ratio
+        self.stride = stride
+        self.out_features = out_features
+        self.dtype = dtype
+        self.expand_kernel = nnx.Param(conv_init(rngs.params(), (in_features, mid), mid))
+        self.expand_bn = BatchNorm(mid)
+        k, kt = spatial_kernel, temporal_kernel
+        self.spatial_kernel = nnx.Param(conv_init(rngs.params(), (k, k, mid), k * k))
+        self.spatial_bn = BatchNorm(mid)
+        self.temporal_kernel = nnx.Param(conv_init(rngs.params(), (kt, mid), kt))
+        self.temporal_bn = BatchNorm(mid)
+        self.se = SqueezeExcite(mid, mid // se_reduce_ratio, dtype=dtype, rngs=rngs)
+        self.project_kernel = nnx.Param(
+            conv_init(rngs.params(), (mid, out_features), out_features)
+        )
+        self.project_bn = BatchNorm(out_features)
+        self.drop_path = DropPath(drop_path_rate, rngs=rngs)
+        self.shortcut_bn = BatchNorm(out_features)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`(batch, time, h, w, c_in)` -> `(batch, time, ceil(h/s), ceil(w/s), c_out)`."""
+        dt = x.dtype
+        y = self.expand_bn(pointwise(x, self.expand_kernel[...]), silu=True)
+        k, kt = self.spatial_kernel.shape[0], self.temporal_kernel.shape[0]
+        y = depthwise_conv3d(
+            y,
+            self.spatial_kernel[...].astype(dt)[None],
+            strides=(1, self.stride, self.stride),
+            padding=((0, 0), (k // 2, k // 2), (k // 2, k // 2)),
+        )
+        y = self.spatial_bn(y, silu=True)
+        y = depthwise_conv3d(
+            y,
+            self.temporal_kernel[...].astype(dt)[:, None, None, :],
+            padding=((kt // 2, kt // 2), (0, 0), (0, 0)),
+        )
+        y = self.temporal_bn(y, silu=True)
+        y = self.se(y)
+        y = self.project_bn(pointwise(y, self.project_kernel[...]))
+        shortcut = tile_channels(nearest_downsample(x, self.stride), self.out_features)
+        return self.drop_path(y) + self.shortcut_bn(shortcut)
+
+
+class Core(nnx.Module):
+    """Stem (1x1x1 conv + BN) and the inverted-residual blocks, each preceded by PE3d."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        features: Sequence[int],
+        spatial_strides: Sequence[int],
+        spatial_kernel: int,
+        temporal_kernel: int,
+        expansion_ratio: int,
+        se_reduce_ratio: int,
+        drop_path_rate: float,
+        dtype: Dtype,
+        rngs: nnx.Rngs,
+    ):
+        features = tuple(features)
+        if len(spatial_strides) != len(features):
+            raise ValueError("core_features and spatial_strides must have the same length")
+        self.stem_kernel = nnx.Param(conv_init(rngs.params(), (in_channels, features[0]),
+                                               features[0]))
+        self.stem_bn = BatchNorm(features[0])
+        n = len(features)
+        blocks = []
+        for i in range(n):
+            # Channels grow one block before the stride-2 block; the last block keeps its width.
+            c_out = features[i + 1] if i + 1 < n else features[i]
+            blocks.append(
+                InvertedResidual3d(
+                    features[i],
+                    c_out,
+                    stride=spatial_strides[i],
+                    spatial_kernel=spatial_kernel,
+                    temporal_kernel=temporal_kernel,
+                    expansion_ratio=expansion_ratio,
+                    se_reduce_ratio=se_reduce_ratio,
+                    drop_path_rate=drop_path_rate * i / n,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+            )
+        self.blocks = nnx.List(blocks)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.stem_bn(pointwise(x, self.stem_kernel[...]))
+        for block in self.blocks:
+            x = block(add_positional_encoding(x))
+        return x
+
+
+class ShuffleLayer(nnx.Module):
+    """Grouped 1x1 conv -> BN -> SiLU -> channel shuffle -> drop path, + BN(tiled shortcut)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, *, groups: int, drop_path_rate: float,
+        rngs: nnx.Rngs,
+    ):
+        self.groups = groups
+        self.out_features = out_features
+        shape = (groups, in_features // groups, out_features // groups)
+        self.kernel = nnx.Param(conv_init(rngs.params(), shape, out_features // groups))
+        self.bn = BatchNorm(out_features)
+        self.drop_path = DropPath(drop_path_rate, rngs=rngs)
+        self.shortcut_bn = BatchNorm(out_features)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.bn(grouped_pointwise(x, self.kernel[...]), silu=True)
+        y = channel_shuffle(y, self.groups)
+        return self.drop_path(y) + self.shortcut_bn(tile_channels(x, self.out_features))
+
+
+class Cortex(nnx.Module):
+    """Shuffle layers on the pooled core features, `(batch, time, c)` -> `(batch, time, 4096)`."""
+
+    def __init__(
+        self, in_features: int, features: Sequence[int], *, groups: int, drop_path_rate: float,
+        rngs: nnx.Rngs,
+    ):
+        widths = (in_features, *features)
+        self.layers = nnx.List(
+            [
+                ShuffleLayer(widths[j], widths[j + 1], groups=groups,
+                             drop_path_rate=drop_path_rate, rngs=rngs)
+                for j in range(len(features))
+            ]
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Readout(nnx.Module):
+    """One mouse: Dropout1d, grouped 1x1 conv with bias to ceil(N/g)*g outputs, keep the first N,
+    softplus with fixed beta. `(batch, time, c)` -> `(batch, time, neurons)` float32."""
+
+    def __init__(
+        self, in_features: int, neurons: int, *, groups: int, softplus_beta: float,
+        drop_rate: float, rngs: nnx.Rngs,
+    ):
+        self.neurons = neurons
+        self.softplus_beta = softplus_beta
+        padded = math.ceil(neurons / groups) * groups
+        self.dropout = ChannelDropout(drop_rate, rngs=rngs)
+        shape = (groups, in_features // groups, padded // groups)
+        self.kernel = nnx.Param(conv_init(rngs.params(), shape, padded // groups))
+        self.bias = nnx.Param(jnp.zeros((padded,), jnp.float32))
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        x = self.dropout(features)
+        y = grouped_pointwise(x, self.kernel[...]) + self.bias[...].astype(x.dtype)
+        return softplus(y[..., : self.neurons], self.softplus_beta)
+
+
+class DwiseNeuro(nnx.Module):
+    """The whole model: core -> mean over (height, width) -> cortex -> one readout per mouse.
+
+    Constructor arguments are the original's (`params["nn_module"][1]` of its .pth) plus the
+    compute `dtype`; parameters are always float32.
+    """
+
+    def __init__(
+        self,
+        readout_outputs: Sequence[int],
+        *,
+        in_channels: int = 5,
+        core_features: Sequence[int] = (64, 64, 64, 64, 128, 128, 128, 256, 256),
+        spatial_strides: Sequence[int] = (2, 1, 1, 1, 2, 1, 1, 2, 1),
+        spatial_kernel: int = 3,
+        temporal_kernel: int = 5,
+        expansion_ratio: int = 6,
+        se_reduce_ratio: int = 32,
+        cortex_features: Sequence[int] = (1024, 2048, 4096),
+        groups: int = 2,
+        softplus_beta: float = 0.07,
+        drop_rate: float = 0.4,
+        drop_path_rate: float = 0.1,
+        dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        self.readout_outputs = tuple(int(n) for n in readout_outputs)
+        self.core = Core(
+            in_channels=in_channels,
+            features=core_features,
+            spatial_strides=spatial_strides,
+            spatial_kernel=spatial_kernel,
+            temporal_kernel=temporal_kernel,
+            expansion_ratio=expansion_ratio,
+            se_reduce_ratio=se_reduce_ratio,
+            drop_path_rate=drop_path_rate,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.cortex = Cortex(
+            core_features[-1], cortex_features, groups=groups, drop_path_rate=drop_path_rate,
+            rngs=rngs,
+        )
+        self.readouts = nnx.List(
+            [
+                Readout(cortex_features[-1], n, groups=groups, softplus_beta=softplus_beta,
+                        drop_rate=drop_rate, rngs=rngs)
+                for n in self.readout_outputs
+            ]
+        )
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """Core + spatial mean pool + cortex: `(batch, time, h, w, c)` -> `(batch, time, 4096)`
+        in the compute dtype. Feed the result to `model.readouts[i]`."""
+        x = self.core(x.astype(self.dtype))
+        x = jnp.mean(x, axis=(2, 3), dtype=jnp.float32).astype(self.dtype)
+        return self.cortex(x)
+
+    def __call__(
+        self, x: jax.Array, readout_index: int | None = None
+    ) -> list[jax.Array] | jax.Array:
+        """All readouts' `(batch, time, neurons_m)` float32 outputs as a list, or the one of
+        `readout_index`."""
+        features = self.features(x)
+        if readout_index is not None:
+            return self.readouts[readout_index](features)
+        return [readout(features) for readout in self.readouts]
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter counts without allocation
+
+
+def _param_count(tree) -> int:
+    return sum(math.prod(v.shape) for v in jax.tree.leaves(tree))
+
+
+def parameter_shares(**kwargs) -> dict[str, int]:
+    """Trainable parameter counts of `DwiseNeuro(**kwargs)` from shapes only (nnx.eval_shape).
+
+    Returns counts for "stem", "core_blocks", "block_<i>", "core", "cortex",
+    "cortex_layer_<j>", "readouts" and "total". BatchNorm running statistics are excluded.
+    """
+    kwargs.pop("rngs", None)
+    model = nnx.eval_shape(lambda: DwiseNeuro(**kwargs, rngs=nnx.Rngs(0)))
+    params = lambda m: nnx.state(m, nnx.Param)
+    shares = {"stem": math.prod(model.core.stem_kernel.shape)
+              + _param_count(params(model.core.stem_bn))}
+    for i, block in enumerate(model.core.blocks):
+        shares[f"block_{i}"] = _param_count(params(block))
+    shares["core_blocks"] = _param_count(params(model.core.blocks))
+    shares["core"] = _param_count(params(model.core))
+    for j, layer in enumerate(model.cortex.layers):
+        shares[f"cortex_layer_{j}"] = _param_count(params(layer))
+    shares["cortex"] = _param_count(params(model.cortex))
+    shares["readouts"] = _param_count(params(model.readouts))
+    shares["total"] = _param_count(params(model))
+    return shares
+
+
+def count_parameters(**kwargs) -> int:
+    """Total trainable parameters of `DwiseNeuro(**kwargs)`, without allocating them."""
+    return parameter_shares(**kwargs)["total"]

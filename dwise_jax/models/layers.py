@@ -1,0 +1,321 @@
+"""Building blocks of DwiseNeuro: BatchNorm, depthwise and pointwise ops, positional encoding,
+squeeze-excite, drop path, channel helpers and the fixed-beta softplus.
+
+Everything is channels-last: video features are `(batch, time, height, width, channels)`,
+cortex features `(batch, time, channels)`. Parameters are float32; activations run in the
+module's compute `dtype` (float32 or bfloat16); BatchNorm statistics and softplus are float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+Dtype = jnp.dtype | type
+
+
+def conv_init(key: jax.Array, shape: Sequence[int], fan_out: int) -> jax.Array:
+    """The original's init: N(0, sqrt(2 / fan_out)), fan_out = prod(kernel) * out / groups."""
+    return jax.random.normal(key, tuple(shape), jnp.float32) * math.sqrt(2.0 / fan_out)
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm with PyTorch's update rule
+
+
+def _silu_grad(z: jax.Array) -> jax.Array:
+    s = jax.nn.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_train(x, scale, bias, epsilon, silu):
+    """Train-mode BatchNorm (+ SiLU) over all axes but the last, float32 statistics.
+
+    Returns (y, batch mean, biased batch variance). The custom VJP keeps only x and a few
+    per-channel vectors for the backward pass (plain autodiff keeps three or four full-size
+    intermediates per BatchNorm, which dominated the training step's memory).
+    """
+    y, mean, var, _ = _batch_norm_train_fwd_impl(x, scale, bias, epsilon, silu)
+    return y, mean, var
+
+
+def _batch_norm_train_fwd_impl(x, scale, bias, epsilon, silu):
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=axes)
+    var = jnp.mean(jnp.square(xf - mean), axis=axes)
+    inv = lax.rsqrt(var + epsilon)
+    z = (xf - mean) * (inv * scale) + bias
+    y = (nnx.silu(z) if silu else z).astype(x.dtype)
+    return y, mean, var, inv
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon, silu):
+    y, mean, var, inv = _batch_norm_train_fwd_impl(x, scale, bias, epsilon, silu)
+    return (y, mean, var), (x, mean, inv, scale, bias)
+
+
+def _batch_norm_train_bwd(epsilon, silu, residuals, cotangents):
+    # The mean and variance outputs only feed the (stop-gradient) running statistics.
+    x, mean, inv, scale, bias = residuals
+    gy = cotangents[0].astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    n = math.prod(x.shape[:-1])
+    xhat = (x.astype(jnp.float32) - mean) * inv
+    dz = gy * _silu_grad(xhat * scale + bias) if silu else gy
+    dbias = jnp.sum(dz, axis=axes)
+    dscale = jnp.sum(dz * xhat, axis=axes)
+    dx = (scale * inv) * (dz - dbias / n - xhat * (dscale / n))
+    return dx.astype(x.dtype), dscale, dbias
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over every axis but the last, matching PyTorch's BatchNorm{1,3}d, optionally
+    followed by SiLU (`bn(x, silu=True)`, fused for memory).
+
+    PyTorch momentum 0.1 is `momentum=0.9` here (new = 0.9 * old + 0.1 * batch). As in
+    PyTorch, the running variance is updated with the unbiased batch variance n / (n - 1)
+    while the batch is normalised with the biased one. No `num_batches_tracked` counter is
+    kept (it is unused with a fixed momentum). Statistics and normalisation run in float32;
+    the result is cast back to the input dtype.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        momentum: float = 0.9,
+        epsilon: float = 1e-5,
+        use_running_average: bool = False,
+    ):
+        self.num_features = num_features
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.use_running_average = use_running_average
+        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array, *, silu: bool = False) -> jax.Array:
+        if self.use_running_average:
+            inv = lax.rsqrt(self.var[...] + self.epsilon) * self.scale[...]
+            z = (x.astype(jnp.float32) - self.mean[...]) * inv + self.bias[...]
+            return (nnx.silu(z) if silu else z).astype(x.dtype)
+        y, mean, var = _batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon, silu)
+        n = math.prod(x.shape[:-1])
+        unbiased = lax.stop_gradient(var) * (n / max(n - 1, 1))
+        m = self.momentum
+        self.mean[...] = m * self.mean[...] + (1.0 - m) * lax.stop_gradient(mean)
+        self.var[...] = m * self.var[...] + (1.0 - m) * unbiased
+        return y
+
+    def set_view(self, use_running_average: bool | None = None):
+        """Used by `nnx.view`."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+# --------------------------------------------------------------------------------------------
+# Pointwise and grouped pointwise layers (einsums: no grouped convolutions, see openxla/xla#47945)
+
+
+def pointwise(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """1x1(x1) convolution on the last axis: `(..., c_in) @ (c_in, c_out)`."""
+    # A 2-D matmul: XLA:CPU runs the 5-D einsum's weight gradient about 3 times slower.
+    y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.astype(x.dtype))
+    y = y.reshape(*x.shape[:-1], kernel.shape[-1])
+    if bias is not None:
+        y = y + bias.astype(x.dtype)
+    return y
+
+
+@jax.custom_vjp
+def _grouped_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """(groups, rows, c_in/g) @ (groups, c_in/g, c_out/g) -> (groups, rows, c_out/g)."""
+    return lax.dot_general(x, kernel, (((2,), (1,)), ((0,), (0,))))
+
+
+def _grouped_matmul_fwd(x, kernel):
+    return _grouped_matmul(x, kernel), (x, kernel)
+
+
+def _grouped_matmul_bwd(residuals, g):
+    # Explicit operand layouts: left to autodiff, XLA:CPU ran the readouts' weight gradient
+    # (a batched dot contracting over the leading rows) as a slow generic dot.
+    x, kernel = residuals
+    dx = lax.dot_general(g, kernel, (((2,), (2,)), ((0,), (0,))))
+    dk = lax.dot_general(jnp.swapaxes(x, 1, 2), g, (((2,), (1,)), ((0,), (0,))))
+    return dx, dk.astype(kernel.dtype)
+
+
+_grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+
+def grouped_pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Grouped 1x1 convolution, PyTorch `groups=g` layout, as a batched matmul.
+
+    Args:
+      x: `(..., c_in)`; group k reads channels `k*c_in/g .. (k+1)*c_in/g - 1`.
+      kernel: `(g, c_in/g, c_out/g)`; group k writes channels `k*c_out/g ..`.
+    Returns:
+      `(..., c_out)`.
+    """
+    groups, c_in_g, c_out_g = kernel.shape
+    lead = x.shape[:-1]
+    xg = jnp.swapaxes(x.reshape(-1, groups, c_in_g), 0, 1)  # (g, rows, c_in/g): small
+    y = _grouped_matmul(xg, kernel.astype(x.dtype))
+    return jnp.swapaxes(y, 0, 1).reshape(*lead, groups * c_out_g)
+
+
+def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+    """Interleave the groups on the last axis: out[j*g + k] = in[k*(C/g) + j]."""
+    c = x.shape[-1]
+    x = x.reshape(*x.shape[:-1], groups, c // groups)
+    return jnp.swapaxes(x, -1, -2).reshape(*x.shape[:-2], c)
+
+
+def tile_channels(x: jax.Array, channels: int) -> jax.Array:
+    """Cyclic channel tiling (not repeat): [0..C-1, 0..C-1, ...] cut to `channels`."""
+    c = x.shape[-1]
+    if c == channels:
+        return x
+    reps = -(-channels // c)
+    return jnp.tile(x, (1,) * (x.ndim - 1) + (reps,))[..., :channels]
+
+
+def nearest_downsample(x: jax.Array, stride: int) -> jax.Array:
+    """PyTorch nearest resize of (height, width) to ceil(size / stride): index floor(d*in/out).
+
+    For even sizes that is x[:, :, ::s, ::s] (not jax.image.resize's half-pixel centres).
+    """
+    if stride == 1:
+        return x
+    for axis in (2, 3):
+        size = x.shape[axis]
+        out = -(-size // stride)
+        if size == out * stride:
+            x = lax.slice_in_dim(x, 0, size, stride, axis=axis)
+        else:
+            index = np.floor(np.arange(out) * (size / out)).astype(np.int32)
+            x = jnp.take(x, index, axis=axis)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Positional encoding, squeeze-excite, stochastic layers, softplus
+
+
+def pe_frequencies(channels: int) -> np.ndarray:
+    """inv_freq_k = 10000^(-2k/ch), ch = ceil(C/6)*2 bumped to even (22/44/86 for 64/128/256)."""
+    ch = int(math.ceil(channels / 6) * 2)
+    ch += ch % 2
+    return (1.0 / 10000 ** (np.arange(0, ch, 2, dtype=np.float64) / ch)).astype(np.float32)
+
+
+def positional_encoding_3d(
+    time: int, height: int, width: int, channels: int, inv_freq: np.ndarray | None = None
+) -> np.ndarray:
+    """The original's 3-D sinusoidal encoding, `(time, height, width, channels)` float32.
+
+    Per axis (T, H, W), integer positions p give [sin(p*f_0..), cos(p*f_0..)] (all sines,
+    then all cosines); the three blocks are concatenated T|H|W and cut to `channels`.
+    A constant: computed with NumPy at trace time for the block's actual size.
+    """
+    f = pe_frequencies(channels) if inv_freq is None else np.asarray(inv_freq, np.float32)
+    ch = 2 * f.shape[0]
+
+    def axis_embedding(size):
+        arg = np.arange(size, dtype=np.float32)[:, None] * f[None, :]
+        return np.concatenate([np.sin(arg), np.cos(arg)], axis=-1)
+
+    emb = np.zeros((time, height, width, 3 * ch), np.float32)
+    emb[..., :ch] = axis_embedding(time)[:, None, None, :]
+    emb[..., ch : 2 * ch] = axis_embedding(height)[None, :, None, :]
+    emb[..., 2 * ch :] = axis_embedding(width)[None, None, :, :]
+    return emb[..., :channels]
+
+
+def add_positional_encoding(x: jax.Array) -> jax.Array:
+    """x + PE3d for x's own (time, height, width, channels)."""
+    _, t, h, w, c = x.shape
+    return x + jnp.asarray(positional_encoding_3d(t, h, w, c), dtype=x.dtype)
+
+
+class SqueezeExcite(nnx.Module):
+    """Mean over (time, height, width) -> 1x1 reduce + SiLU -> 1x1 expand + sigmoid -> gate."""
+
+    def __init__(self, channels: int, reduced: int, *, dtype: Dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.reduce_kernel = nnx.Param(conv_init(rngs.params(), (channels, reduced), reduced))
+        self.reduce_bias = nnx.Param(jnp.zeros((reduced,), jnp.float32))
+        self.expand_kernel = nnx.Param(conv_init(rngs.params(), (reduced, channels), channels))
+        self.expand_bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s = jnp.mean(x, axis=(1, 2, 3), keepdims=True, dtype=jnp.float32).astype(x.dtype)
+        s = nnx.silu(pointwise(s, self.reduce_kernel[...], self.reduce_bias[...]))
+        s = nnx.sigmoid(pointwise(s, self.expand_kernel[...], self.expand_bias[...]))
+        return x * s
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth: a per-sample Bernoulli(1 - rate) mask scaled by 1 / (1 - rate)."""
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs, deterministic: bool = False):
+        self.rate = rate
+        self.deterministic = deterministic
+        self.rngs = rngs["dropout"].fork() if rate > 0 else nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by `nnx.view`."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+
+class ChannelDropout(nnx.Module):
+    """PyTorch Dropout1d on `(batch, time, channels)`: whole channels dropped for all time
+    steps, one mask per sample (shape `(batch, 1, channels)`), scaled by 1 / (1 - rate)."""
+
+    def __init__(self, rate: float, *, rngs: nnx.Rngs, deterministic: bool = False):
+        self.rate = rate
+        self.deterministic = deterministic
+        self.rngs = rngs["dropout"].fork() if rate > 0 else nnx.data(None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0], 1, x.shape[-1]))
+        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by `nnx.view`."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+
+def softplus(x: jax.Array, beta: float, threshold: float = 20.0) -> jax.Array:
+    """PyTorch Softplus(beta, threshold) in float32: log(1 + exp(beta*x)) / beta, and x itself
+    where beta*x > threshold."""
+    x = x.astype(jnp.float32)
+    bx = beta * x
+    return jnp.where(bx > threshold, x, jax.nn.softplus(bx) / beta)

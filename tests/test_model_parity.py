@@ -1,0 +1,160 @@
+"""Parity with the original PyTorch DwiseNeuro on the two model fixtures in ../shared/fixtures.
+
+The fixture state is mapped with `dwise_jax.models.torch_mapping` (the converter's code), then
+eval outputs, train-mode outputs, the loss, every gradient and the BatchNorm buffers after one
+train-mode forward are compared with the fixture README's measure and tolerances.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dwise_jax.models.dwiseneuro import DwiseNeuro
+from dwise_jax.models.torch_mapping import (
+    StateDictMismatch,
+    inv_freq_deviation,
+    state_from_torch,
+    state_to_torch,
+)
+
+
+def rel_err(a, b, scale: float = 0.0) -> float:
+    """The fixture README's err: max|a - b| / max(max|b|, 1e-2 * scale)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-2 * scale))
+
+
+def fixture_state_dict(arrays) -> dict[str, np.ndarray]:
+    sd = {k[len("param/"):]: arrays[k] for k in arrays.files if k.startswith("param/")}
+    sd.update({k[len("buffer/"):]: arrays[k] for k in arrays.files if k.startswith("buffer/")})
+    return sd
+
+
+def build_model(meta) -> DwiseNeuro:
+    kwargs = dict(meta["constructor_kwargs"])
+    return DwiseNeuro(kwargs.pop("readout_outputs"), **kwargs, rngs=nnx.Rngs(0))
+
+
+def fixture_loss(outputs, targets, mice_weights):
+    """The fixture's loss in float32 (outputs and targets (batch, time, neurons))."""
+    w = mice_weights / jnp.sum(mice_weights)
+    loss = jnp.zeros((), jnp.float32)
+    for i, (pred, target) in enumerate(zip(outputs, targets, strict=True)):
+        per_sample = jnp.sum(pred - target * jnp.log(pred + 1e-8), axis=(1, 2))
+        loss = loss + jnp.sum(jnp.where(w[:, i] != 0, w[:, i] * per_sample, 0.0))
+    return loss
+
+
+def parity_errors(arrays, meta) -> dict[str, tuple[float, str]]:
+    """Worst error (and its array) per category: eval, train, loss, grad, near_zero, buffer."""
+    model = build_model(meta)
+    nnx.update(model, state_from_torch(fixture_state_dict(arrays), nnx.state(model)))
+    x = jnp.asarray(arrays["input/x"]).transpose(0, 2, 3, 4, 1)  # NCTHW -> NTHWC
+    n = len(meta["readout_index_to_neurons"])
+    to_torch = lambda y: np.asarray(y).transpose(0, 2, 1)  # (batch, time, N) -> (batch, N, time)
+    worst: dict[str, tuple[float, str]] = {}
+
+    def record(category, err, name):
+        if err >= worst.get(category, (-1.0, ""))[0]:
+            worst[category] = (err, name)
+
+    model.eval()
+    outputs = nnx.jit(lambda m, x: m(x))(model, x)
+    for i, y in enumerate(outputs):
+        record("eval", rel_err(to_torch(y), arrays[f"output/eval/{i}"]), f"output/eval/{i}")
+    single = nnx.jit(lambda m, x: m(x, readout_index=n - 1))(model, x)
+    record("eval", rel_err(to_torch(single), arrays[f"output/eval/{n - 1}"]), "index form")
+
+    model.train()
+    targets = [jnp.asarray(arrays[f"input/targets/{i}"]).transpose(0, 2, 1) for i in range(n)]
+    weights = jnp.asarray(arrays["input/mice_weights"])
+
+    def loss_fn(m):
+        outs = m(x)
+        return fixture_loss(outs, targets, weights), outs
+
+    train_step = nnx.jit(lambda m: nnx.value_and_grad(loss_fn, has_aux=True)(m))
+    (loss, outputs), grads = train_step(model)
+    for i, y in enumerate(outputs):
+        record("train", rel_err(to_torch(y), arrays[f"output/train/{i}"]), f"output/train/{i}")
+    record("loss", rel_err(loss, arrays["output/train/loss"]), "output/train/loss")
+
+    grads = state_to_torch(grads)
+    assert sorted(grads) == sorted(meta["param_names"])
+    scale = meta["grad_scale"]
+    for name, g in grads.items():
+        ref = arrays[f"grad/{name}"]
+        if name in meta["near_zero_grads"]:
+            record("near_zero", float(np.max(np.abs(g - ref))) / scale, name)
+        else:
+            record("grad", rel_err(g, ref, scale), name)
+
+    buffers = state_to_torch(nnx.state(model, nnx.BatchStat))
+    expected = {k[len("output/train/buffer/"):] for k in arrays.files
+                if k.startswith("output/train/buffer/") and "running" in k}
+    assert set(buffers) == expected
+    for name, b in buffers.items():
+        err = rel_err(b, arrays[f"output/train/buffer/{name}"], meta["buffer_scale"])
+        record("buffer", err, name)
+    return worst
+
+
+def check_parity(fixture):
+    arrays, meta = fixture
+    tol = meta["tolerances"]
+    worst = parity_errors(arrays, meta)
+    print({k: (f"{v[0]:.2e}", v[1]) for k, v in worst.items()})
+    limits = {
+        "eval": tol["outputs_rel"],
+        "train": tol["outputs_rel"],
+        "loss": tol["loss_rel"],
+        "grad": tol["grads_rel"],
+        "near_zero": tol["near_zero_grads_abs_over_grad_scale"],
+        "buffer": tol["buffers_rel"],
+    }
+    failures = {k: worst[k] for k in limits if worst[k][0] >= limits[k]}
+    assert not failures, f"beyond tolerance: {failures}"
+
+
+def test_parity_small(small_model_fixture):
+    check_parity(small_model_fixture)
+
+
+@pytest.mark.slow
+def test_parity_full_core(full_core_fixture):
+    check_parity(full_core_fixture)
+
+
+def test_fixture_inv_freq_matches_recomputed(small_model_fixture, full_core_fixture):
+    # The encoding is recomputed; the fixtures' buffers agree to float32 rounding.
+    for arrays, _ in (small_model_fixture, full_core_fixture):
+        assert inv_freq_deviation(fixture_state_dict(arrays)) < 1e-6
+
+
+def test_mapping_round_trip_and_errors(small_model_fixture):
+    arrays, meta = small_model_fixture
+    sd = fixture_state_dict(arrays)
+    model = build_model(meta)
+    state = state_from_torch(sd, nnx.state(model))
+    back = state_to_torch(state)
+    for name, value in back.items():
+        np.testing.assert_array_equal(value, sd[name])
+    # Abstract targets (nnx.eval_shape) work too: the converter needs no allocation first.
+    abstract = nnx.eval_shape(lambda: build_model(meta))
+    state = state_from_torch(sd, nnx.state(abstract))
+    assert jax.tree.leaves(state)[0].dtype == jnp.float32
+
+    bad = dict(sd)
+    del bad["core.stem.0.weight"]
+    bad["core.stem.9.weight"] = np.zeros(3, np.float32)
+    bad["readouts.0.layer.1.bias"] = np.zeros(3, np.float32)
+    with pytest.raises(StateDictMismatch) as info:
+        state_from_torch(bad, nnx.state(model))
+    message = str(info.value)
+    assert "missing (1): ['core.stem.0.weight']" in message
+    assert "unexpected (1): ['core.stem.9.weight']" in message
+    assert "readouts.0.layer.1.bias: got (3,), expected (8,)" in message
