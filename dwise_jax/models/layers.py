@@ -270,19 +270,23 @@ class SqueezeExcite(nnx.Module):
         return x * s
 
 
-class DropPath(nnx.Module):
-    """Stochastic depth: a per-sample Bernoulli(1 - rate) mask scaled by 1 / (1 - rate)."""
+class _SampleDropout(nnx.Module):
+    """Zeroes parts of each sample with probability `rate` and scales the rest by 1 / (1 - rate),
+    in training only; subclasses say which parts (the mask shape)."""
 
     def __init__(self, rate: float, *, rngs: nnx.Rngs, deterministic: bool = False):
         self.rate = rate
         self.deterministic = deterministic
         self.rngs = rngs["dropout"].fork() if rate > 0 else nnx.data(None)
 
+    def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
+        raise NotImplementedError
+
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.deterministic or self.rate == 0.0:
             return x
         keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        mask = jax.random.bernoulli(self.rngs(), keep, self.mask_shape(x))
         return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
     def set_view(self, deterministic: bool | None = None):
@@ -291,26 +295,19 @@ class DropPath(nnx.Module):
             self.deterministic = deterministic
 
 
-class ChannelDropout(nnx.Module):
+class DropPath(_SampleDropout):
+    """Stochastic depth: a per-sample Bernoulli(1 - rate) mask scaled by 1 / (1 - rate)."""
+
+    def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
+        return (x.shape[0],) + (1,) * (x.ndim - 1)
+
+
+class ChannelDropout(_SampleDropout):
     """PyTorch Dropout1d on `(batch, time, channels)`: whole channels dropped for all time
     steps, one mask per sample (shape `(batch, 1, channels)`), scaled by 1 / (1 - rate)."""
 
-    def __init__(self, rate: float, *, rngs: nnx.Rngs, deterministic: bool = False):
-        self.rate = rate
-        self.deterministic = deterministic
-        self.rngs = rngs["dropout"].fork() if rate > 0 else nnx.data(None)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.deterministic or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.rngs(), keep, (x.shape[0], 1, x.shape[-1]))
-        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
-
-    def set_view(self, deterministic: bool | None = None):
-        """Used by `nnx.view`."""
-        if deterministic is not None:
-            self.deterministic = deterministic
+    def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
+        return (x.shape[0], 1, x.shape[-1])
 
 
 def softplus(x: jax.Array, beta: float, threshold: float = 20.0) -> jax.Array:
