@@ -175,3 +175,32 @@ def test_sigterm_saves_and_exits_cleanly(sim_root, tmp_path):
     assert "stopped by request" in stdout
     step = checkpoint.latest_step(tmp_path / "demo" / "fold_0")
     assert step is not None and step % 100 != 0  # saved mid-epoch (100 steps per epoch)
+
+
+def test_bfloat16_train_step_keeps_float32_params_and_loss(sim_root):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from dwise_jax import train_step
+    from dwise_jax.data import pipeline
+    from dwise_jax.data.sensorium import SensoriumDataset
+    from dwise_jax.models.dwiseneuro import DwiseNeuro
+
+    dataset = SensoriumDataset.open(sim_root)
+    with pipeline.TrainStream(dataset, pipeline.TrainStreamConfig(
+            fold=0, batch_size=4, epoch_size=12, seed=0)) as stream:
+        batch = next(stream)
+    losses = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        model = DwiseNeuro(dataset.num_neurons, core_features=(8, 8, 16),
+                           spatial_strides=(2, 2, 2), expansion_ratio=2, se_reduce_ratio=4,
+                           cortex_features=(32, 64), drop_rate=0.0, drop_path_rate=0.0,
+                           dtype=dtype, rngs=nnx.Rngs(params=0, dropout=1))
+        trainer = train_step.Trainer(model, optax.sgd(1e-3), ema_decay=0.9)
+        state, metrics = jax.jit(trainer.train_step)(trainer.init_state(), batch)
+        assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state["params"]))
+        losses[dtype] = float(metrics["loss"])
+    assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=0.05)
