@@ -1,0 +1,93 @@
+"""Competition submission files, exactly as the Sensorium 2023 servers take them (spec section 6).
+
+For each test split, one parquet file (brotli compression, no index) with a row per trial of the
+submitted (new) mice, mice in readout order then trial id ascending, and the columns
+
+    mouse          str                 the mouse folder name
+    trial_indices  int64               the trial id
+    prediction     list<list<double>>  (neurons, frames): prediction * precision, cut to
+                                       frames [50 : min(L, 300) - 1] (249 for L >= 300)
+    neuron_ids     list<int64>         meta/neurons/unit_ids.npy
+
+The precision is the organisers' normalisation (worth about +0.02 to the winner): from the mouse's
+`meta/statistics/responses/all/std.npy` (neurons, frames), threshold = 0.01 * nanmean of the whole
+array; precision = 1 / std where std > threshold, else 1 / threshold (NaN std included); sliced to
+the trial's length. Files are written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dwise_jax import atomic
+from dwise_jax.metrics import cut_frames
+
+SPLIT_FILES = {
+    "live_test_main": "predictions_live_main.parquet.brotli",
+    "final_test_main": "predictions_final_main.parquet.brotli",
+    "live_test_bonus": "predictions_live_test_bonus_ood.parquet.brotli",
+    "final_test_bonus": "predictions_final_test_bonus_ood.parquet.brotli",
+}
+COLUMNS = ("mouse", "trial_indices", "prediction", "neuron_ids")
+
+
+def precision(std: np.ndarray) -> np.ndarray:
+    """The organisers' precision (neurons, frames) from a std file, float32."""
+    std = np.asarray(std, np.float64)
+    threshold = 0.01 * np.nanmean(std)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        above = std > threshold  # NaN compares False: it takes the threshold branch
+        out = np.where(above, 1.0 / np.where(above, std, 1.0), 1.0 / threshold)
+    return out.astype(np.float32)
+
+
+def trial_prediction(prediction: np.ndarray, trial_precision: np.ndarray) -> np.ndarray:
+    """One trial's submitted array: (neurons, L) * precision[:, :L], then the submission cut."""
+    length = prediction.shape[-1]
+    normalised = np.asarray(prediction, np.float32) * trial_precision[:, :length]
+    return cut_frames(normalised, length)
+
+
+def mouse_rows(mouse: str, unit_ids: np.ndarray, std: np.ndarray,
+               predictions: Mapping[int, np.ndarray]) -> list[dict[str, Any]]:
+    """The rows of one mouse: its trials in ascending id order."""
+    prec = precision(std)
+    ids = [int(u) for u in np.asarray(unit_ids)]
+    rows = []
+    for trial in sorted(predictions):
+        pred = predictions[trial]
+        if pred.shape[0] != len(ids):
+            raise ValueError(f"mouse {mouse} trial {trial}: prediction has {pred.shape[0]} "
+                             f"neurons, unit_ids has {len(ids)}")
+        rows.append({"mouse": mouse, "trial_indices": int(trial),
+                     "prediction": trial_prediction(pred, prec).astype(np.float64).tolist(),
+                     "neuron_ids": ids})
+    return rows
+
+
+def write_parquet(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
+    """Writes submission rows as parquet with brotli compression, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = list(rows)
+    schema = pa.schema([("mouse", pa.string()), ("trial_indices", pa.int64()),
+                        ("prediction", pa.list_(pa.list_(pa.float64()))),
+                        ("neuron_ids", pa.list_(pa.int64()))])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    path = Path(path)
+    with atomic.atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp, compression="brotli")
+    return path
+
+
+def split_file(directory: str | os.PathLike, split: str) -> Path:
+    """`<directory>/<the split's competition file name>`."""
+    if split not in SPLIT_FILES:
+        raise ValueError(f"unknown split {split!r}; submissions exist for {sorted(SPLIT_FILES)}")
+    return Path(directory) / SPLIT_FILES[split]
