@@ -12,13 +12,18 @@ Layout of a fold folder:
                          Training adds its own items (optimizer state, step, loader state).
 
 Orbax writes each step under a temporary name and renames it when complete, so a crash during a
-write leaves the previous step readable.
+write leaves the previous step readable. Each complete step then gets `manifest.json` (the size
+and SHA-256 of every file in it, written atomically): a step whose files were truncated or
+changed afterwards is detected when it is restored, reported, and the newest step before it
+that verifies is used instead. `checkpoints/` keeps the last two steps for that reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,9 @@ from dwise_jax import atomic
 
 MODEL_SPEC_FILE = "model.json"
 CHECKPOINTS_DIR = "checkpoints"
+MANIFEST_FILE = "manifest.json"
+# checkpoints/ keeps the latest step and the one before it (the fallback if the latest is bad).
+KEEP_LATEST = 2
 MODEL_SPEC_FORMAT = "dwise_jax.model_spec/1"
 
 
@@ -106,8 +114,9 @@ def _manager(directory: Path, max_to_keep: int | None, create: bool,
 
 
 def save(directory: str | os.PathLike, step: int, items: dict[str, Any],
-         max_to_keep: int | None = 1, subdir: str = CHECKPOINTS_DIR) -> None:
-    """Saves named pytrees (e.g. {"ema": ...}) as step `step` of a fold folder, synchronously.
+         max_to_keep: int | None = KEEP_LATEST, subdir: str = CHECKPOINTS_DIR) -> None:
+    """Saves named pytrees (e.g. {"ema": ...}) as step `step` of a fold folder, synchronously,
+    then writes the step's manifest.
 
     `subdir` selects the series: `checkpoints` (the latest, for resume and prediction) or
     another, e.g. `best` (the best validation correlation).
@@ -117,17 +126,59 @@ def save(directory: str | os.PathLike, step: int, items: dict[str, Any],
     mngr.save(step, args=ocp.args.Composite(**args), force=True)
     mngr.wait_until_finished()
     mngr.close()
+    step_dir = Path(directory) / subdir / str(step)
+    atomic.write_json(step_dir / MANIFEST_FILE, _file_digests(step_dir))
+
+
+def _file_digests(step_dir: Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file of a step folder but the manifest."""
+    digests = {}
+    for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
+        relative = path.relative_to(step_dir).as_posix()
+        if relative == MANIFEST_FILE or path.name.startswith("."):
+            continue
+        with open(path, "rb") as f:
+            digests[relative] = [path.stat().st_size, hashlib.file_digest(f, "sha256").hexdigest()]
+    return digests
+
+
+def verify(directory: str | os.PathLike, step: int, subdir: str = CHECKPOINTS_DIR) -> str | None:
+    """Checks a step against its manifest: None if it matches (or has no manifest, as steps
+    written before manifests existed), else what is wrong, naming the file."""
+    step_dir = Path(directory) / subdir / str(step)
+    manifest = step_dir / MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    try:
+        expected = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"{manifest}: unreadable ({e})"
+    found = _file_digests(step_dir)
+    for name, (size, digest) in expected.items():
+        if name not in found:
+            return f"{step_dir / name}: missing"
+        if found[name][0] != size:
+            return f"{step_dir / name}: {found[name][0]} bytes, expected {size} (truncated?)"
+        if found[name][1] != digest:
+            return f"{step_dir / name}: content changed since it was written (checksum mismatch)"
+    return None
+
+
+def all_steps(directory: str | os.PathLike, subdir: str = CHECKPOINTS_DIR) -> list[int]:
+    """The complete steps of a fold folder's series, newest first."""
+    path = Path(directory) / subdir
+    if not path.is_dir():
+        return []
+    mngr = _manager(Path(directory), None, create=False, subdir=subdir)
+    steps = sorted(mngr.all_steps(), reverse=True)
+    mngr.close()
+    return steps
 
 
 def latest_step(directory: str | os.PathLike, subdir: str = CHECKPOINTS_DIR) -> int | None:
     """The newest complete step of a fold folder's series, or None if it has none."""
-    path = Path(directory) / subdir
-    if not path.is_dir():
-        return None
-    mngr = _manager(Path(directory), None, create=False, subdir=subdir)
-    step = mngr.latest_step()
-    mngr.close()
-    return step
+    steps = all_steps(directory, subdir)
+    return steps[0] if steps else None
 
 
 def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
@@ -138,7 +189,8 @@ def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
     Args:
       directory: the fold folder.
       names: which items to read.
-      step: which step; the newest complete one when None.
+      step: which step. When None, the newest step that verifies and restores: a corrupted
+        newer step is reported on stderr and skipped.
       targets: optional abstract trees (jax.ShapeDtypeStruct leaves, with shardings where
         wanted) per item name; without one an item comes back as NumPy arrays.
 
@@ -146,21 +198,42 @@ def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
       (step, {name: tree}).
     """
     directory = Path(directory)
-    step = latest_step(directory, subdir) if step is None else step
-    if step is None:
+    steps = all_steps(directory, subdir) if step is None else [step]
+    if not steps:
         raise CheckpointError(f"{directory / subdir}: no checkpoint found")
+    problems = []
+    for candidate in steps:
+        try:
+            items = _restore_step(directory, candidate, names, targets or {}, subdir)
+        except CheckpointError as e:
+            if step is not None:
+                raise
+            problems.append(str(e))
+            print(f"warning: skipping a bad checkpoint: {e}", file=sys.stderr)
+            continue
+        if problems:
+            print(f"warning: using step {candidate} of {directory / subdir} instead",
+                  file=sys.stderr)
+        return candidate, items
+    raise CheckpointError(f"{directory / subdir}: no readable checkpoint ({'; '.join(problems)})")
+
+
+def _restore_step(directory: Path, step: int, names: tuple[str, ...], targets: dict[str, Any],
+                  subdir: str) -> dict[str, Any]:
+    problem = verify(directory, step, subdir)
+    if problem is not None:
+        raise CheckpointError(problem)
     mngr = _manager(directory, None, create=False, subdir=subdir)
-    targets = targets or {}
     args = {name: ocp.args.StandardRestore(targets.get(name)) for name in names}
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(**args))
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError, OSError) as e:
         raise CheckpointError(
             f"{directory / subdir / str(step)}: cannot restore {list(names)} ({e})"
         ) from None
     finally:
         mngr.close()
-    return step, {name: restored[name] for name in names}
+    return {name: restored[name] for name in names}
 
 
 def load_ema_model(directory: str | os.PathLike, dtype: Any = None, step: int | None = None):

@@ -42,6 +42,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     # fp16 autocast). Parameters, BatchNorm statistics and the loss stay float32; validation and
     # prediction run in float32, as in the original.
     config.model.compute_dtype = "float32"
+    # Readout bias start: "zeros" (the original) or "response_mean" (softplus returns each
+    # neuron's mean response at the start; for short runs, see dwise_jax/readout_bias.py).
+    config.model.readout_bias_init = "zeros"
 
     config.data = ml_collections.ConfigDict()
     config.data.batch_size = 32  # global batch, split over all devices
@@ -143,6 +146,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         (0.0 <= o.ema_decay < 1.0, "optim.ema_decay must be in [0, 1)"),
         (m.compute_dtype in ("float32", "bfloat16"),
          f"model.compute_dtype must be float32 or bfloat16, got {m.compute_dtype!r}"),
+        (m.readout_bias_init in ("zeros", "response_mean"),
+         f"model.readout_bias_init must be zeros or response_mean, got {m.readout_bias_init!r}"),
         (len(m.core_features) == len(m.spatial_strides),
          "model.core_features and model.spatial_strides must have the same length"),
         (all(0 <= k < 7 for k in config.folds), f"folds must be in 0..6, got {config.folds}"),

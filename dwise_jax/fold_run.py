@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from dwise_jax import atomic, checkpoint, optim, sharding, train_step
+from dwise_jax import atomic, checkpoint, optim, readout_bias, sharding, train_step
 from dwise_jax import config as config_lib
 from dwise_jax.data import eval_windows, pipeline
 from dwise_jax.data.sensorium import DatasetError, SensoriumDataset
@@ -152,6 +152,8 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
     dtype = jnp.bfloat16 if config.model.compute_dtype == "bfloat16" else jnp.float32
     model = DwiseNeuro(**kwargs, dtype=dtype,
                        rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+    if config.model.readout_bias_init == "response_mean":
+        readout_bias.set_readout_biases(model, dataset, config.model.softplus_beta)
     spec = checkpoint.ModelSpec(constructor=kwargs, mice=dataset.names, source="trained",
                                 extra={"experiment": config.experiment, "fold": fold})
 

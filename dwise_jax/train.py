@@ -27,7 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dwise_jax import config as config_lib
-from dwise_jax import fold_run
+from dwise_jax import fold_run, process_env
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/true_batch.py.", lock_config=True)
@@ -111,4 +111,5 @@ def _compare_with_references(root: str, results: dict[int, float]) -> None:
 
 
 if __name__ == "__main__":
+    process_env.reexec_with_cpu_settings("dwise_jax.train")
     app.run(lambda argv: sys.exit(main(argv)))

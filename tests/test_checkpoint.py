@@ -41,20 +41,63 @@ def test_model_spec_missing_and_malformed(tmp_path):
         checkpoint.read_model_spec(tmp_path)
 
 
-def test_save_restore_items_and_keep_latest(tmp_path):
+def _trees(count):
     rng = np.random.default_rng(0)
-    trees = [{"params": {"w": rng.normal(size=(3, 4)).astype(np.float32)},
-              "stats": {"mean": rng.normal(size=(4,)).astype(np.float32)}} for _ in range(2)]
+    return [{"params": {"w": rng.normal(size=(3, 4)).astype(np.float32)},
+             "stats": {"mean": rng.normal(size=(4,)).astype(np.float32)}} for _ in range(count)]
+
+
+def test_save_restore_items_and_keep_latest(tmp_path):
+    trees = _trees(3)
     assert checkpoint.latest_step(tmp_path) is None
-    checkpoint.save(tmp_path, 5, {"ema": trees[0], "extra": {"step": np.int64(5)}})
-    checkpoint.save(tmp_path, 9, {"ema": trees[1], "extra": {"step": np.int64(9)}})
-    assert checkpoint.latest_step(tmp_path) == 9
-    # max_to_keep=1: only the newest step stays on disk.
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["9"]
+    for step, tree in zip((5, 9, 12), trees, strict=True):
+        checkpoint.save(tmp_path, step, {"ema": tree, "extra": {"step": np.int64(step)}})
+    assert checkpoint.latest_step(tmp_path) == 12
+    # Only the newest two steps stay on disk (the second is the fallback of a bad newest).
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == [
+        "12", "9"]
     step, items = checkpoint.restore(tmp_path)
-    assert step == 9 and set(items) == {"ema"}
-    np.testing.assert_array_equal(items["ema"]["params"]["w"], trees[1]["params"]["w"])
-    np.testing.assert_array_equal(items["ema"]["stats"]["mean"], trees[1]["stats"]["mean"])
+    assert step == 12 and set(items) == {"ema"}
+    np.testing.assert_array_equal(items["ema"]["params"]["w"], trees[2]["params"]["w"])
+    np.testing.assert_array_equal(items["ema"]["stats"]["mean"], trees[2]["stats"]["mean"])
+    assert checkpoint.verify(tmp_path, 12) is None
+
+
+def _largest_file(step_dir):
+    files = [p for p in step_dir.rglob("*") if p.is_file() and p.name != "manifest.json"]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_newest_step_is_reported_and_the_previous_one_used(tmp_path, capsys, damage):
+    trees = _trees(2)
+    checkpoint.save(tmp_path, 5, {"ema": trees[0]})
+    checkpoint.save(tmp_path, 9, {"ema": trees[1]})
+    victim = _largest_file(tmp_path / "checkpoints" / "9")
+    data = victim.read_bytes()
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        victim.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:
+        victim.unlink()
+    problem = checkpoint.verify(tmp_path, 9)
+    assert problem is not None and victim.name in problem
+    step, items = checkpoint.restore(tmp_path)
+    assert step == 5
+    np.testing.assert_array_equal(items["ema"]["params"]["w"], trees[0]["params"]["w"])
+    err = capsys.readouterr().err
+    assert "skipping a bad checkpoint" in err and victim.name in err and "using step 5" in err
+    # Asked for by number, the bad step is an error, not a silent substitute.
+    with pytest.raises(checkpoint.CheckpointError, match=victim.name):
+        checkpoint.restore(tmp_path, step=9)
+
+
+def test_no_readable_step_is_a_clear_error(tmp_path):
+    checkpoint.save(tmp_path, 3, {"ema": _trees(1)[0]})
+    _largest_file(tmp_path / "checkpoints" / "3").write_bytes(b"")
+    with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint"):
+        checkpoint.restore(tmp_path)
 
 
 def test_restore_without_checkpoint_is_clear(tmp_path):

@@ -224,16 +224,24 @@ class Mouse:
                      behavior=arrays["behavior"], pupil_center=arrays["pupil_center"],
                      length=length, trial_id=int(trial_id), tier=str(self.tiers[trial_id]))
 
+    def response_mean(self) -> np.ndarray:
+        """meta/statistics/responses/all/mean.npy: (neurons, frames) float32, one mean per
+        frame (NaN past the longest trial)."""
+        return self._response_statistic("mean")
+
     def response_std(self) -> np.ndarray:
         """meta/statistics/responses/all/std.npy: (neurons, frames) float32, one std per frame."""
-        path = self.path / "meta" / "statistics" / "responses" / "all" / "std.npy"
-        std = _load_npy(path)
-        _check_ndim(path, std, 2, "neurons, frames")
-        if std.shape[0] != self.num_neurons:
-            raise DatasetError(f"{path}: has {std.shape[0]} neurons, but unit_ids.npy lists "
+        return self._response_statistic("std")
+
+    def _response_statistic(self, name: str) -> np.ndarray:
+        path = self.path / "meta" / "statistics" / "responses" / "all" / f"{name}.npy"
+        array = _load_npy(path)
+        _check_ndim(path, array, 2, "neurons, frames")
+        if array.shape[0] != self.num_neurons:
+            raise DatasetError(f"{path}: has {array.shape[0]} neurons, but unit_ids.npy lists "
                                f"{self.num_neurons}")
-        _check_float(path, std)
-        return std.astype(np.float32, copy=False)
+        _check_float(path, array)
+        return array.astype(np.float32, copy=False)
 
 
 def _read_tiers(path: Path) -> np.ndarray:
