@@ -1,32 +1,59 @@
 #!/usr/bin/env bash
 # Train the folds of one experiment in parallel, one fold per GPU.
 #
-#   launch/train_folds.sh CONFIG [--folds 0,1,2,3,4,5,6] [--gpus 0,1,2,3,4,5,6] [--dry-run] \
-#       [-- extra flags for dwise_jax.train, e.g. --workdir=/workdir --data_root=/data]
+#   launch/train_folds.sh CONFIG [--folds 0,1,2,3,4,5,6] [--gpus 0,1,2,3,4,5,6] [--all-gpus] \
+#       [--dry-run] [-- extra flags for dwise_jax.train, e.g. --workdir=/workdir --data_root=/data]
 #
 # Fold i of the list runs on GPU i of the list (CUDA_VISIBLE_DEVICES), each as its own process
 # with its own log in logs/<config>_fold_<k>.log. With fewer GPUs than folds, folds wait for a
-# free GPU. --dry-run prints the commands instead of running them.
+# free GPU. --all-gpus instead runs one process that trains the folds one after another, each
+# on all the GPUs (--gpus, default every GPU) as one data-parallel mesh; log
+# logs/<config>_all_gpus.log. --dry-run prints the commands instead of running them.
+# PYTHON names the interpreter (default: python), LOG_DIR the log folder (default: logs).
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() {  # the comment block at the top of this file
+  awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/^#SBATCH/ { sub(/^# ?/, ""); print }' "$0"
+  exit "${1:-0}"
+}
 
 [ $# -ge 1 ] || usage 2
+case "$1" in -h|--help) usage 0 ;; esac
 config="$1"; shift
 folds="0,1,2,3,4,5,6"
 gpus=""
 dry_run=0
+all_gpus=0
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --folds) folds="$2"; shift 2 ;;
     --gpus) gpus="$2"; shift 2 ;;
+    --all-gpus) all_gpus=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) usage 0 ;;
     *) echo "unknown argument: $1" >&2; usage 2 ;;
   esac
 done
+name=$(basename "$config" .py)
+python="${PYTHON:-python}"
+logs="${LOG_DIR:-logs}"
+[ "$dry_run" -eq 1 ] || mkdir -p "$logs"
+
+if [ "$all_gpus" -eq 1 ]; then
+  cmd=("$python" -m dwise_jax.train --config "$config" --folds "$folds" "${extra[@]}")
+  [ -z "$gpus" ] || cmd=(env CUDA_VISIBLE_DEVICES="$gpus" "${cmd[@]}")
+  log="$logs/${name}_all_gpus.log"
+  if [ "$dry_run" -eq 1 ]; then
+    printf '%q ' "${cmd[@]}"; printf '> %q 2>&1\n' "$log"
+    exit 0
+  fi
+  echo "folds $folds on GPUs ${gpus:-all}, one after another: log $log"
+  "${cmd[@]}" > "$log" 2>&1
+  exit 0
+fi
+
 if [ -z "$gpus" ]; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd, -)
@@ -36,27 +63,34 @@ if [ -z "$gpus" ]; then
 fi
 IFS=, read -r -a fold_list <<< "$folds"
 IFS=, read -r -a gpu_list <<< "$gpus"
-name=$(basename "$config" .py)
-python="${PYTHON:-python}"
-[ "$dry_run" -eq 1 ] || mkdir -p logs
 
 pids=()
+failed=0
 for i in "${!fold_list[@]}"; do
   fold="${fold_list[$i]}"
   gpu="${gpu_list[$((i % ${#gpu_list[@]}))]}"
   cmd=(env CUDA_VISIBLE_DEVICES="$gpu" "$python" -m dwise_jax.train --config "$config"
        --folds "$fold" "${extra[@]}")
-  log="logs/${name}_fold_${fold}.log"
+  log="$logs/${name}_fold_${fold}.log"
   if [ "$dry_run" -eq 1 ]; then
     printf '%q ' "${cmd[@]}"; printf '> %q 2>&1\n' "$log"
     continue
   fi
   # More folds than GPUs: wait for the process that holds this GPU.
   if [ "$i" -ge "${#gpu_list[@]}" ]; then
-    wait "${pids[$((i - ${#gpu_list[@]}))]}"
+    wait "${pids[$((i - ${#gpu_list[@]}))]}" || failed=$((failed + 1))
   fi
   "${cmd[@]}" > "$log" 2>&1 &
   pids+=("$!")
   echo "fold $fold on GPU $gpu: pid $!, log $log"
 done
-[ "$dry_run" -eq 1 ] || wait
+[ "$dry_run" -eq 0 ] || exit 0
+# The processes not yet waited for: the last one on each GPU.
+first=$(( ${#pids[@]} > ${#gpu_list[@]} ? ${#pids[@]} - ${#gpu_list[@]} : 0 ))
+for pid in "${pids[@]:$first}"; do
+  wait "$pid" || failed=$((failed + 1))
+done
+if [ "$failed" -gt 0 ]; then
+  echo "$failed of ${#fold_list[@]} folds failed: see $logs/${name}_fold_*.log" >&2
+  exit 1
+fi
