@@ -179,6 +179,36 @@ def competition_correlation(
     return CorrelationScores(per_mouse)
 
 
+class StreamingCorrelation:
+    """``competition_correlation`` of trials that arrive one at a time, in bounded memory.
+
+    Per mouse, float64 running sums of the cut frames (``PearsonSums``) instead of the
+    concatenated arrays: a real mouse's out-of-fold trials hold gigabytes. Gives the same r
+    as ``competition_correlation`` on the concatenation, up to float rounding.
+    """
+
+    def __init__(self, *, cut: Cut = "baseline", skip: int = SKIP_FRAMES,
+                 nan_to_zero: bool = True):
+        self.cut, self.skip, self.nan_to_zero = cut, skip, nan_to_zero
+        self.sums: dict[str, PearsonSums] = {}
+        self.trials: dict[str, int] = {}
+
+    def add(self, mouse: str, pred: np.ndarray, target: np.ndarray) -> None:
+        """Adds one trial of ``mouse``: pred and target (neurons, L), cut to the valid L."""
+        pred, target = _concat_trials([pred], [target], self.cut, self.skip)
+        sums = self.sums.get(mouse, PearsonSums.zeros(pred.shape[0]))
+        self.sums[mouse] = sums + PearsonSums.of(pred.T, target.T)
+        self.trials[mouse] = self.trials.get(mouse, 0) + 1
+
+    def scores(self) -> CorrelationScores:
+        """Per-neuron r per mouse, mice in the order they were first added."""
+        per_mouse = {}
+        for mouse, sums in self.sums.items():
+            r = sums.correlation()
+            per_mouse[mouse] = np.nan_to_num(r, nan=0.0) if self.nan_to_zero else r
+        return CorrelationScores(per_mouse)
+
+
 def poisson_loss(
     output: Trials,
     target: Trials,

@@ -70,19 +70,66 @@ def mouse_rows(mouse: str, unit_ids: np.ndarray, std: np.ndarray,
     return rows
 
 
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([("mouse", pa.string()), ("trial_indices", pa.int64()),
+                      ("prediction", pa.list_(pa.list_(pa.float64()))),
+                      ("neuron_ids", pa.list_(pa.int64()))])
+
+
 def write_parquet(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
     """Writes submission rows as parquet with brotli compression, atomically."""
     import pyarrow as pa
+
+    return write_tables(path, [pa.Table.from_pylist(list(rows), schema=_schema())])
+
+
+def mouse_table(mouse: str, unit_ids: np.ndarray, std: np.ndarray,
+                predictions: Mapping[int, np.ndarray]):
+    """The rows of `mouse_rows` as a pyarrow Table, built from NumPy without Python floats.
+
+    A real mouse's test split is ~10^8 values: as nested Python lists (`mouse_rows`) that is
+    gigabytes of objects, here one float64 buffer.
+    """
+    import pyarrow as pa
+
+    prec = precision(std)
+    ids = np.asarray(unit_ids, np.int64)
+    trials = sorted(predictions)
+    cut = []
+    for trial in trials:
+        pred = predictions[trial]
+        if pred.shape[0] != len(ids):
+            raise ValueError(f"mouse {mouse} trial {trial}: prediction has {pred.shape[0]} "
+                             f"neurons, unit_ids has {len(ids)}")
+        cut.append(trial_prediction(pred, prec).astype(np.float64))
+    frames = np.array([c.shape[1] for c in cut], np.int64)
+    values = pa.array(np.concatenate([c.ravel() for c in cut]) if cut else np.zeros(0))
+    # Inner lists: one per (trial, neuron) of that trial's frame count; outer: N per trial.
+    inner = np.concatenate([[0], np.cumsum(np.repeat(frames, len(ids)))])
+    if inner[-1] >= 2**31:  # list offsets are int32: pass fewer trials per table
+        raise ValueError(f"mouse {mouse}: {inner[-1]} values are too many for one table")
+    inner = inner.astype(np.int32)
+    outer = (np.arange(len(trials) + 1) * len(ids)).astype(np.int32)
+    prediction = pa.ListArray.from_arrays(outer, pa.ListArray.from_arrays(inner, values))
+    id_offsets = (np.arange(len(trials) + 1) * len(ids)).astype(np.int32)
+    neuron_ids = pa.ListArray.from_arrays(id_offsets, pa.array(np.tile(ids, len(trials))))
+    return pa.Table.from_arrays(
+        [pa.array([mouse] * len(trials), pa.string()), pa.array(trials, pa.int64()),
+         prediction, neuron_ids], schema=_schema())
+
+
+def write_tables(path: str | os.PathLike, tables: Iterable[Any]) -> Path:
+    """Writes submission tables (e.g. one `mouse_table` per mouse, made one at a time) into one
+    parquet file with brotli compression, atomically; each table is one or more row groups."""
     import pyarrow.parquet as pq
 
-    rows = list(rows)
-    schema = pa.schema([("mouse", pa.string()), ("trial_indices", pa.int64()),
-                        ("prediction", pa.list_(pa.list_(pa.float64()))),
-                        ("neuron_ids", pa.list_(pa.int64()))])
-    table = pa.Table.from_pylist(rows, schema=schema)
     path = Path(path)
     with atomic.atomic_path(path, suffix=".parquet") as tmp:
-        pq.write_table(table, tmp, compression="brotli")
+        with pq.ParquetWriter(tmp, _schema(), compression="brotli") as writer:
+            for table in tables:
+                writer.write_table(table)
     return path
 
 

@@ -142,6 +142,29 @@ def test_competition_correlation_fixture(pipeline_fixture):
     assert winner.per_mouse[mice[0]][5] == 0.0  # the constant prediction
 
 
+def test_streaming_correlation_equals_the_fixture(pipeline_fixture):
+    f, meta = pipeline_fixture
+    baseline = metrics.StreamingCorrelation()
+    winner = metrics.StreamingCorrelation(cut="submission", nan_to_zero=False)
+    for m, name in enumerate(meta["fake_dataset"]["mice"]):
+        for t in meta["metrics"]["trial_order"][str(m)]:
+            pred = f[f"metrics/mouse{m}/pred/{t}"]
+            target = f[f"fake/mouse{m}/responses/{t}"][:, : pred.shape[-1]]
+            baseline.add(name, pred, target)
+            winner.add(name, pred, target)
+    assert err(baseline.scores().per_neuron, f["metrics/baseline/per_neuron"]) < 1e-5
+    assert err(baseline.scores().neuron_mean, f["metrics/baseline/mean"]) < 1e-5
+    assert err(winner.scores().mouse_mean, f["metrics/oof/mean"]) < 1e-5
+    assert abs(winner.scores().per_neuron[5]) < 1e-6  # mouse 0's constant prediction
+    # NaN in a target: NaN for the winner's r (all frames), 0 in the starter kit's.
+    nan = metrics.StreamingCorrelation(skip=0, nan_to_zero=False)
+    nan.add("m", f["metrics/nan_case/pred"], f["metrics/nan_case/target"])
+    assert err(nan.scores().per_mouse["m"], f["metrics/nan_case/winner_corr"]) < 1e-5
+    zero = metrics.StreamingCorrelation()
+    zero.add("m", f["metrics/nan_case/pred"], f["metrics/nan_case/target"])
+    assert err(zero.scores().per_mouse["m"], f["metrics/nan_case/baseline_corr"]) < 1e-5
+
+
 def test_competition_correlation_rejects_mismatch():
     with pytest.raises(ValueError):
         metrics.competition_correlation({"a": [np.zeros((2, 60))]}, {"a": [np.zeros((2, 61))]})

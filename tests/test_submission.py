@@ -69,3 +69,29 @@ def test_unknown_split_and_neuron_mismatch(tmp_path):
         submission.split_file(tmp_path, "oracle")
     with pytest.raises(ValueError, match="3 neurons, unit_ids has 2"):
         submission.mouse_rows("m", np.array([1, 2]), np.ones((2, 300)), {0: np.ones((3, 300))})
+
+
+def test_mouse_table_equals_the_rows_in_bounded_memory(pipeline_fixture, tmp_path):
+    import pyarrow as pa
+
+    f, meta = pipeline_fixture
+    split = "live_test_main"
+    tables = []
+    for m, name in enumerate(meta["fake_dataset"]["mice"]):
+        tiers = f[f"fake/mouse{m}/tiers"]
+        preds = {int(t): f[f"submission/mouse{m}/pred/{t}"] for t in np.flatnonzero(tiers == split)}
+        args = (name, f[f"fake/mouse{m}/unit_ids"], f[f"fake/mouse{m}/std"], preds)
+        table = submission.mouse_table(*args)
+        rows = pa.Table.from_pylist(submission.mouse_rows(*args), schema=table.schema)
+        assert table.equals(rows) and table.num_rows == len(preds)
+        tables.append(table)
+    # One file from one table per mouse (one row group each): the fixture's rows.
+    path = submission.write_tables(submission.split_file(tmp_path, split), tables)
+    info = meta["submission"]["splits"][split]
+    read = pq.read_table(path).to_pylist()
+    assert [(r["mouse"], r["trial_indices"]) for r in read] == [
+        (r["mouse"], r["trial"]) for r in info["rows"]]
+    for r, expected in zip(read, info["rows"], strict=True):
+        want = f[f"submission/{split}/row{expected['row']:02d}/prediction"]
+        assert _err(np.array(r["prediction"]), want) < 1e-5
+    assert pq.ParquetFile(path).metadata.num_row_groups == len(tables)

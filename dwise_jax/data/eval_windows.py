@@ -42,10 +42,25 @@ def validation_windows(dataset: SensoriumDataset, fold: int) -> np.ndarray:
     return np.array(rows, np.int64).reshape(-1, 3)
 
 
-def prediction_windows(mouse: Mouse, trials: Iterable[int], stride: int = 1) -> np.ndarray:
-    """(windows, 3) int64 rows (mouse index, trial id, anchor): every anchor of each trial."""
+def _strides(stride: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(stride),) if np.ndim(stride) == 0 else tuple(int(s) for s in stride)
+
+
+def trial_anchors(length: int, stride: int | Sequence[int] = 1) -> np.ndarray:
+    """The prediction anchors of a trial for one stride, or the union of several strides'."""
+    anchors = [windows.prediction_anchors(length, s) for s in _strides(stride)]
+    return anchors[0] if len(anchors) == 1 else np.unique(np.concatenate(anchors))
+
+
+def prediction_windows(mouse: Mouse, trials: Iterable[int],
+                       stride: int | Sequence[int] = 1) -> np.ndarray:
+    """(windows, 3) int64 rows (mouse index, trial id, anchor): every anchor of each trial.
+
+    With several strides, the union of their anchors: one pass over these windows feeds a
+    `WindowBlender` per stride, each taking its own anchors.
+    """
     rows = [(mouse.index, int(t), int(a)) for t in trials
-            for a in windows.prediction_anchors(int(mouse.lengths[t]), stride)]
+            for a in trial_anchors(int(mouse.lengths[t]), stride)]
     return np.array(rows, np.int64).reshape(-1, 3)
 
 
@@ -121,9 +136,13 @@ def validation_batches(dataset: SensoriumDataset, fold: int, batch_size: int = 3
 
 
 def prediction_batches(mouse: Mouse, trials: Iterable[int], batch_size: int = 32, *,
-                       stride: int = 1, read_threads: int = 2,
+                       stride: int | Sequence[int] = 1, read_threads: int = 2,
                        read_buffer: int = 2) -> grain.IterDataset:
-    """Prediction batches of one mouse's trials (format: pipeline.py); labels are not read."""
+    """Prediction batches of one mouse's trials (format: pipeline.py); labels are not read.
+
+    `stride` is one anchor stride or several (the union of their windows, see
+    `prediction_windows`).
+    """
     rows = _pad_rows(prediction_windows(mouse, trials, stride), batch_size)
     records = WindowRecords([mouse], rows, with_targets=False)
     return _batches(records, batch_size, 0, 1, read_threads, read_buffer)
@@ -132,18 +151,31 @@ def prediction_batches(mouse: Mouse, trials: Iterable[int], batch_size: int = 32
 class WindowBlender:
     """Accumulates window outputs into per-trial sums and counts; returns the mean blend."""
 
-    def __init__(self, lengths: Mapping[int, int], num_neurons: int):
-        """Args: lengths: {trial id: valid length}; num_neurons: the mouse's N."""
+    def __init__(self, lengths: Mapping[int, int], num_neurons: int, stride: int | None = None):
+        """Args:
+          lengths: {trial id: valid length}.
+          num_neurons: the mouse's N.
+          stride: blend only the windows whose anchor is one of this anchor stride's
+            (`windows.prediction_anchors`) and skip the others; None blends every window given.
+        """
         self.num_neurons = num_neurons
         self.sums = {int(t): np.zeros((num_neurons, int(n)), np.float64)
                      for t, n in lengths.items()}
         self.counts = {int(t): np.zeros(int(n), np.int64) for t, n in lengths.items()}
+        self.anchor_mask = None
+        if stride is not None:
+            self.anchor_mask = {int(t): np.zeros(int(n), bool) for t, n in lengths.items()}
+            for t, n in lengths.items():
+                self.anchor_mask[int(t)][windows.prediction_anchors(int(n), stride)] = True
 
     def add(self, outputs: np.ndarray, batch: Mapping[str, np.ndarray]) -> None:
         """Adds (B, 16, >= N) outputs of a prediction batch; padded rows are skipped."""
         outputs = np.asarray(outputs)[..., : self.num_neurons]
         for b in np.flatnonzero(batch["valid"]):
-            trial, idx = int(batch["trial"][b]), windows.window_indexes(int(batch["anchor"][b]))
+            trial, anchor = int(batch["trial"][b]), int(batch["anchor"][b])
+            if self.anchor_mask is not None and not self.anchor_mask[trial][anchor]:
+                continue
+            idx = windows.window_indexes(anchor)
             # One window's 16 indexes are distinct, so a fancy-index add is exact.
             self.sums[trial][:, idx] += outputs[b].T
             self.counts[trial][idx] += 1

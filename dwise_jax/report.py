@@ -1,0 +1,273 @@
+"""Scoring a split's predictions and the report: a Markdown summary, scores.json and PNG plots.
+
+The score is the competition's single-trial correlation (spec section 7, the starter kit's
+`get_correlations`): each trial's frames 50..L-1, a mouse's trials concatenated along time,
+Pearson r per neuron (NaN as 0), averaged over all neurons of all mice (neuron-weighted; the
+mean over mice is given beside it). Predictions are the raw arrays (no precision
+normalisation); targets are the recorded responses of the labeled trials (`folds`) or, for the
+test splits of a simulated dataset, the responses its simulator kept aside, where the same score
+of the simulation's noiseless rate is the noise ceiling.
+
+    <workdir>/reports/<experiment>/<split>/report.md      table, notes, plots
+                                          /scores.json    the same numbers
+                                          /correlations.png   per-neuron r per mouse
+                                          /traces.png     recorded and predicted, best and
+                                                          median neuron of each mouse
+                                          /stride.png     correlation against anchor stride
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dwise_jax import atomic, baseline
+from dwise_jax.data import synthetic, windows
+from dwise_jax.data.sensorium import TEST_TIERS, Mouse, SensoriumDataset
+from dwise_jax.metrics import SKIP_FRAMES, CorrelationScores, StreamingCorrelation
+
+CEILING = "ceiling"
+METRIC = ("competition single-trial correlation: frames 50..L-1 of each trial, trials of a mouse "
+          "concatenated, Pearson r per neuron (NaN as 0); overall = mean over all neurons")
+
+
+def is_scored(dataset: SensoriumDataset, split: str) -> bool:
+    """`folds` always; the test splits on a simulated root (its true responses are kept)."""
+    return split == "folds" or (split in TEST_TIERS and baseline.is_simulated(dataset))
+
+
+def load_target(dataset: SensoriumDataset, split: str, mouse: Mouse, trial: int) -> np.ndarray:
+    """(neurons, L) float32 responses the split's predictions are scored against."""
+    length = int(mouse.lengths[trial])
+    if split in TEST_TIERS:
+        responses = synthetic.load_truth(dataset.root, mouse.name, trial)
+    else:
+        responses = mouse.load("responses", trial)
+    return np.asarray(responses[:, :length], np.float32)
+
+
+@dataclasses.dataclass
+class SplitScores:
+    """Scores of a split: the main predictions, other anchor strides, the noise ceiling."""
+
+    split: str
+    main: int  # the anchor stride of the written predictions
+    strides: dict[int, CorrelationScores]
+    ceiling: CorrelationScores | None
+    trials: dict[str, int]
+
+    @property
+    def scores(self) -> CorrelationScores:
+        return self.strides[self.main]
+
+    def to_json(self) -> dict[str, Any]:
+        ceiling = self.ceiling.mouse_means if self.ceiling else {}
+        out = {
+            "split": self.split, "metric": METRIC, "anchor_stride": self.main,
+            "correlation": self.scores.neuron_mean,
+            "correlation_mouse_mean": self.scores.mouse_mean,
+            "noise_ceiling": self.ceiling.neuron_mean if self.ceiling else None,
+            "mice": [{"mouse": m, "neurons": int(r.size), "trials": self.trials[m],
+                      "correlation": float(np.mean(r)), "noise_ceiling": ceiling.get(m)}
+                     for m, r in self.scores.per_mouse.items()],
+        }
+        if len(self.strides) > 1:
+            out["strides"] = [
+                {"stride": s, "windows_per_300_frames": len(windows.prediction_anchors(300, s)),
+                 "correlation": sc.neuron_mean, "correlation_mouse_mean": sc.mouse_mean}
+                for s, sc in sorted(self.strides.items())]
+        return out
+
+
+class SplitScorer:
+    """Scores trials as they are predicted; keeps one example trial per mouse for the plots."""
+
+    def __init__(self, dataset: SensoriumDataset, split: str):
+        self.dataset, self.split = dataset, split
+        self.simulated = baseline.is_simulated(dataset)
+        self.streams: dict[Any, StreamingCorrelation] = {}
+        self.examples: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
+        self.main = 1
+
+    def add(self, mouse: Mouse, trial: int, predictions: dict[int, np.ndarray],
+            main: int) -> None:
+        """Adds one trial's predictions, {anchor stride: (neurons, L)}; `main` is the written."""
+        self.main = main
+        target = load_target(self.dataset, self.split, mouse, trial)
+        if self.simulated:
+            rate = synthetic.load_truth(self.dataset.root, mouse.name, trial, noiseless=True)
+            predictions = {**predictions, CEILING: rate[:, : target.shape[1]]}
+        for key, pred in predictions.items():
+            self.streams.setdefault(key, StreamingCorrelation()).add(mouse.name, pred, target)
+        if mouse.name not in self.examples:
+            self.examples[mouse.name] = (trial, predictions[main], target)
+
+    def summary(self) -> SplitScores:
+        ceiling = self.streams.get(CEILING)
+        return SplitScores(
+            split=self.split, main=self.main,
+            strides={k: s.scores() for k, s in self.streams.items() if k != CEILING},
+            ceiling=ceiling.scores() if ceiling else None,
+            trials=dict(self.streams[self.main].trials))
+
+
+def _table(scores: SplitScores) -> list[list[str]]:
+    ceiling = scores.ceiling.mouse_means if scores.ceiling else {}
+    rows = [["mouse", "neurons", "trials", "correlation"] + (["noise ceiling"] if ceiling else [])]
+    names = list(scores.scores.per_mouse)
+    for mouse, short in zip(names, _short(names), strict=True):
+        r = scores.scores.per_mouse[mouse]
+        rows.append([short, str(r.size), str(scores.trials[mouse]), f"{np.mean(r):.4f}"]
+                    + ([f"{ceiling[mouse]:.4f}"] if ceiling else []))
+    for label, value, ceil in (
+            ("all neurons", scores.scores.neuron_mean,
+             scores.ceiling.neuron_mean if scores.ceiling else None),
+            ("mean over mice", scores.scores.mouse_mean,
+             scores.ceiling.mouse_mean if scores.ceiling else None)):
+        rows.append([f"**{label}**", str(scores.scores.per_neuron.size),
+                     str(sum(scores.trials.values())), f"**{value:.4f}**"]
+                    + ([f"{ceil:.4f}"] if ceiling else []))
+    return rows
+
+
+def print_scores(scores: SplitScores) -> None:
+    rows = [[c.replace("**", "") for c in r] for r in _table(scores)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"\n{scores.split}: {METRIC}")
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for s in scores.to_json().get("strides", []):
+        print(f"anchor stride {s['stride']:2d}: {s['windows_per_300_frames']:3d} windows per "
+              f"300 frames, correlation {s['correlation']:.4f}")
+
+
+def _short(names: list[str]) -> list[str]:
+    short = [n.split("-")[0] for n in names]
+    return short if len(set(short)) == len(short) else names
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+def _plot_correlations(scores: SplitScores, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    names = list(scores.scores.per_mouse)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 4))
+    data = [scores.scores.per_mouse[m] for m in names]
+    ax.violinplot(data, showmedians=True)
+    ax.plot(range(1, len(names) + 1), [np.mean(d) for d in data], "ro", label="mean")
+    if scores.ceiling:
+        ax.plot(range(1, len(names) + 1), [scores.ceiling.mouse_means[m] for m in names], "k_",
+                ms=20, label="noise ceiling (mean)")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_xticks(range(1, len(names) + 1), _short(names), rotation=30, ha="right")
+    ax.set_ylabel("per-neuron correlation")
+    ax.set_title(f"{scores.split}: per-neuron correlation, mean {scores.scores.neuron_mean:.4f}")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_traces(scores: SplitScores, examples: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    names = [m for m in scores.scores.per_mouse if m in examples]
+    fig, axes = plt.subplots(len(names), 2, figsize=(12, 2.2 * len(names)), squeeze=False)
+    for row, (name, short) in enumerate(zip(names, _short(names), strict=True)):
+        r = scores.scores.per_mouse[name]
+        order = np.argsort(r)
+        trial, pred, target = examples[name]
+        for col, (label, neuron) in enumerate((("best", order[-1]),
+                                               ("median", order[len(order) // 2]))):
+            ax = axes[row, col]
+            ax.axvspan(0, SKIP_FRAMES, color="0.92", lw=0)  # not scored
+            ax.plot(target[neuron], color="0.3", lw=0.8)
+            ax.set_ylabel("recorded", fontsize=8)
+            # r ignores scale and offset: the prediction gets its own axis.
+            twin = ax.twinx()
+            twin.plot(pred[neuron], color="C1", lw=1.2)
+            twin.set_ylabel("predicted", color="C1", fontsize=8)
+            twin.tick_params(axis="y", colors="C1", labelsize=7)
+            ax.tick_params(labelsize=7)
+            ax.set_title(f"{short} trial {trial}: {label} neuron {neuron} (r = {r[neuron]:.3f} "
+                         "over all trials)", fontsize=9)
+    axes[-1, 0].set_xlabel("frame (30 Hz)")
+    axes[-1, 1].set_xlabel("frame (30 Hz)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plot_strides(rows: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    x = [r["windows_per_300_frames"] for r in rows]
+    ax.plot(x, [r["correlation"] for r in rows], "o-")
+    for r, xi in zip(rows, x, strict=True):
+        ax.annotate(f"stride {r['stride']}", (xi, r["correlation"]), fontsize=8,
+                    textcoords="offset points", xytext=(4, -10))
+    ax.set_xscale("log")
+    ax.set_xlabel("forward passes per 300-frame trial")
+    ax.set_ylabel("correlation (all neurons)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write_report(directory: str | Path, scores: SplitScores, examples: dict,
+                 manifest: dict) -> Path:
+    """Writes report.md, scores.json and the plots into `directory`; returns report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    directory = Path(directory)
+    summary = scores.to_json()
+    folds = ", ".join(f"{f['fold']} (step {f['step']}, {f['source']})"
+                      for f in manifest.get("folds", []))
+    title = manifest.get("experiment", "")
+    lines = [f"# {title}: {scores.split}", "",
+             f"- data: `{manifest.get('data_root')}`"]
+    if folds:
+        lines.append(f"- folds: {folds}")
+    if manifest.get("experiments"):
+        lines.append(f"- ensemble of: {', '.join(manifest['experiments'])}")
+    lines += [f"- anchor stride: {scores.main}",
+              f"- score: {METRIC}; raw predictions, no precision normalisation", ""]
+    table = _table(scores)
+    lines += ["| " + " | ".join(table[0]) + " |", "|" + " --- |" * len(table[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    if scores.ceiling:
+        lines += ["", "Noise ceiling: the same score of the simulation's noiseless rate against "
+                      "the same responses (what a perfect model of the simulated neurons gets)."]
+    _plot_correlations(scores, directory / "correlations.png")
+    _plot_traces(scores, examples, directory / "traces.png")
+    lines += ["", "## Per-neuron correlations", "", "![per-neuron correlations](correlations.png)",
+              "", "## Recorded and predicted traces", "",
+              "The first scored trial of each mouse; grey: the first 50 frames, not scored.", "",
+              "![best and median neurons](traces.png)"]
+    if "strides" in summary:
+        _plot_strides(summary["strides"], directory / "stride.png")
+        lines += ["", "## Correlation against anchor stride", "",
+                  "Blended from the same stride-1 windows, each stride taking its own anchors "
+                  "(`--anchor_stride S` runs only those).", "",
+                  "| anchor stride | forward passes per 300-frame trial | share of stride 1 | "
+                  "correlation | mean over mice |", "| --- | --- | --- | --- | --- |"]
+        full = summary["strides"][0]["windows_per_300_frames"]
+        lines += [f"| {r['stride']} | {r['windows_per_300_frames']} | "
+                  f"{r['windows_per_300_frames'] / full:.2f} | {r['correlation']:.4f} | "
+                  f"{r['correlation_mouse_mean']:.4f} |" for r in summary["strides"]]
+        lines += ["", "![correlation against stride](stride.png)"]
+    atomic.write_json(directory / "scores.json", {**summary, "manifest": manifest})
+    path = directory / "report.md"
+    with atomic.atomic_path(path, suffix=".md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,362 @@
+"""Prediction end to end: the original predictor's blend of the small fixture model
+(pipeline.npz item 4), fold blending and out-of-fold predictions against a direct NumPy loop,
+anchor strides, scores against the metrics module, the report, the ensemble and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from flax import nnx
+
+from dwise_jax import atomic, checkpoint, ensemble, metrics, predict, sharding, submission
+from dwise_jax import config as config_lib
+from dwise_jax.data import eval_windows, folds, synthetic, windows
+from dwise_jax.data.sensorium import SensoriumDataset
+from dwise_jax.models.dwiseneuro import DwiseNeuro
+from dwise_jax.models.torch_mapping import state_from_torch
+
+REPO = Path(__file__).resolve().parents[1]
+SPLIT = "live_test_main"
+# A small, fast network: prediction does not care what the weights are.
+TEST_MODEL = dict(core_features=(4, 8), spatial_strides=(4, 2), expansion_ratio=1,
+                  se_reduce_ratio=2, cortex_features=(16, 32), drop_rate=0.0, drop_path_rate=0.0)
+
+
+def normwise(a, b) -> float:
+    """pipeline.npz's measure: max|a - b| / max|b|."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def save_fold(workdir: Path, experiment: str, fold: int, kwargs: dict, mice: list[str],
+              state, data_root: Path | None, step: int = 9) -> Path:
+    """A fold folder as training or conversion leaves it (config.json only when trained)."""
+    directory = checkpoint.fold_dir(workdir, experiment, fold)
+    checkpoint.write_model_spec(directory, checkpoint.ModelSpec(
+        constructor=kwargs, mice=mice, source="test"))
+    checkpoint.save(directory, step, {"ema": jax.tree.map(np.asarray, nnx.to_pure_dict(state))})
+    if data_root is not None:  # 3 epochs of 3 steps: step 9 is a finished run
+        config = config_lib.load_config_file(str(REPO / "configs" / "demo.py"), {
+            "data_root": str(data_root), "data.train_epoch_size": 12, "data.batch_size": 4,
+            "optim.warmup_epochs": 1, "optim.cosine_epochs": 2})
+        atomic.write_json(directory / "config.json", config.to_dict())
+    return directory
+
+
+def random_fold(workdir, experiment, fold, dataset, seed, neurons=None, mice=None):
+    kwargs = dict(readout_outputs=neurons or dataset.num_neurons, **TEST_MODEL)
+    model = DwiseNeuro(**kwargs, rngs=nnx.Rngs(seed))
+    return save_fold(workdir, experiment, fold, kwargs, mice or dataset.names,
+                     nnx.state(model, (nnx.Param, nnx.BatchStat)), dataset.root)
+
+
+def direct_blend(fold_dirs, mouse, trial, stride=1) -> np.ndarray:
+    """Each fold model on every window of the trial (no batching code of ours), blended and
+    averaged with plain NumPy: the original's predict_trial written out."""
+    data = mouse.load_trial(trial)
+    length = data.length
+    anchors = windows.prediction_anchors(length, stride)
+    x = np.stack([windows.expand_inputs(*windows.compact_window(
+        data.video, data.behavior, data.pupil_center, a), xp=np) for a in anchors])
+    blends = []
+    for directory in fold_dirs:
+        model, spec, _ = checkpoint.load_ema_model(directory)
+        out = np.asarray(model(jnp.asarray(x), readout_index=spec.mice.index(mouse.name)))
+        sums, counts = np.zeros((mouse.num_neurons, length)), np.zeros(length)
+        for anchor, window in zip(anchors, out, strict=True):
+            frames = anchor - 30 + 2 * np.arange(16)
+            sums[:, frames] += window.T
+            counts[frames] += 1
+        assert counts.min() >= 1
+        blends.append(sums / counts)
+    return np.mean(blends, axis=0)
+
+
+# --------------------------------------------------------------------------- pipeline.npz item 4
+
+
+@pytest.fixture(scope="module")
+def fixture_setup(tmp_path_factory, pipeline_fixture, small_model_fixture):
+    """Two mice (readouts of 7 and 11 neurons) whose trial 0 is item 3's trial, unlabeled in
+    live_test_main, and a converted-style fold (no config.json) with the small model fixture."""
+    f, _ = pipeline_fixture
+    arrays, meta = small_model_fixture
+    base = tmp_path_factory.mktemp("fixture_predict")
+    root, names = base / "data", synthetic.mouse_names(2)
+    kwargs = dict(meta["constructor_kwargs"])
+    for name, n in zip(names, kwargs["readout_outputs"], strict=True):
+        folder = root / name
+        length = f["trial/video"].shape[-1]
+        dummy = np.zeros((n, length), np.float32)
+        dummy[:, 300:] = np.nan
+        files = {"data/videos/0": f["trial/video"], "data/behavior/0": f["trial/behavior"],
+                 "data/pupil_center/0": f["trial/pupil_center"], "data/responses/0": dummy,
+                 "meta/trials/tiers": np.array([SPLIT], "<U16"),
+                 "meta/neurons/unit_ids": np.arange(10, 10 + n, dtype=np.int64),
+                 "meta/neurons/cell_motor_coordinates": np.zeros((n, 3), np.float32),
+                 "meta/statistics/responses/all/std": np.full((n, length), 2.0, np.float32)}
+        for rel, value in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            np.save(folder / f"{rel}.npy", value)
+    model = DwiseNeuro(**kwargs, rngs=nnx.Rngs(0))
+    sd = {k.split("/", 1)[1]: arrays[k] for k in arrays.files
+          if k.startswith(("param/", "buffer/"))}
+    state = state_from_torch(sd, nnx.state(model, (nnx.Param, nnx.BatchStat)))
+    save_fold(base / "work", "fixture", 0, kwargs, names, state, data_root=None)
+    return base / "work", root, names
+
+
+def test_predictions_equal_the_original_predictor(fixture_setup, pipeline_fixture,
+                                                  monkeypatch):
+    f, _ = pipeline_fixture
+    workdir, root, names = fixture_setup
+    blenders = []
+
+    class Recorded(eval_windows.WindowBlender):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            blenders.append(self)
+
+    monkeypatch.setattr(eval_windows, "WindowBlender", Recorded)
+    # 270 windows per trial: batches of 90 need no padding.
+    result = predict.predict_split(workdir, "fixture", SPLIT, data_root=str(root), batch_size=90)
+    out = predict.predictions_dir(workdir, "fixture", SPLIT)
+    assert result["directory"] == out and "scores" not in result  # real data: not scored
+    for i, name in enumerate(names):
+        pred = np.load(out / name / "0.npy")
+        assert pred.dtype == np.float32 and pred.shape == f[f"predict/readout/{i}"].shape
+        assert normwise(pred, f[f"predict/readout/{i}"]) < 1e-4
+    assert len(blenders) == 2  # one per mouse (one fold, stride 1)
+    for blender in blenders:
+        np.testing.assert_array_equal(blender.counts[0], f["indexes/predictor/window_count"])
+    # The submission: the winner's cut of prediction / std (std 2 everywhere), mice in order.
+    table = pq.read_table(result["submission"]).to_pylist()
+    assert result["submission"].name == submission.SPLIT_FILES[SPLIT]
+    assert [(r["mouse"], r["trial_indices"]) for r in table] == [(n, 0) for n in names]
+    for i, row in enumerate(table):
+        expected = f[f"predict/readout/{i}"][:, 50:299] / 2.0
+        assert normwise(np.array(row["prediction"]), expected) < 1e-4
+    assert json.loads((out / predict.MANIFEST).read_text())["trials"] == {n: [0] for n in names}
+
+
+def test_raw_windows_equal_fixture(fixture_setup, pipeline_fixture):
+    f, _ = pipeline_fixture
+    workdir, root, _ = fixture_setup
+    (model,) = predict.load_fold_models(predict.fold_folders(workdir, "fixture"),
+                                        sharding.make_mesh())
+    dataset = SensoriumDataset.open(root)
+    # The jitted forward of a batch of windows against the original's raw window outputs.
+    anchors = f["predict/window_anchors"]
+    data = dataset.mice[1].load_trial(0)
+    compact = [windows.compact_window(data.video, data.behavior, data.pupil_center, int(a))
+               for a in anchors]
+    frames, traces = (np.stack(c) for c in zip(*compact, strict=True))
+    out = np.asarray(predict.forward(model, frames, traces, 1))
+    assert normwise(out.transpose(0, 2, 1), f["predict/window/1"]) < 1e-4
+
+
+def test_converted_folds_need_a_data_root_and_a_split_with_trials(fixture_setup):
+    workdir, root, _ = fixture_setup
+    with pytest.raises(predict.PredictionError, match="pass --data_root"):
+        predict.predict_split(workdir, "fixture", SPLIT)
+    with pytest.raises(predict.PredictionError, match="has no final_test_main trials"):
+        predict.predict_split(workdir, "fixture", "final_test_main", data_root=str(root))
+
+
+# --------------------------------------------------------------------------- simulated data
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory) -> SensoriumDataset:
+    root = tmp_path_factory.mktemp("predict_sim") / "sensorium"
+    synthetic.generate(root, mice=2, neurons=6, trials=24, frames=80, seed=1)
+    return SensoriumDataset.open(root)
+
+
+@pytest.fixture(scope="module")
+def oof_folds(sim) -> list[int]:
+    """The two folds with the most labeled trials (the simulated hashes decide)."""
+    counts = sum(folds.fold_counts(folds.trial_folds(m)) for m in sim.mice)
+    return sorted(int(k) for k in np.argsort(counts)[-2:])
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, sim, oof_folds) -> Path:
+    """Experiments a and b, each with the two folds, different random weights."""
+    workdir = tmp_path_factory.mktemp("predict_work")
+    for experiment, seed in (("a", 0), ("b", 10)):
+        for fold in oof_folds:
+            random_fold(workdir, experiment, fold, sim, seed + fold)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def predicted(work) -> dict:
+    """a and b on the test split (stride 1, a with the stride sweep) and a out of fold."""
+    return {"a": predict.predict_split(work, "a", SPLIT, batch_size=16, stride_sweep=(4, 30)),
+            "b": predict.predict_split(work, "b", SPLIT, batch_size=16, stride_sweep=()),
+            "folds": predict.predict_split(work, "a", "folds", batch_size=16, stride_sweep=())}
+
+
+def _files(directory: Path, trials: dict) -> dict[str, list[np.ndarray]]:
+    return {m: [np.load(directory / m / f"{t}.npy") for t in ts] for m, ts in trials.items()}
+
+
+def test_test_split_blends_windows_and_folds(sim, work, predicted, oof_folds):
+    result = predicted["a"]
+    expected_trials = {m.name: m.trial_ids(SPLIT).tolist() for m in sim.mice}
+    assert result["manifest"]["trials"] == expected_trials
+    assert [f["fold"] for f in result["manifest"]["folds"]] == oof_folds
+    mouse = sim.mice[1]
+    trial = expected_trials[mouse.name][0]
+    pred = np.load(result["directory"] / mouse.name / f"{trial}.npy")
+    assert pred.dtype == np.float32 and pred.shape == (mouse.num_neurons, mouse.lengths[trial])
+    fold_dirs = [checkpoint.fold_dir(work, "a", k) for k in oof_folds]
+    assert normwise(pred, direct_blend(fold_dirs, mouse, trial)) < 1e-5
+    # Scores: the competition correlation of the written arrays against the kept-aside truth.
+    trials = result["manifest"]["trials"]
+    preds = _files(result["directory"], trials)
+    truth = {m: [synthetic.load_truth(sim.root, m, t)[:, : sim.mouse(m).lengths[t]]
+                 for t in ts] for m, ts in trials.items()}
+    rates = {m: [synthetic.load_truth(sim.root, m, t, noiseless=True)[:, : sim.mouse(m).lengths[t]]
+                 for t in ts] for m, ts in trials.items()}
+    scores = result["scores"].to_json()
+    want = metrics.competition_correlation(preds, truth)
+    assert scores["correlation"] == pytest.approx(want.neuron_mean, abs=1e-6)
+    assert scores["noise_ceiling"] == pytest.approx(
+        metrics.competition_correlation(rates, truth).neuron_mean, abs=1e-6)
+    assert [m["correlation"] for m in scores["mice"]] == pytest.approx(
+        list(want.mouse_means.values()), abs=1e-6)
+    assert [s["stride"] for s in scores["strides"]] == [1, 4, 30]
+    assert scores["strides"][0]["correlation"] == scores["correlation"]
+    # The report.
+    report_dir = work / "reports" / "a" / SPLIT
+    text = (report_dir / "report.md").read_text()
+    assert f"**{scores['correlation']:.4f}**" in text and "noise ceiling" in text
+    for png in ("correlations.png", "traces.png", "stride.png"):
+        assert (report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((report_dir / "scores.json").read_text())["correlation"] == pytest.approx(
+        scores["correlation"])
+    # The submission holds every trial of the split, cut as the competition takes it.
+    rows = pq.read_table(result["submission"]).to_pylist()
+    assert [(r["mouse"], r["trial_indices"]) for r in rows] == [
+        (m, t) for m, ts in expected_trials.items() for t in ts]
+    first = rows[0]
+    length = sim.mouse(first["mouse"]).lengths[first["trial_indices"]]
+    assert np.array(first["prediction"]).shape == (6, min(length, 300) - 1 - 50)
+
+
+def test_anchor_stride_command_line_equals_the_sweep(sim, work, predicted, oof_folds, tmp_path):
+    # Another workdir that sees a's folds: its predictions do not replace the module's.
+    os.symlink(work / "a", tmp_path / "a")
+    out = subprocess.run(
+        [sys.executable, "-m", "dwise_jax.predict", "--experiment=a", f"--split={SPLIT}",
+         f"--workdir={tmp_path}", "--anchor_stride=4", "--batch_size=16"],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifest = json.loads((predict.predictions_dir(tmp_path, "a", SPLIT) / "manifest.json")
+                          .read_text())
+    assert manifest["anchor_stride"] == 4
+    mouse = sim.mice[0]
+    trial = manifest["trials"][mouse.name][0]
+    pred = np.load(predict.predictions_dir(tmp_path, "a", SPLIT) / mouse.name / f"{trial}.npy")
+    fold_dirs = [checkpoint.fold_dir(work, "a", k) for k in oof_folds]
+    assert normwise(pred, direct_blend(fold_dirs, mouse, trial, stride=4)) < 1e-5
+    scores = json.loads((tmp_path / "reports" / "a" / SPLIT / "scores.json").read_text())
+    sweep = predicted["a"]["scores"].to_json()["strides"]
+    assert scores["correlation"] == pytest.approx(sweep[1]["correlation"], abs=1e-6)
+    assert "strides" not in scores  # no sweep at stride 4: it would need more windows
+
+
+def test_out_of_fold_predictions_use_their_own_fold(sim, work, predicted, oof_folds):
+    result = predicted["folds"]
+    trials = result["manifest"]["trials"]
+    for mouse in sim.mice:
+        trial_fold = folds.trial_folds(mouse)
+        expected = [int(t) for t in np.flatnonzero(np.isin(trial_fold, oof_folds))
+                    if mouse.is_labeled(int(t))]
+        assert trials.get(mouse.name, []) == expected
+    mouse = sim.mice[0]
+    trial = trials[mouse.name][-1]
+    own = checkpoint.fold_dir(work, "a", int(folds.trial_folds(mouse)[trial]))
+    pred = np.load(result["directory"] / mouse.name / f"{trial}.npy")
+    assert normwise(pred, direct_blend([own], mouse, trial)) < 1e-5
+    targets = {m: [np.asarray(sim.mouse(m).load("responses", t)[:, : sim.mouse(m).lengths[t]])
+                   for t in ts] for m, ts in trials.items()}
+    want = metrics.competition_correlation(_files(result["directory"], trials), targets)
+    got = result["scores"].scores
+    for m in trials:
+        np.testing.assert_allclose(got.per_mouse[m], want.per_mouse[m], atol=1e-6)
+    assert result["submission"] is None
+    assert (work / "reports" / "a" / "folds" / "report.md").is_file()
+
+
+def test_ensemble_is_the_mean_of_the_experiments(sim, work, predicted):
+    result = ensemble.ensemble_split(work, ["b", "a"], SPLIT)
+    assert result["directory"] == predict.predictions_dir(work, "a,b", SPLIT)
+    trials = predicted["a"]["manifest"]["trials"]
+    assert result["manifest"]["trials"] == trials
+    a = _files(predicted["a"]["directory"], trials)
+    b = _files(predicted["b"]["directory"], trials)
+    mean = _files(result["directory"], trials)
+    for m in trials:
+        for x, y, z in zip(a[m], b[m], mean[m], strict=True):
+            np.testing.assert_allclose(z, (x.astype(np.float64) + y) / 2, rtol=1e-6)
+    rows = pq.read_table(result["submission"]).to_pylist()
+    mouse = sim.mouse(rows[-1]["mouse"])
+    trial = rows[-1]["trial_indices"]
+    expected = mean[mouse.name][trials[mouse.name].index(trial)] * submission.precision(
+        mouse.response_std())[:, : mouse.lengths[trial]]
+    np.testing.assert_allclose(np.array(rows[-1]["prediction"]),
+                               expected[:, 50: min(mouse.lengths[trial], 300) - 1], rtol=1e-6)
+    assert (work / "reports" / "a,b" / SPLIT / "report.md").is_file()
+    with pytest.raises(predict.PredictionError,
+                       match="python -m dwise_jax.predict --experiment c --split live_test_main"):
+        ensemble.ensemble_split(work, ["a", "c"], SPLIT)
+    # b's out-of-fold predictions of no trials (as if made with other folds).
+    atomic.write_json(predict.predictions_dir(work, "b", "folds") / predict.MANIFEST,
+                      {**predicted["folds"]["manifest"], "trials": {}})
+    with pytest.raises(predict.PredictionError, match="predicts other trials"):
+        ensemble.ensemble_split(work, ["a", "b"], "folds")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_clear_errors(sim, work, oof_folds):
+    missing = next(k for k in range(7) if k not in oof_folds)
+    with pytest.raises(predict.PredictionError, match=f"fold_{missing}.*no checkpoint"):
+        predict.predict_split(work, "a", SPLIT, fold_ids=[oof_folds[0], missing])
+    with pytest.raises(predict.PredictionError, match="no fold folders"):
+        predict.predict_split(work, "nothing", SPLIT)
+    with pytest.raises(predict.PredictionError, match="unknown split 'oracle'"):
+        predict.predict_split(work, "a", "oracle")
+    with pytest.raises(predict.PredictionError, match="anchor strides must be in 1..30"):
+        predict.predict_split(work, "a", SPLIT, anchor_stride=31)
+    counts = [n + 1 for n in sim.num_neurons]
+    random_fold(work, "wrong_neurons", 0, sim, 0, neurons=counts)
+    with pytest.raises(predict.PredictionError, match=r"readout 0 .* has 7 neurons but .*lists 6"):
+        predict.predict_split(work, "wrong_neurons", SPLIT)
+    random_fold(work, "wrong_mice", 0, sim, 0, mice=["x", "y"])
+    with pytest.raises(predict.PredictionError, match="has no readout for mouse"):
+        predict.predict_split(work, "wrong_mice", SPLIT)
+
+
+def test_command_line_errors_are_one_line(work):
+    for module, args, message in (
+            ("predict", ["--experiment=a", "--split=oracle"], "unknown split 'oracle'"),
+            ("ensemble", ["--experiments=a,c", f"--split={SPLIT}"], "make them with")):
+        out = subprocess.run([sys.executable, "-m", f"dwise_jax.{module}", *args,
+                              f"--workdir={work}"], capture_output=True, text=True, cwd=REPO,
+                             timeout=300)
+        assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
