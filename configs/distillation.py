@@ -7,9 +7,14 @@ that real labels hold 64% of the loss weight and the teacher's predictions 36%.
     python -m dwise_jax.train --config configs/distillation.py \
         --config.data_root=/data/sensorium_all_2023 --workdir=/workdir --folds=0
 
-Needs the true_batch_001 fold in the same workdir. Cost: like true_batch_001 plus a teacher
-forward pass per step. The original: each fold +0.007 validation correlation; the ensemble with
-true_batch_001 scored 0.2913 (main) and 0.2215 (bonus).
+Needs the true_batch_001 fold in the same workdir (`<workdir>/true_batch_001/fold_<k>/`, its
+last EMA checkpoint, rebuilt with its own expansion 7); training stops with an error naming that
+folder before the first step if it is missing or was trained on other mice. The teacher, in eval
+mode, predicts all ten readouts on the same CutMixed batch, and the student runs all ten
+readouts too (the loss covers every (sample, mouse) pair), so a step costs more than a
+true_batch_001 step: a teacher forward pass, plus the nine readouts per sample that
+true_batch_001 skips (about 15% of the forward FLOPs). The original: each fold +0.007
+validation correlation; the ensemble with true_batch_001 scored 0.2913 (main) and 0.2215 (bonus).
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ A SUM over neurons and time, a weighted mean over samples, mice weighted by thei
 batch (hazard 9: a mean would shrink the gradients towards Adam's eps and stop weighting mice by
 their neuron counts). Always computed in float32, whatever the compute dtype: eps = 1e-8
 underflows in half precision.
+
+Three forms: `mice_poisson_loss` over all readouts (the original's); `own_readout_loss`, the same
+number for a batch labeled one mouse per sample when only each sample's own readout was run; and
+`distillation_loss`, where a teacher's predictions fill every (sample, mouse) pair without a
+label (spec section 2, hazard 10).
 """
 
 from __future__ import annotations
@@ -69,3 +74,63 @@ def own_mouse_loss(preds: Sequence[jax.Array], targets: jax.Array, mouse: jax.Ar
         weights = weights * sample_weight[:, None].astype(jnp.float32)
     per_mouse_targets = [targets[..., : pred.shape[-1]] for pred in preds]
     return mice_poisson_loss(preds, per_mouse_targets, weights)
+
+
+def own_readout_loss(preds: jax.Array, targets: jax.Array, neuron_mask: jax.Array,
+                     sample_weight: jax.Array | None = None) -> jax.Array:
+    """`own_mouse_loss` from each sample's own readout only (`DwiseNeuro.own_readouts`).
+
+    Args:
+      preds: (batch, time, max_neurons), each sample's own readout, any value past its neurons.
+      targets: (batch, time, max_neurons), each sample's own targets, zero-padded.
+      neuron_mask: (batch, max_neurons), True for the sample's mouse's neurons.
+      sample_weight: optional (batch,) weights (e.g. 0 for padding samples); default 1.
+    """
+    batch = preds.shape[0]
+    weights = (jnp.ones((batch,), jnp.float32) if sample_weight is None
+               else sample_weight.astype(jnp.float32))
+    weights = weights / jnp.sum(weights)
+    nll = jnp.where(neuron_mask[:, None, :], poisson_nll(preds, targets), 0.0)
+    return jnp.sum(jnp.where(weights != 0, weights * jnp.sum(nll, axis=(1, 2)), 0.0))
+
+
+def distillation_weights(mice_weights: jax.Array, ratio: float) -> jax.Array:
+    """The original's distillation weights: every missing pair gets w_d, labels keep theirs.
+
+        w_d = ratio / (1 - ratio) * sum(mice_weights) / #(pairs with weight 0)
+
+    so that, once the loss normalises the weights, the labels hold 1 - ratio of the total and
+    the teacher's predictions `ratio` (batch 32 over 10 mice, ratio 0.36: w_d = 0.0625, 64% and
+    36%).
+
+    Args:
+      mice_weights: (batch, num_mice), before distillation (one-hot on each sample's mouse).
+      ratio: the teacher's share of the total weight, in (0, 1).
+    """
+    weights = mice_weights.astype(jnp.float32)
+    missing = weights == 0
+    count = jnp.maximum(jnp.sum(missing), 1)
+    w_d = ratio / (1.0 - ratio) * jnp.sum(weights) / count
+    return jnp.where(missing, w_d, weights)
+
+
+def distillation_loss(preds: Sequence[jax.Array], targets: jax.Array, mouse: jax.Array,
+                      teacher_preds: Sequence[jax.Array], ratio: float) -> jax.Array:
+    """The loss of a distillation step, over all readouts.
+
+    Each sample keeps its own mouse's real targets with weight 1; every other (sample, mouse)
+    pair takes the teacher's prediction as its target with weight w_d (`distillation_weights`).
+
+    Args:
+      preds: per mouse m, the student's predictions (batch, time, neurons_m).
+      targets: (batch, time, max_neurons), each sample's own targets, zero-padded.
+      mouse: (batch,) int, each sample's mouse (readout) index.
+      teacher_preds: per mouse m, the teacher's predictions (batch, time, neurons_m).
+      ratio: the teacher's share of the total weight.
+    """
+    num_mice = len(preds)
+    weights = distillation_weights(jax.nn.one_hot(mouse, num_mice, dtype=jnp.float32), ratio)
+    own = mouse[:, None, None]
+    per_mouse = [jnp.where(own == m, targets[..., : pred.shape[-1]], teacher.astype(jnp.float32))
+                 for m, (pred, teacher) in enumerate(zip(preds, teacher_preds, strict=True))]
+    return mice_poisson_loss(preds, per_mouse, weights)

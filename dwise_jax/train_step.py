@@ -13,6 +13,15 @@ The model's structure (its nnx graph) is kept apart, once for training (dropout,
 batch statistics on) and once for evaluation (running statistics, no dropout). Dropout keys
 derive from (seed, step) in every step, so a resumed run draws the same masks.
 
+Readouts: without distillation each sample is labeled for its own mouse only, so the step runs
+only each sample's own readout (`DwiseNeuro.own_readouts`), the same loss and gradients as the
+original's ten readouts with nine masked, at a tenth of the readouts' cost (`readouts="all"`
+runs all ten, for comparison). With a teacher (distillation) the step runs all readouts: the
+frozen teacher, in eval mode with its EMA weights, predicts every readout on the same CutMixed
+input, and its predictions are the targets of the (sample, mouse) pairs without a label
+(`losses.distillation_loss`). The teacher's weights are an argument of the step, outside the
+train state: never differentiated, never updated, never saved with the student.
+
 Data parallelism: the step is one `jax.jit` over the global batch. With the batch sharded on the
 mesh's `data` axis and the state replicated (dwise_jax.sharding), XLA inserts the gradient
 all-reduce and the cross-device BatchNorm statistics, so N devices compute what one would.
@@ -27,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax import lax
 
 from dwise_jax import losses, optim
 from dwise_jax.data.pipeline import device_inputs
@@ -45,15 +55,26 @@ class Trainer:
       iter_size: gradient accumulation; the batch is split into this many chunks (the original's
         iter_size), the gradients averaged, BatchNorm statistics updated chunk after chunk.
       seed: dropout keys derive from (seed, step, chunk).
+      readouts: without a teacher, "needed" (each sample's own readout only) or "all" (every
+        readout on every sample, the others masked out of the loss); the same loss and
+        gradients.
+      teacher: for distillation, the teacher model (e.g. `checkpoint.load_ema_model`); its
+        weights go to `train_step` as `teacher_weights` (see `self.teacher_weights`).
+      distill_ratio: the teacher's share of the loss weight (the original: 0.36).
     """
 
     def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, *,
-                 ema_decay: float, iter_size: int = 1, seed: int = 0):
+                 ema_decay: float, iter_size: int = 1, seed: int = 0, readouts: str = "needed",
+                 teacher: nnx.Module | None = None, distill_ratio: float = 0.36):
+        if readouts not in ("needed", "all"):
+            raise ValueError(f"readouts must be 'needed' or 'all', got {readouts!r}")
         self.tx = tx
         self.ema_decay = ema_decay
         self.iter_size = iter_size
         self.seed = seed
+        self.readouts = readouts
         self.num_readouts = len(model.readouts)
+        self.distill_ratio = distill_ratio
         model.train()
         self.train_def, params, batch_stats, rng_state = nnx.split(
             model, nnx.Param, nnx.BatchStat, ...)
@@ -63,6 +84,22 @@ class Trainer:
         self.eval_def = nnx.split(model, nnx.Param, nnx.BatchStat, ...)[0]
         model.train()
         self._initial = (nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats))
+        self.teacher_def = self.teacher_weights = None
+        if teacher is not None:
+            if list(teacher.readout_outputs) != list(model.readout_outputs):
+                raise ValueError(f"the teacher's readouts {list(teacher.readout_outputs)} differ "
+                                 f"from the student's {list(model.readout_outputs)}")
+            teacher.eval()
+            self.teacher_def, t_params, t_stats, t_rest = nnx.split(
+                teacher, nnx.Param, nnx.BatchStat, ...)
+            self.teacher_rest = nnx.to_pure_dict(t_rest)
+            self.teacher_weights = {"params": nnx.to_pure_dict(t_params),
+                                    "batch_stats": nnx.to_pure_dict(t_stats)}
+
+    @property
+    def distills(self) -> bool:
+        """Whether the train step takes a teacher's weights (distillation)."""
+        return self.teacher_def is not None
 
     def init_state(self) -> TrainState:
         """Step 0: the model's initial weights, fresh AdamW moments, EMA = a copy of the model."""
@@ -78,38 +115,62 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ train
 
-    def _loss(self, params, batch_stats, x, targets, mouse, key):
+    def _loss(self, params, batch_stats, data, key, teacher_preds):
         model = nnx.merge(self.train_def, params, batch_stats, self.rng_state)
         nnx.reseed(model, dropout=key)
-        preds = model(x)
-        loss = losses.own_mouse_loss(preds, targets, mouse)
+        targets, mouse = data["targets"], data["mouse"]
+        if teacher_preds is not None:
+            loss = losses.distillation_loss(model(data["x"]), targets, mouse, teacher_preds,
+                                            self.distill_ratio)
+        elif self.readouts == "all":
+            loss = losses.own_mouse_loss(model(data["x"]), targets, mouse)
+        else:
+            preds = model.own_readouts(model.features(data["x"]), mouse)
+            loss = losses.own_readout_loss(preds, targets, data["neuron_mask"])
         return loss, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
 
-    def train_step(self, state: TrainState,
-                   batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        """One optimiser step on a training batch (format: dwise_jax.data.pipeline)."""
-        x = device_inputs(batch)
-        targets, mouse = batch["targets"], batch["mouse"]
+    def _teacher_predict(self, teacher_weights, x) -> list[jax.Array]:
+        """All readouts of the frozen teacher (eval mode), float32, without gradient."""
+        teacher = nnx.merge(self.teacher_def, teacher_weights["params"],
+                            teacher_weights["batch_stats"], self.teacher_rest)
+        return [lax.stop_gradient(p) for p in teacher(x)]
+
+    def train_step(self, state: TrainState, batch: Batch,
+                   teacher_weights: Mapping[str, Any] | None = None,
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimiser step on a training batch (format: dwise_jax.data.pipeline).
+
+        `teacher_weights` ({"params", "batch_stats"} of the teacher, `self.teacher_weights`) is
+        required when distilling and must be None otherwise.
+        """
+        if (teacher_weights is None) == self.distills:
+            raise ValueError("teacher_weights must be given exactly when the Trainer distills")
+        data = {"x": device_inputs(batch), "targets": batch["targets"], "mouse": batch["mouse"],
+                "neuron_mask": batch["neuron_mask"]}
         key = jax.random.fold_in(jax.random.key(self.seed), state["step"])
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+
+        def loss_and_grads(batch_stats, chunk, key):
+            teacher_preds = (None if teacher_weights is None
+                             else self._teacher_predict(teacher_weights, chunk["x"]))
+            return grad_fn(state["params"], batch_stats, chunk, key, teacher_preds)
+
         if self.iter_size == 1:
-            (loss, batch_stats), grads = grad_fn(state["params"], state["batch_stats"], x,
-                                                 targets, mouse, key)
+            (loss, batch_stats), grads = loss_and_grads(state["batch_stats"], data, key)
         else:
             chunks = lambda a: a.reshape(self.iter_size, -1, *a.shape[1:])
 
             def accumulate(carry, chunk):
                 batch_stats, grad_sum, loss_sum, i = carry
-                cx, ct, cm = chunk
-                (loss, batch_stats), grads = grad_fn(
-                    state["params"], batch_stats, cx, ct, cm, jax.random.fold_in(key, i))
+                (loss, batch_stats), grads = loss_and_grads(batch_stats, chunk,
+                                                            jax.random.fold_in(key, i))
                 grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
                 return (batch_stats, grad_sum, loss_sum + loss, i + 1), None
 
             zeros = jax.tree.map(jnp.zeros_like, state["params"])
             carry = (state["batch_stats"], zeros, jnp.float32(0.0), jnp.int32(0))
             (batch_stats, grads, loss, _), _ = jax.lax.scan(
-                accumulate, carry, (chunks(x), chunks(targets), chunks(mouse)))
+                accumulate, carry, jax.tree.map(chunks, data))
             grads = jax.tree.map(lambda g: g / self.iter_size, grads)
             loss = loss / self.iter_size
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
@@ -136,11 +197,7 @@ class Trainer:
         model = nnx.merge(self.eval_def, weights["params"], weights["batch_stats"],
                           self.rng_state)
         x = device_inputs(batch)
-        outputs = model(x)
-        width = batch["targets"].shape[-1]
-        stacked = jnp.stack([jnp.pad(o, ((0, 0), (0, 0), (0, width - o.shape[-1])))
-                             for o in outputs])  # (readouts, B, 16, N)
-        preds = jnp.take_along_axis(stacked, batch["mouse"][None, :, None, None], axis=0)[0]
+        preds = model.own_readouts(model.features(x), batch["mouse"])
         mask = batch["neuron_mask"][:, None, :]
         preds = jnp.where(mask, preds, 0.0)
         nll = jnp.where(mask, losses.poisson_nll(preds, batch["targets"]), 0.0)
@@ -149,11 +206,17 @@ class Trainer:
 
 def jit_steps(trainer: Trainer, state_sharding: Any = None,
               batch_sharding: Any = None) -> tuple[Callable, Callable]:
-    """The jitted train step (state donated) and eval step, with optional shardings."""
+    """The jitted train step (state donated) and eval step, with optional shardings.
+
+    A distilling trainer's train step takes the teacher's weights as a third argument
+    (`train(state, batch, trainer.teacher_weights)`), replicated like the state.
+    """
     kwargs = {}
     if state_sharding is not None:
-        kwargs = {"in_shardings": (state_sharding, batch_sharding),
-                  "out_shardings": (state_sharding, None)}
+        shardings = (state_sharding, batch_sharding)
+        if trainer.distills:
+            shardings += (state_sharding,)
+        kwargs = {"in_shardings": shardings, "out_shardings": (state_sharding, None)}
     train = jax.jit(trainer.train_step, donate_argnums=0, **kwargs)
     evaluate = jax.jit(trainer.eval_step)
     return train, evaluate

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dwise_jax.models.depthwise import depthwise_conv3d
+from dwise_jax.models.grouped_readouts import grouped_readouts
 from dwise_jax.models.layers import (
     BatchNorm,
     ChannelDropout,
@@ -283,6 +284,30 @@ class DwiseNeuro(nnx.Module):
         if readout_index is not None:
             return self.readouts[readout_index](features)
         return [readout(features) for readout in self.readouts]
+
+    def own_readouts(self, features: jax.Array, mouse: jax.Array) -> jax.Array:
+        """Each sample's own readout only (grouped_readouts.py), `(batch, time, max_neurons)`
+        float32, zero past the sample's neuron count.
+
+        Row b equals `self.readouts[mouse[b]](features)[b]` (zero-padded), dropout masks
+        included: every readout draws its mask for the whole batch, as when all of them run.
+
+        Args:
+          features: `self.features(x)`, `(batch, time, channels)`.
+          mouse: `(batch,)` int, each sample's readout index.
+        """
+        readouts = list(self.readouts)
+        dt = features.dtype
+        masks = [r.dropout.draw_mask(features) for r in readouts]
+        z = grouped_readouts(
+            features, mouse, tuple(r.kernel[...].astype(dt) for r in readouts),
+            tuple(r.bias[...].astype(dt) for r in readouts),
+            None if masks[0] is None else tuple(masks), self.readout_outputs,
+            readouts[0].dropout.rate)
+        y = softplus(z, readouts[0].softplus_beta)
+        counts = jnp.asarray(self.readout_outputs, jnp.int32)[mouse]
+        valid = jnp.arange(y.shape[-1]) < counts[:, None]
+        return jnp.where(valid[:, None, :], y, 0.0)
 
 
 # --------------------------------------------------------------------------------------------

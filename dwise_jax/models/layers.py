@@ -282,17 +282,26 @@ class _SampleDropout(nnx.Module):
     def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
         raise NotImplementedError
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def draw_mask(self, x: jax.Array) -> jax.Array | None:
+        """The keep mask (True = kept) that `self(x)` would apply, drawn from the same stream;
+        None when nothing is dropped (evaluation, or rate 0)."""
         if self.deterministic or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.rngs(), keep, self.mask_shape(x))
-        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+            return None
+        return jax.random.bernoulli(self.rngs(), 1.0 - self.rate, self.mask_shape(x))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mask = self.draw_mask(x)
+        return x if mask is None else apply_dropout_mask(x, mask, self.rate)
 
     def set_view(self, deterministic: bool | None = None):
         """Used by `nnx.view`."""
         if deterministic is not None:
             self.deterministic = deterministic
+
+
+def apply_dropout_mask(x: jax.Array, mask: jax.Array, rate: float) -> jax.Array:
+    """x / (1 - rate) where `mask` keeps, 0 elsewhere (`mask` broadcasts against x)."""
+    return jnp.where(mask, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 class DropPath(_SampleDropout):
