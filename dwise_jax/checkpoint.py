@@ -236,6 +236,29 @@ def _restore_step(directory: Path, step: int, names: tuple[str, ...], targets: d
     return {name: restored[name] for name in names}
 
 
+def _fit(expected: dict, stored: dict, where: str = "") -> dict:
+    """`stored` in the structure of `expected` (Orbax gives keys back as strings, e.g. readout
+    indexes), or ValueError naming the first entry that is missing, extra or of another shape."""
+    if not isinstance(stored, dict):
+        raise ValueError(f"{where} is an array, the architecture has parameters under it")
+    names = {str(k): k for k in stored}
+    missing = sorted(str(k) for k in expected if str(k) not in names)
+    extra = sorted(set(names) - {str(k) for k in expected})
+    if missing or extra:
+        raise ValueError(f"{where or '/'}: missing {missing}, unexpected {extra}")
+    out = {}
+    for key, value in expected.items():
+        found, name = stored[names[str(key)]], f"{where}/{key}"
+        if isinstance(value, dict):
+            out[key] = _fit(value, found, name)
+        elif isinstance(found, dict) or tuple(found.shape) != tuple(value.shape):
+            shape = "a subtree" if isinstance(found, dict) else f"shape {tuple(found.shape)}"
+            raise ValueError(f"{name} has {shape}, the architecture needs {tuple(value.shape)}")
+        else:
+            out[key] = found
+    return out
+
+
 def load_ema_model(directory: str | os.PathLike, dtype: Any = None, step: int | None = None):
     """The EMA model of a fold folder, ready for prediction (eval mode).
 
@@ -256,17 +279,18 @@ def load_ema_model(directory: str | os.PathLike, dtype: Any = None, step: int | 
     spec = read_model_spec(directory)
     model = DwiseNeuro(**spec.constructor, dtype=dtype or jnp.float32, rngs=nnx.Rngs(0))
     state = nnx.state(model, (nnx.Param, nnx.BatchStat))
+    # Read as stored, then fitted here: restoring into the model's shapes would make a
+    # mismatch look like a damaged step (and send restore() to an older one).
+    step, items = restore(directory, ("ema",), step=step)
     expected = nnx.to_pure_dict(state)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), expected)
     try:
-        step, items = restore(directory, ("ema",), step=step, targets={"ema": abstract})
-    except CheckpointError:
-        raise
-    except Exception as e:  # Orbax reports tree mismatches with several exception types
+        weights = _fit(expected, items["ema"])
+    except ValueError as e:
         raise CheckpointError(
-            f"{Path(directory) / CHECKPOINTS_DIR}: its EMA weights do not fit the architecture "
-            f"in {MODEL_SPEC_FILE} ({type(e).__name__}: {e})") from None
-    nnx.replace_by_pure_dict(state, items["ema"])
+            f"{Path(directory) / CHECKPOINTS_DIR / str(step)}: its EMA weights do not fit the "
+            f"architecture in {MODEL_SPEC_FILE} ({e})") from None
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda w, e: jnp.asarray(w, e.dtype),
+                                                 weights, expected))
     nnx.update(model, state)
     model.eval()
     return model, spec, step

@@ -7,6 +7,8 @@ what differs.
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 
 # The true_batch_001 architecture (spec section 3); readout sizes come from the dataset.
@@ -76,6 +78,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     return config
 
 
+# Experiment names become folders under the workdir: no separators, no "..".
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
 class ConfigError(ValueError):
     """An experiment config holds an impossible or inconsistent value."""
 
@@ -98,15 +104,56 @@ def load_config_file(path: str, overrides: dict | None = None) -> ml_collections
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{file}: defines no get_config()")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except TypeError as e:  # a value of another type than the default's
+        raise ConfigError(f"{file}: {e}") from None
     config.lock()
     for key, value in (overrides or {}).items():
+        check_key(key)
         target = config
         *parents, leaf = key.split(".")
         for parent in parents:
             target = getattr(target, parent)
-        setattr(target, leaf, value)
+        try:
+            setattr(target, leaf, value)  # a locked ConfigDict refuses a change of type
+        except TypeError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
     return config
+
+
+def check_key(key: str) -> None:
+    """Raises ConfigError, with the closest setting, for a dotted key that names no setting."""
+    known = dict(_leaves(get_base_config()))
+    if key not in known:
+        raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, known)}")
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):
+    """(dotted key, value) of every setting."""
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _did_you_mean(key: str, known) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_known_keys(config: ml_collections.ConfigDict) -> None:
+    """Every setting must be one of `get_base_config()`'s: an experiment file builds on the
+    unlocked base config, where a misspelt key would add a new, unused setting. (A value of
+    another type is refused by ml_collections itself.)"""
+    base = dict(_leaves(get_base_config()))
+    for key, _ in _leaves(config):
+        if key not in base:
+            raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, base)}; every "
+                              "setting has its default in dwise_jax/config.py")
 
 
 def model_kwargs(config: ml_collections.ConfigDict, readout_outputs: list[int]) -> dict:
@@ -130,13 +177,24 @@ def model_kwargs(config: ml_collections.ConfigDict, readout_outputs: list[int]) 
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-    """Raises ConfigError naming the field for impossible values."""
+    """Raises ConfigError naming the field for unknown keys and impossible values."""
+    check_known_keys(config)
     d, o, m = config.data, config.optim, config.model
     checks = [
+        (all(_FOLDER_NAME.fullmatch(name) for name in (config.experiment,
+                                                        config.distill.teacher_experiment)),
+         "experiment and distill.teacher_experiment must be plain folder names (letters, "
+         f"digits, _ . -), got {config.experiment!r} and {config.distill.teacher_experiment!r}"),
         (d.batch_size > 0, "data.batch_size must be positive"),
-        (d.batch_size % (num_devices * o.iter_size) == 0,
+        (o.iter_size >= 1, f"optim.iter_size must be >= 1, got {o.iter_size}"),
+        (o.iter_size >= 1 and d.batch_size % (num_devices * o.iter_size) == 0,
          f"data.batch_size={d.batch_size} must divide over {num_devices} device(s) x "
          f"optim.iter_size={o.iter_size}"),
+        (d.val_batch_size > 0 and d.val_batch_size % num_devices == 0,
+         f"data.val_batch_size={d.val_batch_size} must be positive and divide over "
+         f"{num_devices} device(s)"),
+        (d.num_workers >= 0, "data.num_workers must be >= 0"),
+        (config.log.every_steps >= 1, "log.every_steps must be >= 1"),
         (d.train_epoch_size >= d.batch_size, "data.train_epoch_size must be >= data.batch_size"),
         (0.0 <= d.cutmix_prob <= 1.0, "data.cutmix_prob must be in [0, 1]"),
         (d.cutmix_alpha > 0, "data.cutmix_alpha must be positive"),
@@ -150,7 +208,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
          f"model.readout_bias_init must be zeros or response_mean, got {m.readout_bias_init!r}"),
         (len(m.core_features) == len(m.spatial_strides),
          "model.core_features and model.spatial_strides must have the same length"),
-        (all(0 <= k < 7 for k in config.folds), f"folds must be in 0..6, got {config.folds}"),
+        (all(type(v) is int and v > 0
+             for v in (*m.core_features, *m.spatial_strides, *m.cortex_features)),
+         "model.core_features, model.spatial_strides and model.cortex_features must hold "
+         "positive integers"),
+        (0.0 <= m.drop_rate < 1.0 and 0.0 <= m.drop_path_rate < 1.0,
+         "model.drop_rate and model.drop_path_rate must be in [0, 1)"),
+        (len(config.folds) > 0 and all(type(k) is int and 0 <= k < 7 for k in config.folds),
+         f"folds must be in 0..6, got {config.folds}"),
         (0.0 < config.distill.ratio < 1.0, "distill.ratio must be in (0, 1)"),
     ]
     for ok, message in checks:

@@ -154,8 +154,12 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                        rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
     if config.model.readout_bias_init == "response_mean":
         readout_bias.set_readout_biases(model, dataset, config.model.softplus_beta)
+    extra = {"experiment": config.experiment, "fold": fold}
+    teacher = None
+    if config.distill.enabled:  # before anything is written: a missing teacher stops here
+        teacher, extra["teacher"] = load_teacher(config, workdir, fold, dataset, dtype)
     spec = checkpoint.ModelSpec(constructor=kwargs, mice=dataset.names, source="trained",
-                                extra={"experiment": config.experiment, "fold": fold})
+                                extra=extra)
 
     # Optimiser: warm-up then cosine, both per iteration (spec section 4).
     o = config.optim
@@ -165,11 +169,18 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                                  optim.scaled_lr(o.min_lr, d.batch_size), warmup_steps,
                                  cosine_steps)
     trainer = train_step.Trainer(model, optim.adamw(schedule, o.weight_decay),
-                                 ema_decay=o.ema_decay, iter_size=o.iter_size, seed=config.seed)
+                                 ema_decay=o.ema_decay, iter_size=o.iter_size, seed=config.seed,
+                                 teacher=teacher, distill_ratio=config.distill.ratio)
     state = trainer.init_state()
-    del model
+    del model, teacher
     replicated = sharding.replicated(mesh)
     train, evaluate = train_step.jit_steps(trainer, replicated, sharding.batch_sharding(mesh))
+    # The frozen teacher's EMA weights: an argument of every train step, never updated. Moved
+    # (donated), not copied: one copy of the teacher per device.
+    step_args = ()
+    if trainer.distills:
+        step_args = (jax.device_put(trainer.teacher_weights, replicated, donate=True),)
+        trainer.teacher_weights = None
 
     # Fold folder and restore.
     directory = checkpoint.fold_dir(workdir, config.experiment, fold)
@@ -183,50 +194,67 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
         stream.set_state(stream_state)
         logbook.truncate_after(int(state["step"]))
         print(f"fold {fold}: resuming from step {int(state['step'])} in {directory}")
-    elif is_main:
-        checkpoint.write_model_spec(directory, spec)
-        atomic.write_json(directory / "config.json", config.to_dict())
+    else:
+        logbook.truncate_after(-1)  # records of an attempt killed before its first checkpoint
+        if is_main:
+            checkpoint.write_model_spec(directory, spec)
+            atomic.write_json(directory / "config.json", config.to_dict())
     state = jax.device_put(state, replicated)
 
     # The epoch loop.
     total_steps = warmup_steps + cosine_steps
     last_step = total_steps if max_steps is None else min(total_steps, max_steps)
     step = int(state["step"])
-    val_history = [r["corr"] for r in logbook.records() if r["kind"] == "val"]
-    best = max(val_history, default=-math.inf)
+    val_records = [r for r in logbook.records() if r["kind"] == "val"]
+    val_history = [r["corr"] for r in val_records]
+    # The original validates before each fit too; at the start of the cosine fit that is the
+    # end-of-epoch validation just done with the same weights, so it is not repeated.
+    validated_at = val_records[-1]["step"] if val_records else None
     score = val_history[-1] if val_history else math.nan
+    # The best score is the one best/ holds; a kill between the two saves of an epoch end
+    # leaves best/ behind, and the resumed epoch end is then saved there now.
+    best_step = checkpoint.latest_step(directory, "best")
+    corr_at = {r["step"]: r["corr"] for r in val_records}
+    best = corr_at.get(best_step, -math.inf)
+    if step > 0 and validated_at == step and step % steps_per_epoch == 0 and score > best:
+        checkpoint.save(directory, step, {"ema": _ema_tree(state)}, subdir="best")
+        best = score
     val_batch = d.val_batch_size
     if dump_hlo and is_main:
         first = sharding.put_batch(_first_batch(dataset, stream_config), mesh)
-        hlo = train.lower(state, first).compile().as_text()
+        hlo = train.lower(state, first, *step_args).compile().as_text()
         with atomic.atomic_path(directory / "train_step.hlo.txt") as tmp:
             tmp.write_text(hlo)
     timer, samples = time.perf_counter(), 0
     bar = tqdm(total=last_step, initial=step, desc=f"fold {fold}", unit="step",
                disable=not is_main, mininterval=1.0, dynamic_ncols=True)
+    unchecked = []
     try:
         while step < last_step and not _STOP_REQUESTED:
-            if step in (0, warmup_steps) and step % steps_per_epoch == 0:
+            if (step in (0, warmup_steps) and step % steps_per_epoch == 0
+                    and validated_at != step):
                 val = validate(evaluate, state["ema"], dataset, fold, val_batch, mesh)
                 logbook.log(step, "val", **val)
-                score = val["corr"]
+                score, validated_at = val["corr"], step
             if profile_steps and step == profile_steps[0] and is_main:
                 jax.profiler.start_trace(str(directory / "profile"))
-            batch = sharding.put_batch(next(stream), mesh)
-            state, metrics = train(state, batch)
+            host_batch = next(stream)
+            batch = sharding.put_batch(host_batch, mesh)
+            state, metrics = train(state, batch, *step_args)
             step += 1
+            # Every step's loss is checked before anything is logged or saved (read then, so
+            # the steps still run asynchronously in between).
+            unchecked.append((step, metrics["loss"], host_batch["mouse"]))
             samples += d.batch_size
             bar.update(1)
             if profile_steps and step == profile_steps[1] and is_main:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
+            saving = step % steps_per_epoch == 0 or step == last_step or _STOP_REQUESTED
+            if step % config.log.every_steps == 0 or saving:
+                _check_losses(unchecked, fold, directory)
             if step % config.log.every_steps == 0 or step == last_step:
                 loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"fold {fold}: loss is {loss} at step {step} (batch mice "
-                        f"{sorted(set(np.asarray(batch['mouse']).tolist()))}); the last good "
-                        f"checkpoint is kept in {directory}")
                 rate = samples / (time.perf_counter() - timer)
                 logbook.log(step, "train", loss=loss, lr=float(schedule(step - 1)),
                             grad_norm=float(metrics["grad_norm"]), samples_per_s=rate)
@@ -237,7 +265,7 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
             if step % steps_per_epoch == 0 or step == last_step:
                 val = validate(evaluate, state["ema"], dataset, fold, val_batch, mesh)
                 logbook.log(step, "val", **val)
-                score = val["corr"]
+                score, validated_at = val["corr"], step
                 if is_main:
                     bar.write(f"fold {fold} step {step}: val_corr {val['corr']:.4f} "
                               f"val_loss {val['loss']:.2f}")
@@ -255,6 +283,58 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
         stream.close()
         logbook.close()
     return score
+
+
+def load_teacher(config, workdir: Path, fold: int, dataset: SensoriumDataset,
+                 dtype) -> tuple[nnx.Module, dict[str, Any]]:
+    """The distillation teacher: the EMA model of `distill.teacher_experiment`'s same fold.
+
+    Rebuilt with its own constructor arguments (model.json; the original's teacher has
+    expansion 7, the student 6), in eval mode, computing in `dtype`. Raises TrainingError,
+    naming the folder, when it is missing, unreadable, or made for other mice or neuron counts.
+
+    Returns:
+      (teacher, provenance for the student's model.json).
+    """
+    directory = checkpoint.fold_dir(workdir, config.distill.teacher_experiment, fold)
+    if config.distill.teacher_experiment == config.experiment:
+        raise TrainingError(f"{directory}: distill.teacher_experiment is this experiment; "
+                            "the teacher must be another experiment")
+    if (not (directory / checkpoint.MODEL_SPEC_FILE).is_file()
+            or checkpoint.latest_step(directory) is None):
+        raise TrainingError(
+            f"{directory}: no teacher checkpoint for distillation (distill.teacher_experiment="
+            f"{config.distill.teacher_experiment!r}); train that experiment's fold {fold} "
+            "into the same workdir first")
+    try:
+        spec = checkpoint.read_model_spec(directory)
+    except checkpoint.CheckpointError as e:
+        raise TrainingError(f"{directory}: cannot read the teacher ({e})") from None
+    if spec.mice != list(dataset.names) or spec.num_neurons != list(dataset.num_neurons):
+        raise TrainingError(
+            f"{directory}: the teacher was trained on other mice or neuron counts "
+            f"({dict(zip(spec.mice, spec.num_neurons, strict=True))}) than {dataset.root} "
+            f"({dict(zip(dataset.names, dataset.num_neurons, strict=True))})")
+    try:
+        teacher, _, step = checkpoint.load_ema_model(directory, dtype)
+    except checkpoint.CheckpointError as e:
+        raise TrainingError(f"{directory}: cannot load the teacher ({e})") from None
+    return teacher, {"directory": str(directory), "step": int(step),
+                     "experiment": config.distill.teacher_experiment}
+
+
+def _check_losses(unchecked: list, fold: int, directory: Path) -> None:
+    """Raises TrainingError at the first non-finite loss of `(step, loss, mice)` entries (before
+    anything of that state is saved), naming the step and the batch's mice; empties the list."""
+    entries = list(unchecked)
+    unchecked.clear()
+    for step, loss, mice in entries:
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"fold {fold}: loss is {loss} at step {step} (batch mice "
+                f"{sorted(set(np.asarray(mice).tolist()))}); the last good checkpoint is kept "
+                f"in {directory}")
 
 
 def _first_batch(dataset, stream_config) -> dict:

@@ -9,6 +9,8 @@ loss and correlation) is redrawn at each validation. Only process 0 writes.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,20 @@ class Logbook:
                 self.writer = SummaryWriter(str(self.directory / "tensorboard"))
 
     def records(self) -> list[dict[str, Any]]:
-        """Everything logged so far (survives restarts: the file is appended to)."""
+        """Everything logged so far (survives restarts: the file is appended to). A line cut
+        short by a crash (power loss, full disk) is skipped with a warning, not fatal."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"warning: {self.path}:{number}: skipping an incomplete line",
+                      file=sys.stderr)
+        return records
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step` (a restart replays them from the last checkpoint)."""
@@ -52,8 +64,13 @@ class Logbook:
             return
         record = {"step": int(step), "kind": kind, **{k: float(v) for k, v in values.items()}}
         self.directory.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        with self.path.open("a+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")  # end a line cut short by a crash; records() skips it
+            f.write((json.dumps(record) + "\n").encode())
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"{kind}/{name}", float(value), int(step))

@@ -19,6 +19,7 @@ optimised HLO of the train step to `<fold>/train_step.hlo.txt`.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -65,6 +66,51 @@ def _parse_profile(text: str | None) -> tuple[int, int] | None:
     return start, end
 
 
+def _parse_folds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise config_lib.ConfigError(
+            f"--folds takes comma-separated fold numbers, e.g. 0,3; got {text!r}") from None
+
+
+def check_workdir(workdir: str | Path) -> None:
+    """Raises ConfigError unless `workdir` is, or can be made as, a writable folder; checked
+    before anything is read or written, so a bad --workdir costs nothing."""
+    path = Path(workdir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise config_lib.ConfigError(f"workdir {path}: cannot be made, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise config_lib.ConfigError(f"workdir {path}: {existing} is not writable")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parser, but a missing --config file and a `--config.KEY=...` override of a
+    key that names no setting are one-line errors (ml_collections raises them as tracebacks)."""
+    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    for i, arg in enumerate(args):
+        name, _, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("-"):
+            continue
+        if name == "config":
+            value = value or (args[i + 1] if i + 1 < len(args) else "")
+            file = value.split(":")[0]  # config_flags allows FILE:ARGUMENT
+            if value and not Path(file).is_file():
+                _exit_with(f"--config {value}: no such config file")
+        elif name.startswith("config."):
+            try:
+                config_lib.check_key(name[len("config."):])
+            except config_lib.ConfigError as e:
+                _exit_with(f"--{name}: {e}")
+    return app.parse_flags_with_usage(argv)
+
+
+def _exit_with(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -72,16 +118,17 @@ def main(argv: list[str]) -> int:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/true_batch.py")
-    with config.unlocked():
-        if _WORKDIR.value:
-            config.workdir = _WORKDIR.value
-        if _DATA_ROOT.value:
-            config.data_root = _DATA_ROOT.value
-        if _FOLDS.value:
-            config.folds = tuple(int(k) for k in _FOLDS.value.split(","))
     signal.signal(signal.SIGTERM, fold_run.request_stop)
     try:
+        with config.unlocked():
+            if _WORKDIR.value:
+                config.workdir = _WORKDIR.value
+            if _DATA_ROOT.value:
+                config.data_root = _DATA_ROOT.value
+            if _FOLDS.value:
+                config.folds = _parse_folds(_FOLDS.value)
         config_lib.validate(config)
+        check_workdir(config.workdir)
         results = train_and_evaluate(
             config, config.workdir, profile_steps=_parse_profile(_PROFILE.value),
             dump_hlo=_DUMP_HLO.value, max_steps=_MAX_STEPS.value)
@@ -112,4 +159,4 @@ def _compare_with_references(root: str, results: dict[int, float]) -> None:
 
 if __name__ == "__main__":
     process_env.reexec_with_cpu_settings("dwise_jax.train")
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -49,7 +49,7 @@ def test_original_recipe_values():
 def test_overrides_and_unknown_keys():
     config = config_lib.load_config_file(str(CONFIG_DIR / "true_batch.py"), {"optim.base_lr": 1e-3})
     assert config.optim.base_lr == 1e-3
-    with pytest.raises(AttributeError):
+    with pytest.raises(config_lib.ConfigError, match="did you mean 'optim.base_lr'"):
         config_lib.load_config_file(str(CONFIG_DIR / "true_batch.py"), {"optim.base_rl": 1e-3})
     with pytest.raises(config_lib.ConfigError, match="no such config file"):
         config_lib.load_config_file(str(CONFIG_DIR / "nope.py"))

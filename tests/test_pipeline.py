@@ -259,6 +259,33 @@ def test_prediction_blending_equals_a_direct_loop(sim, stride):
         np.testing.assert_array_equal(ramp.result(t), np.broadcast_to(np.arange(n), (12, n)))
 
 
+def test_one_pass_over_several_strides_blends_each(sim):
+    """The union of strides 1 and 8 read once: each stride's blender equals a pass over its own
+    windows only (the stride sweep of the prediction report)."""
+    mouse, trials = sim.mice[0], [1, 4]
+    lengths = {t: int(mouse.lengths[t]) for t in trials}
+
+    def outputs(batch):  # a fake model: each window's output depends on (trial, anchor) only
+        seeds = batch["trial"] * 1000 + batch["anchor"]
+        return np.stack([np.random.default_rng(int(s) % 2**32).normal(
+            size=(16, mouse.num_neurons)) for s in seeds]).astype(np.float32)
+
+    both = {s: eval_windows.WindowBlender(lengths, mouse.num_neurons, stride=s) for s in (1, 8)}
+    for batch in eval_windows.prediction_batches(mouse, trials, 16, stride=(1, 8)):
+        for blender in both.values():
+            blender.add(outputs(batch), batch)
+    for stride in (1, 8):
+        alone = eval_windows.WindowBlender(lengths, mouse.num_neurons)
+        for batch in eval_windows.prediction_batches(mouse, trials, 16, stride=stride):
+            alone.add(outputs(batch), batch)
+        for t, n in lengths.items():
+            np.testing.assert_array_equal(both[stride].counts[t], windows.window_counts(
+                n, windows.prediction_anchors(n, stride)))
+            np.testing.assert_array_equal(both[stride].result(t), alone.result(t))
+    rows = eval_windows.prediction_windows(mouse, trials, (1, 8))
+    assert len(rows) == sum(n - 30 for n in lengths.values())  # stride 8's anchors are in 1's
+
+
 # --------------------------------------------------------------------------- resume, workers
 
 

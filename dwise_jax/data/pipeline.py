@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dwise_jax.data import folds, windows
-from dwise_jax.data.sensorium import Mouse, SensoriumDataset
+from dwise_jax.data.sensorium import DatasetError, Mouse, SensoriumDataset
 from dwise_jax.data.window_reader import (
     TrialArrays,
     load_window,
@@ -157,7 +157,7 @@ class TrainSamples:
         self.trials = [training_trials(m, config.fold) for m in mice]
         for mouse, trials in zip(mice, self.trials, strict=True):
             if trials.size == 0:
-                raise ValueError(f"{mouse.path}: has no training trial outside fold "
+                raise DatasetError(f"{mouse.path}: has no training trial outside fold "
                                  f"{config.fold}")
         self.per_mouse = config.epoch_size // len(mice)
         self.epoch_length = self.per_mouse * len(mice)

@@ -194,7 +194,8 @@ class Mouse:
         return first_nan(self.load("videos", trial_id)[0, 0])
 
     def load_trial(self, trial_id: int) -> Trial:
-        """Loads and fully validates one trial: array lengths, valid lengths, NaN only as tail."""
+        """Loads and fully validates one trial: array lengths, valid lengths, finite values inside
+        the trial and NaN only as its tail."""
         arrays = {m: self.load(m, trial_id) for m in MODALITIES}
         labeled = self.is_labeled(trial_id)
         checked = [m for m in MODALITIES if labeled or m != "responses"]
@@ -212,12 +213,14 @@ class Mouse:
             if own != length:
                 raise DatasetError(f"{path}: is {own} frames long (first NaN) but the trial is "
                                    f"{length} frames long")
-            nan = np.isnan(array)
-            inside = nan[..., :length].any(axis=tuple(range(array.ndim - 1)))
+            frame_axes = tuple(range(array.ndim - 1))
+            inside = ~np.isfinite(array[..., :length]).all(axis=frame_axes)
             if inside.any():
-                raise DatasetError(f"{path}: holds NaN inside the trial at frame "
-                                   f"{int(np.argmax(inside))} (valid length {length})")
-            if not nan[..., length:].all():
+                frame = int(np.argmax(inside))
+                kind = "NaN" if np.isnan(array[..., frame]).any() else "inf"
+                raise DatasetError(f"{path}: holds {kind} inside the trial at frame {frame} "
+                                   f"(valid length {length})")
+            if not np.isnan(array[..., length:]).all():
                 raise DatasetError(f"{path}: holds values after the NaN tail starts at frame "
                                    f"{length}")
         return Trial(video=arrays["videos"], responses=arrays["responses"] if labeled else None,
@@ -313,6 +316,11 @@ def _open_mouse(path: Path, index: int) -> Mouse:
     _check_ndim(ids_path, unit_ids, 1, "one id per neuron")
     if unit_ids.dtype.kind not in "iu":
         raise DatasetError(f"{ids_path}: has dtype {unit_ids.dtype}, expected integers")
+    ids, counts = np.unique(unit_ids, return_counts=True)
+    if (counts > 1).any():  # the submission names each neuron by its unit id
+        dup, times = int(ids[counts > 1][0]), int(counts[counts > 1][0])
+        raise DatasetError(f"{ids_path}: lists unit id {dup} {times} times; unit ids must be "
+                           "unique")
     coords_path = path / "meta" / "neurons" / "cell_motor_coordinates.npy"
     coords = _load_npy(coords_path)
     if coords.shape != (unit_ids.shape[0], 3):
