@@ -1,7 +1,8 @@
 """true_batch_001: the original's first-stage experiment (spec sections 3 and 4).
 
-All ten mice in every batch, all readouts computed, mouse-weighted Poisson loss, CutMix, EMA,
-3 warm-up epochs from lr 0 then 18 cosine epochs, 7 folds by video hash. Expansion ratio 7:
+All ten mice in every batch, mouse-weighted Poisson loss, CutMix, EMA (each sample runs only
+its own mouse's readout: the loss and gradients of the original's ten masked readouts), 3
+warm-up epochs from lr 0 then 18 cosine epochs, 7 folds by video hash. Expansion ratio 7:
 170,656,070 parameters.
 
     python -m dwise_jax.train --config configs/true_batch.py \
