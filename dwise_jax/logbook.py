@@ -9,6 +9,7 @@ loss and correlation) is redrawn at each validation. Only process 0 writes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -91,12 +92,15 @@ class Logbook:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
         if train:
             steps = [r["step"] for r in train]
-            axes[0].plot(steps, [r["loss"] for r in train], lw=1)
+            axes[0].plot(steps, [r["loss"] for r in train], lw=1, label="training (logged batch)")
             axes[1].plot(steps, [r["lr"] for r in train], lw=1)
         if val:
             steps = [r["step"] for r in val]
             axes[0].plot(steps, [r["loss"] for r in val], "o-", label="validation (EMA)")
             axes[0].legend()
+        limits = loss_limits(train, val)
+        if limits is not None:
+            axes[0].set_ylim(*limits)
             axes[2].plot(steps, [r["corr"] for r in val], "o-")
         for ax, title in zip(axes, ("loss", "learning rate", "validation correlation"),
                              strict=True):
@@ -114,3 +118,18 @@ class Logbook:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def loss_limits(train: list[dict], val: list[dict]) -> tuple[float, float] | None:
+    """The loss plot's y range: every training loss and every validation loss after step 0.
+
+    The validation before the first step (random readouts) can be thousands of times the
+    trained losses and would flatten the whole curve; it is left off the scale. None when
+    nothing else is logged yet (matplotlib's own range then)."""
+    values = [r["loss"] for r in train] + [r["loss"] for r in val if r["step"] > 0]
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return None
+    low, high = min(values), max(values)
+    margin = 0.05 * (high - low) or 0.05 * abs(high) or 1.0
+    return low - margin, high + margin
