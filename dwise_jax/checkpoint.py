@@ -110,7 +110,9 @@ def read_model_spec(directory: str | os.PathLike) -> ModelSpec:
 def _manager(directory: Path, max_to_keep: int | None, create: bool,
              subdir: str = CHECKPOINTS_DIR) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
-    return ocp.CheckpointManager(directory / subdir, options=options)
+    # Orbax refuses relative paths ("Checkpoint path should be absolute"), and the default
+    # workdir of every command is the relative "workdir".
+    return ocp.CheckpointManager((Path(directory) / subdir).absolute(), options=options)
 
 
 def save(directory: str | os.PathLike, step: int, items: dict[str, Any],

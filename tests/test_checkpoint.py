@@ -63,6 +63,17 @@ def test_save_restore_items_and_keep_latest(tmp_path):
     assert checkpoint.verify(tmp_path, 12) is None
 
 
+def test_relative_fold_folder(tmp_path, monkeypatch):
+    """The commands' default workdir is the relative "workdir"; Orbax needs absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    tree = _trees(1)[0]
+    checkpoint.save("workdir/demo/fold_0", 3, {"ema": tree})
+    step, items = checkpoint.restore("workdir/demo/fold_0")
+    assert step == 3 and checkpoint.latest_step("workdir/demo/fold_0") == 3
+    np.testing.assert_array_equal(items["ema"]["params"]["w"], tree["params"]["w"])
+    assert (tmp_path / "workdir/demo/fold_0/checkpoints/3/manifest.json").is_file()
+
+
 def _largest_file(step_dir):
     files = [p for p in step_dir.rglob("*") if p.is_file() and p.name != "manifest.json"]
     return max(files, key=lambda p: p.stat().st_size)

@@ -32,8 +32,9 @@ CLI_TINY = [f"--config.{k}={v if not isinstance(v, tuple) else ','.join(map(str,
 
 def _run(args, **kwargs):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    kwargs.setdefault("cwd", REPO)
     return subprocess.run([sys.executable, "-m", "dwise_jax.train", "--config", DEMO, *args],
-                          capture_output=True, text=True, env=env, cwd=REPO, **kwargs)
+                          capture_output=True, text=True, env=env, **kwargs)
 
 
 def _final_state(fold_dir: Path) -> dict:
@@ -148,8 +149,10 @@ def test_cli_errors_are_clear(tmp_path, args, message):
 
 
 def test_profile_and_hlo_dump(sim_root, tmp_path):
-    out = _run([f"--data_root={sim_root}", f"--workdir={tmp_path}", "--folds=0", *CLI_TINY,
-                "--profile_steps=1:2", "--dump_hlo", "--max_steps=2"], timeout=600)
+    # A relative --workdir (like the default "workdir"), resolved against the working folder.
+    out = _run([f"--data_root={sim_root}", "--workdir=.", "--folds=0", *CLI_TINY,
+                "--profile_steps=1:2", "--dump_hlo", "--max_steps=2"], timeout=600,
+               cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     fold = tmp_path / "demo" / "fold_0"
     assert "HloModule" in (fold / "train_step.hlo.txt").read_text()[:1000]
