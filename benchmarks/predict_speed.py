@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
@@ -39,15 +38,9 @@ ORIGINAL_S_PER_WINDOW = 1.3  # the original, batch 1, this kind of CPU (issue 6)
 
 
 def _reexec_with_cpu_settings() -> None:
-    from dwise_jax.models.dwiseneuro import CPU_XLA_FLAGS
+    from dwise_jax import process_env
 
-    env = dict(os.environ)
-    if "glibc.malloc.hugetlb=1" not in env.get("GLIBC_TUNABLES", ""):
-        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
-    if CPU_XLA_FLAGS not in env.get("XLA_FLAGS", ""):
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()
-    if env != os.environ:  # both are read once at process start
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    process_env.reexec_with_cpu_settings()
 
 
 def build(readout_outputs, mice):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -177,15 +176,9 @@ def main() -> None:
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from dwise_jax.models.dwiseneuro import CPU_XLA_FLAGS
+    from dwise_jax import process_env
 
-    env = dict(os.environ)
-    if "glibc.malloc.hugetlb=1" not in env.get("GLIBC_TUNABLES", ""):
-        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
-    if CPU_XLA_FLAGS not in env.get("XLA_FLAGS", ""):
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CPU_XLA_FLAGS}".strip()
-    if env != os.environ:  # both are read once at process start
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    process_env.reexec_with_cpu_settings()
 
     if args.worker:
         for row in run_worker(args.worker, args.batch, args.repeats, args.core):

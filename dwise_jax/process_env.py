@@ -36,10 +36,11 @@ def cpu_environment(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def reexec_with_cpu_settings(module: str) -> None:
-    """Replaces this process with `python -m module <same args>` under `cpu_environment`,
-    unless the settings are already there, this is the re-executed process, or the user
-    opted out. Call it before JAX creates a backend."""
+def reexec_with_cpu_settings(module: str | None = None) -> None:
+    """Replaces this process with `python -m module <same args>` (or, without a module, the
+    same script and arguments, for the benchmarks) under `cpu_environment`, unless the
+    settings are already there, this is the re-executed process, or the user opted out.
+    Call it before JAX creates a backend."""
     env = os.environ
     if env.get(OPT_OUT) == "1" or env.get(_DONE) == "1":
         return
@@ -49,7 +50,8 @@ def reexec_with_cpu_settings(module: str) -> None:
     new_env[_DONE] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], new_env)
+    argv = ["-m", module, *sys.argv[1:]] if module else sys.argv
+    os.execve(sys.executable, [sys.executable, *argv], new_env)
 
 
 if __name__ == "__main__":

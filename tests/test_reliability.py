@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import CLI_TINY, DEMO, REPO, TINY
+from test_train import CLI_TINY, DEMO, REPO, TINY, checkpoint_leaves
 
 from dwise_jax import checkpoint, process_env
 from dwise_jax.logbook import Logbook
@@ -119,19 +119,8 @@ def records(path: Path, skip: int = 0) -> list[dict]:
     return out
 
 
-def leaves(tree, prefix: str = ""):
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from leaves(value, f"{prefix}/{key}")
-    elif isinstance(tree, (list, tuple)):
-        for i, value in enumerate(tree):
-            yield from leaves(value, f"{prefix}/{i}")
-    else:
-        yield prefix, np.asarray(tree)
-
-
 def assert_bit_identical(a: dict, b: dict) -> None:
-    flat_a, flat_b = dict(leaves(a)), dict(leaves(b))
+    flat_a, flat_b = dict(checkpoint_leaves(a)), dict(checkpoint_leaves(b))
     assert flat_a.keys() == flat_b.keys()
     for key, value in flat_a.items():
         other = flat_b[key]
