@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# The real mice (spec section 1), readout order = mouse index.
+# The real mice (docs/original.md#data-layout), readout order = mouse index.
 NEURONS = (7863, 7908, 8202, 7939, 8122, 7440, 7928, 8285, 7671, 7495)
 TRUE_BATCH = dict(readout_outputs=NEURONS, expansion_ratio=7)
 INPUT = (16, 64, 64, 5)  # time, height, width, channels

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# The real mice (spec section 1), readout order = mouse index.
+# The real mice (docs/original.md#data-layout), readout order = mouse index.
 NEURONS = (7863, 7908, 8202, 7939, 8122, 7440, 7928, 8285, 7671, 7495)
 STRIDES = (1, 4, 8, 16, 30)
 ORIGINAL_S_PER_WINDOW = 1.3  # the original, batch 1, this kind of CPU (issue 6)

@@ -41,7 +41,7 @@ from model_speed import NEURONS, matmul_rate, model_flops  # noqa: E402
 CORES = {
     "small": dict(core_features=(8, 8, 16), spatial_strides=(2, 2, 2), expansion_ratio=2,
                   se_reduce_ratio=4),
-    "true_batch": dict(expansion_ratio=7),  # the real core (spec section 3)
+    "true_batch": dict(expansion_ratio=7),  # the real core (docs/original.md#model)
 }
 CORTEX_WIDTH = 4096
 

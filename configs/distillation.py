@@ -1,4 +1,5 @@
-"""distillation_001: the original's second-stage experiment (spec sections 2 and 9).
+"""distillation_001: the original's second-stage experiment
+(docs/original.md#distillation).
 
 The same recipe with expansion ratio 6 (170,058,402 parameters) and a frozen teacher: the
 true_batch_001 checkpoint of the same fold fills every (sample, mouse) pair without a label, so

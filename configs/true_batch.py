@@ -1,4 +1,5 @@
-"""true_batch_001: the original's first-stage experiment (spec sections 3 and 4).
+"""true_batch_001: the original's first-stage experiment
+(docs/original.md#model and #training).
 
 All ten mice in every batch, mouse-weighted Poisson loss, CutMix, EMA (each sample runs only
 its own mouse's readout: the loss and gradients of the original's ten masked readouts), 3

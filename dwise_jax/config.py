@@ -11,7 +11,7 @@ import re
 
 import ml_collections
 
-# The true_batch_001 architecture (spec section 3); readout sizes come from the dataset.
+# The true_batch_001 architecture (docs/original.md#model); readout sizes come from the dataset.
 CORE_FEATURES = (64, 64, 64, 64, 128, 128, 128, 256, 256)
 SPATIAL_STRIDES = (2, 1, 1, 1, 2, 1, 1, 2, 1)
 CORTEX_FEATURES = (1024, 2048, 4096)

@@ -1,8 +1,8 @@
 """`python -m dwise_jax.ensemble --experiments a,b --split SPLIT`: the mean of experiments.
 
-Spec section 6: the experiments' fold-blended predictions of each trial (what
-`python -m dwise_jax.predict` wrote) are averaged, arithmetic mean, and written as the
-predictions of an experiment named after the sorted names joined by commas, e.g.
+As the original (docs/original.md#prediction): the experiments' fold-blended predictions of
+each trial (what `python -m dwise_jax.predict` wrote) are averaged, arithmetic mean, and written
+as the predictions of an experiment named after the sorted names joined by commas, e.g.
 `distillation_001,true_batch_001`:
 
     <workdir>/predictions/<a,b>/<split>/<mouse>/<trial>.npy   + manifest.json

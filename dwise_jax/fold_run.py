@@ -109,7 +109,8 @@ def validate(evaluate, weights, dataset: SensoriumDataset, fold: int, batch_size
     """The original's val_corr and the validation loss, with the given (EMA) weights.
 
     val_corr: per mouse, the per-neuron Pearson r over all (window, frame) rows of its
-    validation windows, averaged over neurons; then averaged over mice (spec section 4).
+    validation windows, averaged over neurons; then averaged over mice
+    (docs/original.md#training).
     """
     sums = [PearsonSums.zeros(n) for n in dataset.num_neurons]
     loss_sum, count = 0.0, 0
@@ -161,7 +162,7 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
     spec = checkpoint.ModelSpec(constructor=kwargs, mice=dataset.names, source="trained",
                                 extra=extra)
 
-    # Optimiser: warm-up then cosine, both per iteration (spec section 4).
+    # Optimiser: warm-up then cosine, both per iteration (docs/original.md#training).
     o = config.optim
     warmup_steps = o.warmup_epochs * steps_per_epoch
     cosine_steps = o.cosine_epochs * steps_per_epoch

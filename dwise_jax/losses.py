@@ -1,18 +1,19 @@
-"""The training loss of the original: the mouse-weighted Poisson loss (spec section 4).
+"""The training loss of the original: the mouse-weighted Poisson loss
+(docs/original.md#training).
 
     l(pred, y) = pred - y * log(pred + 1e-8)              (Poisson NLL, log_input=False, full=False)
     w = mice_weights / sum(mice_weights)                  (over the whole batch and all mice)
     loss = sum_m sum_{b: w[b, m] != 0} w[b, m] * sum_{t, n} l(pred_m[b, t, n], y_m[b, t, n])
 
-A SUM over neurons and time, a weighted mean over samples, mice weighted by their share of the
-batch (hazard 9: a mean would shrink the gradients towards Adam's eps and stop weighting mice by
-their neuron counts). Always computed in float32, whatever the compute dtype: eps = 1e-8
-underflows in half precision.
+A SUM over neurons and time, a weighted mean over samples, mice weighted by their share of the batch
+(docs/original.md#loss-is-a-sum: a mean would shrink the gradients towards Adam's eps and stop
+weighting mice by their neuron counts). Always computed in float32, whatever the compute dtype:
+eps = 1e-8 underflows in half precision.
 
 Three forms: `mice_poisson_loss` over all readouts (the original's); `own_readout_loss`, the same
 number for a batch labeled one mouse per sample when only each sample's own readout was run; and
 `distillation_loss`, where a teacher's predictions fill every (sample, mouse) pair without a
-label (spec section 2, hazard 10).
+label (docs/original.md#distillation).
 """
 
 from __future__ import annotations

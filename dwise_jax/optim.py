@@ -1,13 +1,14 @@
-"""Optimiser, learning-rate schedule and EMA of the original recipe (spec sections 4 and 9).
+"""Optimiser, learning-rate schedule and EMA of the original recipe (docs/original.md#training).
 
 - Learning rate per iteration: a linear warm-up from exactly 0 (iteration k of W uses
   base_lr * k / W), then a cosine from base_lr to min_lr over the cosine iterations
   (iteration j uses min_lr + (base_lr - min_lr) * (1 + cos(pi j / C)) / 2), then min_lr.
 - AdamW with torch's defaults (betas 0.9 / 0.999, eps 1e-8) and weight decay 0.05 on every
   parameter, BatchNorm included. Like torch, the decay is multiplied by the current learning rate
-  (spec 9.11), which optax.adamw does.
+  (so there is no decay at step 0), which optax.adamw does.
 - EMA with decay 0.999 after every optimiser step, from step 0 with no warm-up, over every model
-  state entry: parameters and BatchNorm running statistics (hazard 14).
+  state entry: parameters and BatchNorm running statistics
+  (docs/original.md#ema-covers-batchnorm-statistics).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """`python -m dwise_jax.predict --experiment NAME --split SPLIT`: predictions, submission, report.
 
-Spec section 6. Every fold model of the experiment (its EMA weights, trained here or converted
-from the original's .pth) predicts every trial of the split with sliding windows at every anchor
-(stride 1, as the original), batched on the device(s); the overlapping windows are mean-blended
-frame by frame, the folds averaged, and each trial written as float32 (neurons, length) to
+As the original (docs/original.md#prediction): every fold model of the experiment (its EMA weights,
+trained here or converted from the original's .pth) predicts every trial of the split with sliding
+windows at every anchor (stride 1, as the original), batched on the device(s); the overlapping
+windows are mean-blended frame by frame, the folds averaged, and each trial written as float32
+(neurons, length) to
 
     <workdir>/predictions/<experiment>/<split>/<mouse>/<trial>.npy
     <workdir>/predictions/<experiment>/<split>/manifest.json      written last: folds, trials

@@ -1,7 +1,7 @@
 """Scoring a split's predictions and the report: a Markdown summary, scores.json and PNG plots.
 
-The score is the competition's single-trial correlation (spec section 7, the starter kit's
-`get_correlations`): each trial's frames 50..L-1, a mouse's trials concatenated along time,
+The score is the competition's single-trial correlation (docs/original.md#metrics, the starter
+kit's `get_correlations`): each trial's frames 50..L-1, a mouse's trials concatenated along time,
 Pearson r per neuron (NaN as 0), averaged over all neurons of all mice (neuron-weighted; the
 mean over mice is given beside it). Predictions are the raw arrays (no precision
 normalisation); targets are the recorded responses of the labeled trials (`folds`) or, for the

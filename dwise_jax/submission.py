@@ -1,4 +1,5 @@
-"""Competition submission files, exactly as the Sensorium 2023 servers take them (spec section 6).
+"""Competition submission files, exactly as the Sensorium 2023 servers take them
+(docs/original.md#submission).
 
 For each test split, one parquet file (brotli compression, no index) with a row per trial of the
 submitted (new) mice, mice in readout order then trial id ascending, and the columns

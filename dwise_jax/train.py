@@ -1,8 +1,8 @@
 """`python -m dwise_jax.train --config CONFIG [--folds 0,3] [--workdir DIR]`: train the folds.
 
 Each fold k trains on the other six folds and validates on fold k, with the original's recipe
-(spec section 4): all mice in every batch, the mouse-weighted Poisson loss, CutMix, AdamW with
-a per-iteration warm-up from 0 then a cosine, EMA after every step, validation with the EMA
+(docs/original.md#training): all mice in every batch, the mouse-weighted Poisson loss, CutMix, AdamW
+with a per-iteration warm-up from 0 then a cosine, EMA after every step, validation with the EMA
 weights before each of the two fits (warm-up, cosine) and after every epoch.
 
 Everything a fold writes lies under `<workdir>/<experiment>/fold_<k>/`: `config.json` (the

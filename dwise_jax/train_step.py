@@ -7,7 +7,8 @@ The train state is a plain pytree of nested dicts of arrays (what Orbax saves as
     batch_stats  the BatchNorm running statistics (float32)
     opt_state    the AdamW state (optax)
     ema          {"params": ..., "batch_stats": ...}: the EMA of both, decay 0.999 after
-                 every step (hazard 14); validation, checkpoints and prediction use it.
+                 every step, BatchNorm statistics included (docs/original.md#training);
+                 validation, checkpoints and prediction use it.
 
 The model's structure (its nnx graph) is kept apart, once for training (dropout, drop path and
 batch statistics on) and once for evaluation (running statistics, no dropout). Dropout keys

@@ -1,5 +1,5 @@
 """Every shipped config loads locked, takes overrides, refuses unknown keys, builds its model, and
-holds the original's values (spec section 4)."""
+holds the original's values (docs/original.md#training)."""
 
 from __future__ import annotations
 

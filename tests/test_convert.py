@@ -19,7 +19,7 @@ def _err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def write_original_pth(path, arrays, meta, *, drop=(), extra_key=None, frame_stack=None):
-    """A .pth laid out as the original's checkpoints (spec section 8 and 9.3-9.4)."""
+    """A .pth laid out as the original's checkpoints (docs/original.md#original-checkpoints)."""
     kwargs = dict(meta["constructor_kwargs"])
     kwargs["readout_outputs"] = list(kwargs["readout_outputs"])  # a list in the original files
     for key in ("core_features", "spatial_strides", "cortex_features"):

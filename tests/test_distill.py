@@ -1,5 +1,5 @@
-"""Distillation (spec section 2, hazard 10): the 64% / 36% weight split, the loss against a NumPy
-reference, a frozen eval-mode teacher in the train step, and the clear errors of a missing or
+"""Distillation (docs/original.md#distillation): the 64% / 36% weight split, the loss against a
+NumPy reference, a frozen eval-mode teacher in the train step, and the clear errors of a missing or
 mismatched teacher; then a tiny stage one and distillation from it, end to end."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The training loss against the original's number and a NumPy reference; the schedule, AdamW and
-EMA against the spec's formulas and a NumPy AdamW written from torch's documented update."""
+EMA against the formulas of docs/original.md#training and a NumPy AdamW written from torch's
+documented update."""
 
 from __future__ import annotations
 

@@ -43,7 +43,8 @@ def test_prediction_anchors_and_counts_equal_fixture(pipeline_fixture):
 
 @pytest.mark.parametrize("length", [31, 32, 57, 300])
 def test_window_counts_follow_closed_form(length):
-    # spec 9.10: frame f is covered by #{k in 0..15 : 30 <= f + 2k <= L - 1} windows.
+    # Frame f is covered by #{k in 0..15 : 30 <= f + 2k <= L - 1} windows
+    # (docs/original.md#prediction).
     expected = [sum(30 <= f + 2 * k <= length - 1 for k in range(16)) for f in range(length)]
     np.testing.assert_array_equal(windows.window_counts(length), expected)
 

@@ -1,10 +1,10 @@
 """`python -m dwise_jax.data.download --root DIR`: fetch and unpack the real Sensorium 2023 data.
 
-The organisers publish one zip per mouse in two GIN repositories (spec section 1): the five new
-mice in `pollytur/sensorium_2023_dataset`, the five old ones in `pollytur/Sensorium2023Data`,
-each at `<repository>/raw/master/<mouse>.zip`. A zip holds the folder `<mouse>/` in the layout
-`dwise_jax.data.sensorium` reads, plus macOS `__MACOSX/` litter that is skipped. The whole
-dataset is 148 GB.
+The organisers publish one zip per mouse in two GIN repositories (docs/original.md#data-layout): the
+five new mice in `pollytur/sensorium_2023_dataset`, the five old ones in
+`pollytur/Sensorium2023Data`, each at `<repository>/raw/master/<mouse>.zip`. A zip holds the folder
+`<mouse>/` in the layout `dwise_jax.data.sensorium` reads, plus macOS `__MACOSX/` litter that is
+skipped. The whole dataset is 148 GB.
 
 Per mouse, in readout order:
 

@@ -4,11 +4,11 @@ Batch formats are documented once, in `dwise_jax.data.pipeline`. Both streams ar
 datasets of whole batches: iterate them as often as needed (each pass reads the same batches);
 the last batch is padded to the batch size with `valid` False so that shapes stay static.
 
-Validation (spec section 2): non-overlapping windows, anchors 30 + 31 k (length // 31 per
-trial), over the validation fold of every mouse, in mouse order, trial id ascending.
-Prediction (spec section 6): every anchor of a trial (stride 1 as the original, or a coarser
-stride that still covers every frame); `WindowBlender` sums each (16, N) output into its
-frames and divides by max(count, 1), the original's overlapping-window mean.
+Validation (docs/original.md#inputs-and-windows): non-overlapping windows, anchors 30 + 31 k
+(length // 31 per trial), over the validation fold of every mouse, in mouse order, trial id
+ascending. Prediction (docs/original.md#prediction): every anchor of a trial (stride 1 as the
+original, or a coarser stride that still covers every frame); `WindowBlender` sums each (16, N)
+output into its frames and divides by max(count, 1), the original's overlapping-window mean.
 """
 
 from __future__ import annotations

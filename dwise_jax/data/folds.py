@@ -4,9 +4,9 @@ This module owns the video hash (imagehash's phash of five frames, XOR-ed), the 
 says which trials of a mouse get a fold, the fold of every trial of a mouse (computed once
 per run and cached on disk beside the dataset) and a fold-balance summary.
 
-Everything here must match the original bit for bit (spec section 5, section 9 item 12,
-hazard 21): a different resize filter, frame choice or integer type reshuffles the folds, so
-models trained on the original's folds would be validated on their own training videos.
+Everything here must match the original bit for bit (docs/original.md#folds and
+#fold-hash-is-bit-exact): a different resize filter, frame choice or integer type reshuffles the
+folds, so models trained on the original's folds would be validated on their own training videos.
 
 The pure core (``frame_phash``, ``video_hash``, ``assign_folds``) works from arrays and a
 video loader; ``trial_folds`` and ``fold_tiers`` take a duck-typed mouse of
@@ -85,7 +85,7 @@ def video_hash(video: np.ndarray) -> int:
 
     Returns:
         The hash as a Python int in [0, 2**64). Keep it a Python int or np.uint64: int64
-        overflows and float64 drops low bits, and either changes ``% 7`` (spec 9.12).
+        overflows and float64 drops low bits, and either changes ``% 7``.
     """
     result = 0
     for index in video_hash_frames(video_length(video)):

@@ -25,8 +25,8 @@ exactly the original's model input, CutMix included):
   prediction (`eval_windows.prediction_batches`, one mouse): frames, traces, trial, anchor,
     valid; `eval_windows.WindowBlender` puts the (B, 16, N) outputs back in place.
 
-Training samples (spec sections 2 and 9.2, hazards 17 and 18): each epoch gives every mouse
-exactly epoch_size // num_mice samples in a shuffled order; a sample is a uniform trial of
+Training samples (docs/original.md#sampling-per-mouse and #cutmix-box): each epoch gives every
+mouse exactly epoch_size // num_mice samples in a shuffled order; a sample is a uniform trial of
 the mouse's training folds and a uniform anchor in [30, length - 1]; with probability p it is
 CutMixed with a fresh sample of the same mouse. Every draw comes from
 numpy `default_rng([seed, purpose, epoch, position])`, never from the clock, so a batch's
@@ -131,7 +131,7 @@ def build_sample(mouse: Mouse, draw: SampleDraw, num_neurons: int,
     if a > 0:
         partner_frames, partner_traces, y2 = load_window(mouse, draw.partner_trial,
                                                          draw.partner_anchor, arrays=arrays)
-        # The same float32 arithmetic as windows.apply_cutmix (spec 9.2).
+        # The same float32 arithmetic as windows.apply_cutmix.
         targets = (1.0 - a) * y1 + a * y2
     else:  # an empty box pastes nothing: the partner is never read
         partner_frames, partner_traces, targets = np.zeros_like(frames), np.zeros_like(

@@ -1,6 +1,6 @@
 """The Sensorium 2023 dataset as it lies on disk: mice, tiers, trial lengths, labels.
 
-Layout (spec section 1), one folder per mouse under a root::
+Layout (docs/original.md#data-layout), one folder per mouse under a root::
 
     <root>/<mouse>/data/{videos,responses,behavior,pupil_center}/<trial id>.npy
     <root>/<mouse>/meta/trials/tiers.npy
@@ -297,7 +297,8 @@ def _real_test_tiers(mouse: Mouse) -> set[str]:
         elif all(zeros.values()):
             warnings.warn(f"{mouse.name}: the {tier} responses are dummy zeros (e.g. "
                           f"{mouse.path_of('responses', probe[0])}); those trials count as "
-                          "unlabeled. Download the real labels (spec section 1) to train on them.",
+                          "unlabeled. Download the real labels (docs/original.md#data-layout) "
+                          "to train on them.",
                           DummyLabelsWarning, stacklevel=4)
         else:
             bad = next(t for t, z in zeros.items() if z)

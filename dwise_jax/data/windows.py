@@ -112,8 +112,8 @@ def window_targets(responses: np.ndarray, anchor: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# CutMix (spec section 2 and 9.2): a box from a partner sample of the same mouse is pasted into
-# all 5 channels and all 16 frames; targets mix by the pasted fraction of the 64 x 64 canvas.
+# CutMix (docs/original.md#cutmix-box): a box from a partner sample of the same mouse is pasted
+# into all 5 channels and all 16 frames; targets mix by the pasted fraction of the 64 x 64 canvas.
 
 
 def cutmix_box(lam: float, center_row: int, center_col: int, size: int = CANVAS) -> np.ndarray:

@@ -2,8 +2,8 @@
 
 Channels-last throughout. Input video windows are `(batch, time, height, width, channels)`;
 every readout returns `(batch, time, neurons)` float32, frame t aligned with input frame t.
-Numerics follow the original PyTorch model (lRomul/sensorium, spec section 3) so that its
-state dict maps one to one (see `torch_mapping.py`).
+Numerics follow the original PyTorch model (lRomul/sensorium; docs/original.md#model and
+#pitfalls) so that its state dict maps one to one (see `torch_mapping.py`).
 """
 
 from __future__ import annotations

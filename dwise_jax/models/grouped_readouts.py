@@ -1,13 +1,12 @@
 """Each sample's own readout only: the readouts' matmuls over the samples of their own mouse.
 
-The original runs all ten readouts on every sample of a "true batch" and masks nine of them out
-of the loss (spec section 2). Without distillation only the sample's own readout counts, and the
-readouts are 95% of the parameters and, at the real neuron counts, 5.2 of the 33.9 GFLOP of a
+The original runs all ten readouts on every sample of a "true batch" and masks nine of them out of
+the loss (docs/original.md#training). Without distillation only the sample's own readout counts, and
+the readouts are 95% of the parameters and, at the real neuron counts, 5.2 of the 33.9 GFLOP of a
 sample's forward pass when all ten run. Here the samples are sorted by mouse and readout m
-multiplies only the rows of mouse m: one `lax.switch` per mouse picks a static row count (a
-bucket: 1, 2, 3, 4, 6, 8, 12, 16, 24, ... up to the batch) at least the mouse's sample count,
-so the work is that of one readout per sample plus about 5% of padding rows at batch 32 over
-ten mice.
+multiplies only the rows of mouse m: one `lax.switch` per mouse picks a static row count (a bucket:
+1, 2, 3, 4, 6, 8, 12, 16, 24, ... up to the batch) at least the mouse's sample count, so the work is
+that of one readout per sample plus about 5% of padding rows at batch 32 over ten mice.
 
 Why not `jax.lax.ragged_dot`: in jax 0.10.2 it lowers on CPU (and on GPU unless a Pallas flag is
 set) to a dense product with every group masked, which is the cost of all readouts again.

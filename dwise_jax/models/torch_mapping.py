@@ -182,7 +182,8 @@ def state_to_torch(state: nnx.State) -> dict[str, np.ndarray]:
 def inv_freq_deviation(state_dict: Mapping[str, np.ndarray]) -> float:
     """Largest relative difference between the state dict's positional-encoding `inv_freq`
     buffers and the recomputed frequencies (0.0 if there are none). EMA-averaged checkpoints
-    may differ by ~1e-5 (spec 9.7); freshly built models by float rounding only."""
+    may differ by ~1e-5, since the EMA averaged them too
+    (docs/original.md#original-checkpoints); freshly built models by float rounding only."""
     worst = 0.0
     for name, value in state_dict.items():
         if name.endswith(".inv_freq"):
