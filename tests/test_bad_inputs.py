@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HANG_TIMEOUT_S
 from test_reliability import link_copy
 from test_train import DEMO, REPO
 
@@ -271,7 +272,7 @@ def test_bad_config(tmp_path, overrides, lines, devices, message):
 def run_module(module: str, args: list[str], env: dict[str, str] | None = None):
     env = {**process_env.cpu_environment(os.environ), **(env or {})}  # no re-exec: faster
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
 
 
 def truncated_root(root: Path) -> tuple[list[str], str]:

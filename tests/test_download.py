@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import HANG_TIMEOUT_S
 
 from dwise_jax.data import download
 from dwise_jax.data.sensorium import NEW_MICE, OLD_MICE, DummyLabelsWarning, SensoriumDataset
@@ -151,7 +152,7 @@ def no_proxy(monkeypatch):
 
 
 def run(root: Path, *flags: str) -> int:
-    return download.main(["--root", str(root), "--retry_wait", "0", "--timeout", "10", *flags])
+    return download.main(["--root", str(root), "--retry_wait", "0", "--timeout", "60", *flags])
 
 
 def manifest(tmp_path: Path, entries: list[dict]) -> str:
@@ -212,7 +213,7 @@ def test_resumes_a_download_cut_off_halfway(tmp_path, server, sources, archives)
     root = tmp_path / "data"
     args = [sys.executable, "-m", "dwise_jax.data.download", "--root", str(root), "--base_url",
             server.url(), "--mice", NEW, "--retries", "0"]
-    first = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=60)
+    first = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=HANG_TIMEOUT_S)
     assert first.returncode == 1 and "run again to resume" in first.stderr
     part = root / f"{NEW}.zip.part"
     assert part.read_bytes() == data[:len(data) // 2]

@@ -1,4 +1,4 @@
-"""Parity with the original PyTorch DwiseNeuro on the two model fixtures in ../shared/fixtures.
+"""Parity with the original PyTorch DwiseNeuro on the two model fixtures in tests/fixtures.
 
 The fixture state is mapped with `dwise_jax.models.torch_mapping` (the converter's code), then
 eval outputs, train-mode outputs, the loss, every gradient and the BatchNorm buffers after one

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import HANG_TIMEOUT_S
 
 from dwise_jax.data import eval_windows, folds, pipeline, synthetic, window_reader, windows
 from dwise_jax.data.sensorium import DatasetError, SensoriumDataset
@@ -348,9 +349,8 @@ def main(root):
         print("NO ERROR")
     except DatasetError as err:
         print("ERROR", type(err).__name__, err, flush=True)
-    for _ in range(50):  # the pool must be gone, not waiting
-        if not multiprocessing.active_children():
-            break
+    deadline = time.monotonic() + 120  # the pool must be gone, not waiting (a wide margin)
+    while multiprocessing.active_children() and time.monotonic() < deadline:
         time.sleep(0.1)
     print("CHILDREN", len(multiprocessing.active_children()), flush=True)
 
@@ -366,7 +366,7 @@ def test_worker_error_surfaces_in_main_process(sim_root, tmp_path):
     script.write_text(textwrap.dedent(_WORKER_ERROR_SCRIPT))
     # A subprocess with a timeout: a hanging pool fails the test instead of stalling it.
     done = subprocess.run([sys.executable, str(script), str(root)], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
+                          text=True, timeout=HANG_TIMEOUT_S, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     damaged = next(line for line in lines if line.startswith("DAMAGED")).split(" ", 1)[1]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import HANG_TIMEOUT_S
 from flax import nnx
 
 from dwise_jax import atomic, checkpoint, ensemble, metrics, predict, sharding, submission
@@ -261,7 +262,7 @@ def test_anchor_stride_command_line_equals_the_sweep(sim, work, predicted, oof_f
     out = subprocess.run(
         [sys.executable, "-m", "dwise_jax.predict", "--experiment=a", f"--split={SPLIT}",
          f"--workdir={tmp_path}", "--anchor_stride=4", "--batch_size=16"],
-        capture_output=True, text=True, cwd=REPO, timeout=600)
+        capture_output=True, text=True, cwd=REPO, timeout=HANG_TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-3000:]
     manifest = json.loads((predict.predictions_dir(tmp_path, "a", SPLIT) / "manifest.json")
                           .read_text())
@@ -357,6 +358,6 @@ def test_command_line_errors_are_one_line(work):
             ("ensemble", ["--experiments=a,c", f"--split={SPLIT}"], "make them with")):
         out = subprocess.run([sys.executable, "-m", f"dwise_jax.{module}", *args,
                               f"--workdir={work}"], capture_output=True, text=True, cwd=REPO,
-                             timeout=300)
+                             timeout=HANG_TIMEOUT_S)
         assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
         assert "Traceback" not in out.stderr

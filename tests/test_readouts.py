@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import gradient_errors
 from flax import nnx
 
 from dwise_jax import losses, train_step
@@ -25,6 +26,19 @@ def test_bucket_sizes():
     assert bucket_sizes(4) == (1, 2, 3, 4)
     assert bucket_sizes(7) == (1, 2, 3, 4, 6, 7)
     assert bucket_sizes(32) == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def test_gradient_measure_bounds_round_off_absolutely_and_catches_real_errors():
+    # A leaf that is zero in exact arithmetic holds round-off of different sign and size in the
+    # two trees: leaf-relative that is an error of 2, in conftest's measure a negligible one.
+    want = {"kernel": np.array([4.0, -16.0, 2.0]), "bias": np.array([3e-6, -1e-6])}
+    got = {"kernel": want["kernel"] * (1 + 1e-7), "bias": np.array([-3e-6, 2e-6])}
+    errors = gradient_errors(got, want)
+    assert errors["['bias']"] == pytest.approx(6e-6 / 0.16)
+    assert errors["['kernel']"] == pytest.approx(16e-7 / 16)
+    # A real mistake still shows: 1% off on a large leaf, or a wrongly non-zero near-zero leaf.
+    assert gradient_errors({**got, "kernel": want["kernel"] * 1.01}, want)["['kernel']"] > 1e-3
+    assert gradient_errors({**got, "bias": np.array([0.05, 0.0])}, want)["['bias']"] > 0.1
 
 
 def _batch(counts, mouse, rng):
@@ -67,13 +81,12 @@ def test_own_readouts_equal_all_readouts_masked(dtype):
     value_needed, grads_needed = jax.jit(jax.value_and_grad(loss_needed))(params)
     rtol = 1e-5 if dtype == jnp.float32 else 2e-2
     assert float(value_needed) == pytest.approx(float(value_all), rel=rtol)
-    flat_all = dict(jax.tree.leaves_with_path(grads_all))
-    flat_needed = dict(jax.tree.leaves_with_path(grads_needed))
-    assert flat_all.keys() == flat_needed.keys()
-    for path, g in flat_all.items():
-        scale = float(jnp.max(jnp.abs(g))) + 1e-12
-        err = float(jnp.max(jnp.abs(g - flat_needed[path]))) / scale
-        assert err < (1e-5 if dtype == jnp.float32 else 3e-2), (jax.tree_util.keystr(path), err)
+    # Several BatchNorm biases here have a zero gradient in exact arithmetic: compare in the
+    # measure that bounds those absolutely (conftest.gradient_errors), never leaf-relative.
+    errors = gradient_errors(grads_needed, grads_all)
+    limit = 1e-4 if dtype == jnp.float32 else 3e-2
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < limit, (worst, errors[worst])
     # The readout of the mouse without samples gets an exactly zero gradient either way.
     np.testing.assert_array_equal(np.asarray(grads_needed["readouts"][2]["kernel"]), 0.0)
 

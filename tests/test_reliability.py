@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HANG_TIMEOUT_S
 from test_train import CLI_TINY, DEMO, REPO, TINY, checkpoint_leaves
 
 from dwise_jax import checkpoint, process_env
@@ -100,6 +101,18 @@ class Child:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.finish()
 
+    def stop_inside_write(self, steps: Path) -> None:
+        """Freezes the process (SIGSTOP) at a moment when a checkpoint write is unfinished:
+        stop, look, and let it go on until a temporary step folder is there while it is frozen.
+        Whether a random kill lands inside a write depends on the machine's speed; this does
+        not."""
+        while True:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+            if any(not p.name.isdigit() for p in steps.iterdir()):
+                return
+            os.killpg(self.proc.pid, signal.SIGCONT)
+            time.sleep(0.001)
+
     def finish(self) -> None:
         self.proc.wait()
         self._reader.join()
@@ -137,7 +150,7 @@ def train_losses(fold: Path) -> dict[int, float]:
 def test_random_sigkills_resume_to_the_same_state_bit_for_bit(plain_root, train_env, tmp_path):
     extra = ("--config.log.every_steps=1",)  # one metrics.jsonl record per step: the step counter
     straight = subprocess.run(train_command(plain_root, tmp_path / "straight", *extra), cwd=REPO,
-                              env=train_env, capture_output=True, text=True, timeout=900)
+                              env=train_env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     workdir = tmp_path / "killed"
@@ -158,7 +171,7 @@ def test_random_sigkills_resume_to_the_same_state_bit_for_bit(plain_root, train_
         goal = max(int(target), (resume or 0) + 1)
         child = Child(train_command(plain_root, workdir, *extra), train_env,
                       tmp_path / f"stderr_{len(kills)}.txt")
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + HANG_TIMEOUT_S
         while True:
             assert child.alive(), (f"run {len(kills)} ended before its kill (goal step {goal}): "
                                    f"{(tmp_path / f'stderr_{len(kills)}.txt').read_text()[-3000:]}")
@@ -172,10 +185,10 @@ def test_random_sigkills_resume_to_the_same_state_bit_for_bit(plain_root, train_
         assert child.alive(), f"the run finished before kill {len(kills) + 1}: {kills}"
         child.kill()
         kills.append({"resumed_from": resume, "after_step": goal, "delay_s": round(delay, 2),
-                      "wall_s": round(time.monotonic() - deadline + 600, 1)})
+                      "wall_s": round(time.monotonic() - deadline + HANG_TIMEOUT_S, 1)})
 
     last = subprocess.run(train_command(plain_root, workdir, *extra), cwd=REPO, env=train_env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert last.returncode == 0, last.stderr[-3000:]
     assert len(kills) == KILLS
     if checkpoint.latest_step(fold) is not None:
@@ -208,13 +221,15 @@ def test_sigkill_during_checkpoint_writes_keeps_the_last_complete_step(tmp_path)
         child = Child([sys.executable, str(WRITER), str(tmp_path), str(next_step)], env,
                       tmp_path / f"stderr_{i}.txt")
         wanted = int(rng.integers(1, 3))  # complete steps first, then a kill inside the next
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + HANG_TIMEOUT_S
         while not (len(child.lines) >= wanted and steps.is_dir()
                    and any(not p.name.isdigit() for p in steps.iterdir())):
             assert child.alive(), (tmp_path / f"stderr_{i}.txt").read_text()[-3000:]
             assert time.monotonic() < deadline, "the writer made no progress"
             time.sleep(0.002)
         time.sleep(rng.uniform(0.0, 0.2))
+        if i == KILLS - 1 and not interrupted:
+            child.stop_inside_write(steps)  # the last chance: make sure one kill lands in a write
         child.kill()
         saved = max(int(x.split()[1]) for x in child.lines)
         unfinished = [p.name for p in steps.iterdir() if not p.name.isdigit()]
@@ -247,7 +262,7 @@ def test_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     root = link_copy(plain_root, tmp_path / "root")
     command = train_command(root, tmp_path / "work", f"--config.log.every_steps={every}")
     first = subprocess.run([*command, f"--max_steps={first_steps}"], cwd=REPO, env=train_env,
-                           capture_output=True, text=True, timeout=900)
+                           capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert first.returncode == 0, first.stderr[-3000:]
     fold = checkpoint.fold_dir(tmp_path / "work", "demo", FOLD)
     _, good = checkpoint.restore(fold, ("state", "ema"))
@@ -264,7 +279,7 @@ def test_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(
                 np.save(path, responses)
 
     out = subprocess.run(command, cwd=REPO, env=train_env, capture_output=True, text=True,
-                         timeout=900)
+                         timeout=HANG_TIMEOUT_S)
     assert out.returncode == 1, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     message = (rf"error: fold {FOLD}: loss is (nan|inf|-inf) at step {detected} \(batch mice "

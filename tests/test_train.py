@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import HANG_TIMEOUT_S
 
 from dwise_jax import checkpoint, fold_run
 from dwise_jax import config as config_lib
@@ -82,7 +83,7 @@ def test_refuses_another_architecture_or_config(sim_root, tmp_path):
 @pytest.mark.slow
 def test_sigkill_and_restart_ends_bit_identical(sim_root, tmp_path):
     args = [f"--data_root={sim_root}", "--folds=2", *CLI_TINY]
-    straight = _run([*args, f"--workdir={tmp_path / 'a'}"], timeout=600)
+    straight = _run([*args, f"--workdir={tmp_path / 'a'}"], timeout=HANG_TIMEOUT_S)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     killed_dir = tmp_path / "b"
@@ -91,13 +92,13 @@ def test_sigkill_and_restart_ends_bit_identical(sim_root, tmp_path):
                              f"--workdir={killed_dir}"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = killed_dir / "demo" / "fold_2" / "checkpoints" / "3"
-    deadline = time.time() + 600
+    deadline = time.time() + HANG_TIMEOUT_S
     while not first.is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert first.is_dir(), "the first epoch's checkpoint never appeared"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = _run([*args, f"--workdir={killed_dir}"], timeout=600)
+    resumed = _run([*args, f"--workdir={killed_dir}"], timeout=HANG_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from step" in resumed.stdout
 
@@ -123,7 +124,8 @@ def checkpoint_leaves(tree, prefix=""):
 def test_one_step_on_four_devices_equals_one_device(sim_root):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     out = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "multidevice_step.py"),
-                          str(sim_root)], capture_output=True, text=True, env=env, timeout=600)
+                          str(sim_root)], capture_output=True, text=True, env=env,
+                         timeout=HANG_TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["devices"] == 4
@@ -142,7 +144,7 @@ def test_one_step_on_four_devices_equals_one_device(sim_root):
     ],
 )
 def test_cli_errors_are_clear(tmp_path, args, message):
-    out = _run([f"--workdir={tmp_path}", *args], timeout=300)
+    out = _run([f"--workdir={tmp_path}", *args], timeout=HANG_TIMEOUT_S)
     assert out.returncode != 0
     assert message in out.stderr
     assert "Traceback" not in out.stderr or "base_rl" in message
@@ -151,7 +153,7 @@ def test_cli_errors_are_clear(tmp_path, args, message):
 def test_profile_and_hlo_dump(sim_root, tmp_path):
     # A relative --workdir (like the default "workdir"), resolved against the working folder.
     out = _run([f"--data_root={sim_root}", "--workdir=.", "--folds=0", *CLI_TINY,
-                "--profile_steps=1:2", "--dump_hlo", "--max_steps=2"], timeout=600,
+                "--profile_steps=1:2", "--dump_hlo", "--max_steps=2"], timeout=HANG_TIMEOUT_S,
                cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     fold = tmp_path / "demo" / "fold_0"
@@ -169,12 +171,12 @@ def test_sigterm_saves_and_exits_cleanly(sim_root, tmp_path):
          f"--workdir={tmp_path}", "--folds=0", *CLI_TINY, "--config.data.train_epoch_size=400"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "demo" / "fold_0" / "metrics.jsonl"
-    deadline = time.time() + 600
+    deadline = time.time() + HANG_TIMEOUT_S
     while time.time() < deadline and proc.poll() is None and not (
             metrics.exists() and '"train"' in metrics.read_text()):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=600)
+    stdout, stderr = proc.communicate(timeout=HANG_TIMEOUT_S)
     assert proc.returncode == 0, stderr[-2000:]
     assert "stopped by request" in stdout
     step = checkpoint.latest_step(tmp_path / "demo" / "fold_0")
