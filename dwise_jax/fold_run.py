@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from dwise_jax import atomic, checkpoint, optim, readout_bias, sharding, train_step
+from dwise_jax import atomic, checkpoint, fold_lock, optim, readout_bias, sharding, train_step
 from dwise_jax import config as config_lib
 from dwise_jax.data import eval_windows, pipeline
 from dwise_jax.data.sensorium import DatasetError, SensoriumDataset
@@ -33,7 +33,8 @@ class TrainingError(RuntimeError):
     """Training cannot start or go on (incompatible fold folder, non-finite loss, ...)."""
 
 
-USER_ERRORS = (TrainingError, DatasetError, checkpoint.CheckpointError, config_lib.ConfigError)
+USER_ERRORS = (TrainingError, DatasetError, checkpoint.CheckpointError, config_lib.ConfigError,
+               fold_lock.FoldLockedError)
 # Config fields that may change between a run and its restart (they do not change results).
 _RESTART_FREE = ("workdir", "data_root", "folds", "log", "data.num_workers",
                  "data.prefetch_buffer_size")
@@ -129,6 +130,7 @@ def validate(evaluate, weights, dataset: SensoriumDataset, fold: int, batch_size
     return {"corr": float(np.mean(per_mouse)), "loss": loss_sum / count}
 
 
+@fold_lock.guard_training  # one process per fold folder, before anything is read there
 def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, int] | None = None,
                dump_hlo: bool = False, max_steps: int | None = None) -> float:
     """Trains fold `fold` (validation fold) and returns its final EMA validation correlation."""
