@@ -13,7 +13,9 @@ is NaN-padded at the tail. Every file is memory-mapped and never unpickled.
 
 Opening a dataset is cheap (the real one is 148 GB): it reads the meta files, lists the trial
 folders and reads row 0 of one or two arrays per trial for the lengths. `Mouse.load_trial`
-validates a whole trial; `python -m dwise_jax.data.sensorium ROOT --check` validates all.
+validates a whole trial; `python -m dwise_jax.data.sensorium ROOT --check` validates all, and
+names every trial file holding values that contradict the mouse's meta/statistics
+(`value_check`, which the loaders also apply to every window they read).
 """
 
 from __future__ import annotations
@@ -430,13 +432,23 @@ def open_dataset(root: str | os.PathLike) -> SensoriumDataset:
     return SensoriumDataset.open(root)
 
 
-def check_all(dataset: SensoriumDataset) -> int:
-    """Validates every trial and std file of every mouse; returns the number of trials."""
+def check_all(dataset: SensoriumDataset, offenses: list[str] | None = None) -> int:
+    """Validates every trial and std file of every mouse; returns the number of trials.
+
+    With `offenses`, also appends one line per trial file holding a value that contradicts the
+    mouse's own meta/statistics (`value_check.scan_trial`), and goes on scanning.
+    """
+    from dwise_jax.data import value_check  # it reads mice through this module's objects
+
     count = 0
     for mouse in dataset.mice:
         mouse.response_std()
         for trial_id in range(mouse.num_trials):
-            mouse.load_trial(trial_id)
+            trial = mouse.load_trial(trial_id)
+            if offenses is not None:
+                offenses += value_check.scan_trial(mouse, trial_id, {
+                    "videos": trial.video, "behavior": trial.behavior,
+                    "pupil_center": trial.pupil_center, "responses": trial.responses})
             count += 1
     return count
 
@@ -447,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Print a summary of a Sensorium 2023 root and its seven folds; "
                     "--check validates every trial.")
     parser.add_argument("root", type=Path)
-    parser.add_argument("--check", action="store_true", help="load and validate every trial")
+    parser.add_argument("--check", action="store_true",
+                        help="load and validate every trial, and hold every value to the "
+                             "mouse's meta/statistics")
     args = parser.parse_args(argv)
     from dwise_jax.data import folds  # folds reads mice through this module's objects
 
@@ -455,7 +469,15 @@ def main(argv: list[str] | None = None) -> int:
         dataset = SensoriumDataset.open(args.root)
         print(dataset.summary())
         if args.check:
-            print(f"checked {check_all(dataset)} trials: all valid")
+            offenses: list[str] = []
+            count = check_all(dataset, offenses)
+            for line in offenses:
+                print(f"error: {line}", file=sys.stderr)
+            if offenses:
+                print(f"checked {count} trials: {len(offenses)} trial files hold values that "
+                      "contradict the dataset's own statistics (listed on stderr)")
+                return 1
+            print(f"checked {count} trials: all valid, every value within its statistics")
         print("\ntrials per fold (perceptual video hash % 7):")
         print(folds.format_fold_balance(folds.fold_balance(dataset.mice)))
     except DatasetError as err:

@@ -14,7 +14,7 @@ from collections import OrderedDict
 import grain
 import numpy as np
 
-from dwise_jax.data import windows
+from dwise_jax.data import value_check, windows
 from dwise_jax.data.sensorium import DatasetError, Mouse
 
 # Memory maps kept open per process: more than the real dataset's ~28000 trial files (10 mice,
@@ -93,8 +93,9 @@ def load_window(mouse: Mouse, trial: int, anchor: int, targets: bool = True,
         ReLU'd (None when `targets` is False).
 
     Raises:
-        DatasetError: naming the file, when a file is missing, unreadable, too short or holds
-            NaN inside the trial.
+        DatasetError: naming the file, when a file is missing, unreadable, too short, holds
+            NaN inside the trial or values that contradict the dataset's statistics
+            (`value_check`).
     """
     trial_arrays = {}
     for modality in ("videos", "behavior", "pupil_center") + (("responses",) if targets else ()):
@@ -117,7 +118,20 @@ def load_window(mouse: Mouse, trial: int, anchor: int, targets: bool = True,
         _check_finite(mouse, modality, trial, rows, anchor)
     if target is not None:
         _check_finite(mouse, "responses", trial, target, anchor)
+    # Values far outside the dataset's own statistics stop here, before they reach a gradient.
+    value_check.check_window(_value_bounds(mouse), mouse, trial, windows.window_indexes(anchor),
+                             frames, traces, target)
     return frames, traces, target
+
+
+def _value_bounds(mouse: Mouse) -> dict[str, value_check.Bounds]:
+    """`value_check.mouse_bounds(mouse)`; the first call per mouse and process reads the
+    statistics files under _OPEN_LOCK (np.load, see there)."""
+    bounds = mouse.__dict__.get("_value_bounds")
+    if bounds is None:
+        with _OPEN_LOCK:
+            bounds = value_check.mouse_bounds(mouse)
+    return bounds
 
 
 def pad_neurons(targets: np.ndarray, num_neurons: int) -> np.ndarray:
