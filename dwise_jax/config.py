@@ -47,6 +47,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Readout bias start: "zeros" (the original) or "response_mean" (softplus returns each
     # neuron's mean response at the start; for short runs, see dwise_jax/readout_bias.py).
     config.model.readout_bias_init = "zeros"
+    # How the depthwise convolutions are computed (not what): "auto" (the tap sum on CPU, XLA's
+    # grouped convolution on GPU and TPU; dwise_jax/models/depthwise.py), "taps" or "lax".
+    # Stored in model.json; "auto" is resolved on the machine that runs the model.
+    config.model.depthwise_impl = "auto"
 
     config.data = ml_collections.ConfigDict()
     config.data.batch_size = 32  # global batch, split over all devices
@@ -173,6 +177,7 @@ def model_kwargs(config: ml_collections.ConfigDict, readout_outputs: list[int]) 
         "softplus_beta": m.softplus_beta,
         "drop_rate": m.drop_rate,
         "drop_path_rate": m.drop_path_rate,
+        "depthwise_impl": m.depthwise_impl,
     }
 
 
@@ -206,6 +211,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
          f"model.compute_dtype must be float32 or bfloat16, got {m.compute_dtype!r}"),
         (m.readout_bias_init in ("zeros", "response_mean"),
          f"model.readout_bias_init must be zeros or response_mean, got {m.readout_bias_init!r}"),
+        (m.depthwise_impl in ("auto", "taps", "lax"),
+         f"model.depthwise_impl must be auto, taps or lax, got {m.depthwise_impl!r}"),
         (len(m.core_features) == len(m.spatial_strides),
          "model.core_features and model.spatial_strides must have the same length"),
         (all(type(v) is int and v > 0

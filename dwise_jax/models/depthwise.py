@@ -1,10 +1,14 @@
 """Depthwise 3-D convolution, channels-last, behind one function (`depthwise_conv3d`).
 
-XLA's grouped convolution (feature_group_count = channels) is pathologically slow on CPU, above
-all in the backward pass (jax-ml/jax#13800, google/flax#4207). The default here is a sum over
-kernel taps of shifted, strided slices times per-channel weights, with a hand-written VJP; the
-grouped convolution stays available (impl="lax") for measurements and tests. The choice was made
-by measurement: benchmarks/RESULTS.md.
+Two implementations: "taps", a sum over kernel taps of shifted, strided slices times per-channel
+weights with a hand-written VJP, and "lax", XLA's grouped convolution (feature_group_count =
+channels). "auto" picks one per backend (`jax.default_backend()`, when the model is traced):
+the tap sum on CPU, where XLA's grouped convolution is pathologically slow, above all in the
+backward pass (google/flax#4207; measured in benchmarks/RESULTS.md), and the grouped
+convolution on GPU and TPU, where XLA hands it to the vendor's convolution kernels (cuDNN on
+GPU), until a measurement there says otherwise: its backward pass has been reported slow on
+GPUs too (jax-ml/jax#13800), so `benchmarks/accelerator.py` times both. Nothing has been
+measured on an accelerator yet. `config.model.depthwise_impl` overrides the choice.
 """
 
 from __future__ import annotations
@@ -16,8 +20,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# The implementation used by the whole package ("taps" or "lax").
-DEPTHWISE_IMPL = "taps"
+IMPLS = ("auto", "taps", "lax")
+# What "auto" means on each backend; any backend not named here gets "lax".
+AUTO_IMPL = {"cpu": "taps"}
+
+
+def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
+    """"taps" or "lax": `impl` itself, or for "auto" the choice for `backend` (default: JAX's
+    default backend). Raises ValueError for any other name."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown depthwise implementation {impl!r}; expected one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    return AUTO_IMPL.get(backend or jax.default_backend(), "lax")
 
 
 def _tap_sum(xp, kernel, strides):
@@ -112,7 +127,7 @@ def depthwise_conv3d(
     kernel: jax.Array,
     strides: Sequence[int] = (1, 1, 1),
     padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0), (0, 0)),
-    impl: str | None = None,
+    impl: str = "auto",
 ) -> jax.Array:
     """Depthwise 3-D convolution with explicit zero padding (PyTorch `groups=channels`).
 
@@ -121,13 +136,12 @@ def depthwise_conv3d(
       kernel: `(kt, kh, kw, channels)`, already in the compute dtype.
       strides: `(st, sh, sw)`.
       padding: `((pt, pt), (ph, ph), (pw, pw))`, symmetric as in the original.
-      impl: "taps" (sum of shifted slices) or "lax" (grouped conv); default DEPTHWISE_IMPL.
+      impl: "taps" (sum of shifted slices), "lax" (grouped conv) or "auto" (per backend,
+        `resolve_impl`).
     """
-    impl = impl or DEPTHWISE_IMPL
+    impl = resolve_impl(impl)
     strides = tuple(strides)
     padding = tuple(tuple(p) for p in padding)
     if impl == "taps":
         return _depthwise_taps(x, kernel, strides, padding)
-    if impl == "lax":
-        return _depthwise_lax(x, kernel, strides, padding)
-    raise ValueError(f"unknown depthwise implementation {impl!r}")
+    return _depthwise_lax(x, kernel, strides, padding)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dwise_jax.models.depthwise import depthwise_conv3d
+from dwise_jax.models.depthwise import depthwise_conv3d, resolve_impl
 from dwise_jax.models.grouped_readouts import grouped_readouts
 from dwise_jax.models.layers import (
     BatchNorm,
@@ -55,10 +55,12 @@ class InvertedResidual3d(nnx.Module):
         se_reduce_ratio: int,
         drop_path_rate: float,
         dtype: Dtype,
+        depthwise_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         mid = in_features * expansion_ratio
         self.stride = stride
+        self.depthwise_impl = depthwise_impl
         self.out_features = out_features
         self.dtype = dtype
         self.expand_kernel = nnx.Param(conv_init(rngs.params(), (in_features, mid), mid))
@@ -86,12 +88,14 @@ class InvertedResidual3d(nnx.Module):
             self.spatial_kernel[...].astype(dt)[None],
             strides=(1, self.stride, self.stride),
             padding=((0, 0), (k // 2, k // 2), (k // 2, k // 2)),
+            impl=self.depthwise_impl,
         )
         y = self.spatial_bn(y, silu=True)
         y = depthwise_conv3d(
             y,
             self.temporal_kernel[...].astype(dt)[:, None, None, :],
             padding=((kt // 2, kt // 2), (0, 0), (0, 0)),
+            impl=self.depthwise_impl,
         )
         y = self.temporal_bn(y, silu=True)
         y = self.se(y)
@@ -115,6 +119,7 @@ class Core(nnx.Module):
         se_reduce_ratio: int,
         drop_path_rate: float,
         dtype: Dtype,
+        depthwise_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         features = tuple(features)
@@ -139,6 +144,7 @@ class Core(nnx.Module):
                     se_reduce_ratio=se_reduce_ratio,
                     drop_path_rate=drop_path_rate * i / n,
                     dtype=dtype,
+                    depthwise_impl=depthwise_impl,
                     rngs=rngs,
                 )
             )
@@ -220,7 +226,8 @@ class DwiseNeuro(nnx.Module):
     """The whole model: core -> mean over (height, width) -> cortex -> one readout per mouse.
 
     Constructor arguments are the original's (`params["nn_module"][1]` of its .pth) plus the
-    compute `dtype`; parameters are always float32.
+    compute `dtype` (parameters are always float32) and `depthwise_impl` ("auto", "taps" or
+    "lax", see models/depthwise.py: how the depthwise convolutions are computed, not what).
     """
 
     def __init__(
@@ -240,9 +247,12 @@ class DwiseNeuro(nnx.Module):
         drop_rate: float = 0.4,
         drop_path_rate: float = 0.1,
         dtype: Dtype = jnp.float32,
+        depthwise_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
+        resolve_impl(depthwise_impl)  # an unknown name fails here, not at the first trace
         self.dtype = dtype
+        self.depthwise_impl = depthwise_impl
         self.readout_outputs = tuple(int(n) for n in readout_outputs)
         self.core = Core(
             in_channels=in_channels,
@@ -254,6 +264,7 @@ class DwiseNeuro(nnx.Module):
             se_reduce_ratio=se_reduce_ratio,
             drop_path_rate=drop_path_rate,
             dtype=dtype,
+            depthwise_impl=depthwise_impl,
             rngs=rngs,
         )
         self.cortex = Cortex(
