@@ -25,8 +25,8 @@ import datetime
 import functools
 import json
 import os
+import platform
 import shlex
-import socket
 import sys
 import tempfile
 import uuid
@@ -75,7 +75,7 @@ def describe(holder: dict) -> str:
 
 def holder_is_alive(holder: dict) -> bool | None:
     """Whether the holder process still runs: True/False on this host, None on another host."""
-    if holder.get("host") != socket.gethostname():
+    if holder.get("host") != platform.node():
         return None
     pid = holder.get("pid")
     if not isinstance(pid, int) or pid <= 0:
@@ -163,7 +163,7 @@ def acquire(directory: str | os.PathLike) -> FoldLock:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
     holder = {
-        "host": socket.gethostname(), "pid": os.getpid(),
+        "host": platform.node(), "pid": os.getpid(),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "boot_id": _boot_id(), "process_start": _process_start(os.getpid()),
         "token": uuid.uuid4().hex,
