@@ -4,6 +4,8 @@ simulated dataset, and the one measure for comparing gradients."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,10 @@ from absl import flags
 flags.FLAGS.mark_as_parsed()
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# The folds cache of every test and of the command lines they start (which inherit the
+# environment) goes to one folder of this run, not the user's ~/.cache.
+os.environ.setdefault("DWISE_JAX_CACHE", tempfile.mkdtemp(prefix="dwise_jax_test_cache-"))
 
 # How long a child process (a command line under test) may run before the test calls it hung.
 # Only a safety net against hangs, never a verdict on speed: the slowest of these runs takes

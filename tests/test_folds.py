@@ -265,9 +265,12 @@ def test_mouse_folds_cached_in_memory_and_on_disk(disk_mouse, pipeline_fixture, 
     n_hashed = int(np.isin(f["fake/mouse0/tiers"], ["train", "oracle"]).sum())
     np.testing.assert_array_equal(folds.fold_tiers(disk_mouse), expected)
     assert len(hash_calls) == n_hashed
-    cache = disk_mouse.path / "meta/trials" / folds.CACHE_NAME
+    cache = folds.cache_file(disk_mouse)
     assert cache.exists() and cache.stat().st_mode & 0o044 == 0o044  # readable by others
+    assert cache.parent.parent == Path(os.environ["DWISE_JAX_CACHE"])  # the run's cache folder
     assert [p.name for p in cache.parent.iterdir() if p.name.startswith(".folds-")] == []
+    # the dataset is only read: its trials folder holds what it held
+    assert sorted(p.name for p in (disk_mouse.path / "meta/trials").iterdir()) == ["tiers.npy"]
     folds.trial_folds(disk_mouse)
     folds.fold_tiers(disk_mouse)
     assert len(hash_calls) == n_hashed  # memoised: no second hashing in this run
@@ -312,7 +315,8 @@ def test_more_labeled_tiers_reuse_cached_hashes(disk_mouse, hash_calls):
 
 def test_malformed_cache_recomputed(disk_mouse, pipeline_fixture, hash_calls):
     f, _ = pipeline_fixture
-    (disk_mouse.path / "meta/trials" / folds.CACHE_NAME).write_bytes(b"not an npz")
+    folds.cache_file(disk_mouse).parent.mkdir(parents=True, exist_ok=True)
+    folds.cache_file(disk_mouse).write_bytes(b"not an npz")
     np.testing.assert_array_equal(folds.fold_tiers(disk_mouse), f["fake/mouse0/tiers_after_folds"])
     assert len(hash_calls) > 0
     folds.clear_memo()
@@ -321,25 +325,44 @@ def test_malformed_cache_recomputed(disk_mouse, pipeline_fixture, hash_calls):
     assert len(hash_calls) == calls  # the rewritten cache is good
 
 
-def test_unwritable_folder_tolerated(disk_mouse, pipeline_fixture, monkeypatch):
+def test_unwritable_cache_folder_tolerated(disk_mouse, pipeline_fixture, monkeypatch, tmp_path):
     f, _ = pipeline_fixture
-    trials_dir = disk_mouse.path / "meta/trials"
+    want = f["fake/mouse0/tiers_after_folds"]
 
     def refuse(*args, **kwargs):
-        raise PermissionError("read-only dataset")
+        raise PermissionError("read-only cache")
 
     monkeypatch.setattr(folds.os, "replace", refuse)
-    np.testing.assert_array_equal(folds.fold_tiers(disk_mouse), f["fake/mouse0/tiers_after_folds"])
-    assert sorted(p.name for p in trials_dir.iterdir()) == ["tiers.npy"]
+    np.testing.assert_array_equal(folds.fold_tiers(disk_mouse), want)
+    cache = folds.cache_file(disk_mouse)
+    assert not cache.exists()
+    assert [p.name for p in cache.parent.iterdir() if p.name.startswith(".folds-")] == []
     monkeypatch.undo()
     folds.clear_memo()
     if os.geteuid() != 0:  # root ignores permission bits
-        trials_dir.chmod(0o555)
+        locked = tmp_path / "locked_cache"
+        locked.mkdir(mode=0o555)
+        monkeypatch.setenv(folds.CACHE_ENV, str(locked))
         try:
-            folds.fold_tiers(disk_mouse)
-            assert sorted(p.name for p in trials_dir.iterdir()) == ["tiers.npy"]
+            np.testing.assert_array_equal(folds.fold_tiers(disk_mouse), want)
+            assert list(locked.iterdir()) == []
         finally:
-            trials_dir.chmod(0o755)
+            locked.chmod(0o755)
+    assert sorted(p.name for p in (disk_mouse.path / "meta/trials").iterdir()) == ["tiers.npy"]
+
+
+def test_cache_folder_default_is_the_users_cache(disk_mouse, monkeypatch, tmp_path):
+    monkeypatch.delenv(folds.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    first = folds.cache_file(disk_mouse)
+    assert first.parent == tmp_path / "xdg" / "dwise_jax" / "folds"
+    assert first.name.startswith(disk_mouse.path.name + "-")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert folds.cache_file(disk_mouse).parent == tmp_path / "home/.cache/dwise_jax/folds"
+    # another dataset with a mouse of the same name gets another file
+    other = dataclasses.replace(disk_mouse, path=tmp_path / "elsewhere" / disk_mouse.path.name)
+    assert folds.cache_file(other) != folds.cache_file(disk_mouse)
 
 
 def test_fold_balance_report(tmp_path, pipeline_fixture):

@@ -2,7 +2,7 @@
 
 This module owns the video hash (imagehash's phash of five frames, XOR-ed), the rule that
 says which trials of a mouse get a fold, the fold of every trial of a mouse (computed once
-per run and cached on disk beside the dataset) and a fold-balance summary.
+per run and cached in the user's cache folder, never in the dataset) and a fold-balance summary.
 
 Everything here must match the original bit for bit (docs/original.md#folds and
 #fold-hash-is-bit-exact): a different resize filter, frame choice or integer type reshuffles the
@@ -17,6 +17,7 @@ video loader; ``trial_folds`` and ``fold_tiers`` take a duck-typed mouse of
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Collection, Iterable
@@ -33,7 +34,7 @@ HASHED_FRAMES = 5
 # New (submitted) mice have real labels only for these tiers; their test tiers keep their names.
 NEW_MOUSE_FOLD_TIERS = frozenset({"train", "oracle"})
 IGNORED_TIER = "none"
-CACHE_NAME = "dwise_jax_folds.npz"
+CACHE_ENV = "DWISE_JAX_CACHE"  # the cache folder (default: $XDG_CACHE_HOME or ~/.cache, /dwise_jax)
 _CACHE_VERSION = 1
 
 VideoLoader = Callable[[int], np.ndarray]
@@ -206,6 +207,20 @@ def _tiers_file(mouse: Any) -> Path:
     return Path(mouse.path) / "meta" / "trials" / "tiers.npy"
 
 
+def cache_file(mouse: Any) -> Path:
+    """Where the hashes of ``mouse`` are cached: ``<cache>/folds/<mouse>-<digest>.npz``.
+
+    The digest is of the mouse folder's resolved path, so two datasets with the same mouse
+    names do not share a file. The dataset is never written to (it may be read-only, shared,
+    or a user's only copy of 148 GB).
+    """
+    base = os.environ.get(CACHE_ENV) or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dwise_jax"
+    folder = Path(mouse.path).resolve()
+    digest = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    return Path(base) / "folds" / f"{folder.name}-{digest}.npz"
+
+
 def _read_cache(path: Path, stamp: tuple[int, int], num_trials: int) -> dict[str, np.ndarray]:
     """The cached hashes, or an empty dict if the cache is missing, stale or malformed."""
     try:
@@ -226,12 +241,13 @@ def _write_cache(path: Path, stamp: tuple[int, int], arrays: dict[str, np.ndarra
     """Write the cache atomically (temp file + rename); silently skip if not writable."""
     tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(
             dir=path.parent, prefix=".folds-", suffix=".npz", delete=False
         ) as f:
             tmp = f.name
             np.savez(f, version=np.int64(_CACHE_VERSION), stamp=np.array(stamp), **arrays)
-        os.chmod(tmp, 0o644)  # NamedTemporaryFile makes it 0600; others share the dataset
+        os.chmod(tmp, 0o644)  # NamedTemporaryFile makes it 0600; a shared cache folder may be used
         os.replace(tmp, path)
     except OSError:
         if tmp is not None and os.path.exists(tmp):
@@ -239,12 +255,12 @@ def _write_cache(path: Path, stamp: tuple[int, int], arrays: dict[str, np.ndarra
 
 
 def mouse_folds(mouse: Any) -> FoldAssignment:
-    """The folds of a mouse's trials, computed once per run and cached beside the dataset.
+    """The folds of a mouse's trials, computed once per run and cached (``cache_file``).
 
-    The cache ``<mouse>/meta/trials/dwise_jax_folds.npz`` holds every hash computed so far
-    with the size and mtime of tiers.npy; it is ignored when those changed or it cannot be
-    read, and not written when the folder is read-only. Trials hashed for one set of fold
-    tiers are reused for another (e.g. after old mice's test labels were downloaded).
+    The cache holds every hash computed so far with the size and mtime of tiers.npy; it is
+    ignored when those changed or it cannot be read, and not written when its folder cannot
+    be. Trials hashed for one set of fold tiers are reused for another (e.g. after old mice's
+    test labels were downloaded).
     """
     tiers = np.asarray(mouse.tiers).astype(str)
     folded_tiers = tiers_with_folds(bool(mouse.is_real_old), mouse.labeled_tiers)
@@ -259,7 +275,7 @@ def mouse_folds(mouse: Any) -> FoldAssignment:
     if key in _MEMO:
         return _MEMO[key]
 
-    cache_path = _tiers_file(mouse).with_name(CACHE_NAME)
+    cache_path = cache_file(mouse)
     cached = _read_cache(cache_path, stamp, len(tiers))
     hashed = cached.get("hashed", np.zeros(len(tiers), bool)).astype(bool)
     hashes = cached.get("hashes", np.zeros(len(tiers), np.uint64)).copy()
