@@ -18,7 +18,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
-    LOG_DIR=/workdir/logs
+    LOG_DIR=/workdir/logs \
+    DWISE_JAX_CACHE=/workdir/cache
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -48,7 +49,8 @@ COPY configs ./configs
 COPY launch ./launch
 
 # /data: the dataset root's parent (python -m dwise_jax.data.download --root
-# /data/sensorium_all_2023); /workdir: checkpoints, predictions, reports and launch logs.
+# /data/sensorium_all_2023); /workdir: checkpoints, predictions, reports, launch logs and
+# the folds cache (the video hashes, kept across containers).
 VOLUME ["/data", "/workdir"]
 
 CMD ["python", "-c", "import jax; print('dwise_jax image: jax', jax.__version__, jax.devices())"]

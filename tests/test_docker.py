@@ -119,6 +119,7 @@ def test_working_directory_and_volumes():
     assert found["WORKDIR"] == "/opt/dwise_jax"
     assert shlex.split(found["VOLUME"].strip("[]").replace(",", " ")) == ["/data", "/workdir"]
     assert "LOG_DIR=/workdir/logs" in found["ENV"]  # launch logs land on the volume
+    assert "DWISE_JAX_CACHE=/workdir/cache" in found["ENV"]  # so does the folds cache
 
 
 def _tool(name: str) -> str:
