@@ -16,7 +16,7 @@ from test_reliability import FOLD, detach, link_copy
 from test_train import CLI_TINY, DEMO
 
 from dwise_jax import checkpoint
-from dwise_jax.data import folds, sensorium, synthetic, value_check, windows
+from dwise_jax.data import dataset_check, folds, sensorium, synthetic, value_check, windows
 from dwise_jax.data.sensorium import DatasetError, SensoriumDataset
 from dwise_jax.data.window_reader import load_window
 
@@ -70,7 +70,7 @@ def test_every_simulated_dataset_passes(tmp_path, capsys, seed, size):
 
 def test_the_shared_simulated_root_passes(sim_root):
     offenses: list[str] = []
-    assert sensorium.check_all(SensoriumDataset.open(sim_root), offenses) == 3 * 40
+    assert dataset_check.check_all(SensoriumDataset.open(sim_root), offenses) == 3 * 40
     assert offenses == []
 
 

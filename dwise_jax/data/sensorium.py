@@ -20,9 +20,7 @@ names every trial file holding values that contradict the mouse's meta/statistic
 
 from __future__ import annotations
 
-import argparse
 import os
-import re
 import sys
 import warnings
 from collections.abc import Iterable
@@ -31,30 +29,54 @@ from pathlib import Path
 
 import numpy as np
 
-TIERS = (
-    "train", "oracle", "live_test_main", "live_test_bonus",
-    "final_test_main", "final_test_bonus", "none",
+from dwise_jax.data.layout import (
+    MODALITIES as MODALITIES,
 )
-TEST_TIERS = ("live_test_main", "live_test_bonus", "final_test_main", "final_test_bonus")
-MODALITIES = ("videos", "responses", "behavior", "pupil_center")
-VIDEO_HEIGHT, VIDEO_WIDTH = 36, 64
-
-# The original's readout order: the five NEW mice (scored, submitted) first, then the OLD ones.
-REAL_MICE: tuple[tuple[str, int], ...] = (
-    ("dynamic29515-10-12-Video-9b4f6a1a067fe51e15306b9628efea20", 7863),
-    ("dynamic29623-4-9-Video-9b4f6a1a067fe51e15306b9628efea20", 7908),
-    ("dynamic29647-19-8-Video-9b4f6a1a067fe51e15306b9628efea20", 8202),
-    ("dynamic29712-5-9-Video-9b4f6a1a067fe51e15306b9628efea20", 7939),
-    ("dynamic29755-2-8-Video-9b4f6a1a067fe51e15306b9628efea20", 8122),
-    ("dynamic29156-11-10-Video-8744edeac3b4d1ce16b680916b5267ce", 7440),
-    ("dynamic29228-2-10-Video-8744edeac3b4d1ce16b680916b5267ce", 7928),
-    ("dynamic29234-6-9-Video-8744edeac3b4d1ce16b680916b5267ce", 8285),
-    ("dynamic29513-3-5-Video-8744edeac3b4d1ce16b680916b5267ce", 7671),
-    ("dynamic29514-2-9-Video-8744edeac3b4d1ce16b680916b5267ce", 7495),
+from dwise_jax.data.layout import (
+    MOUSE_NAME_PATTERN as MOUSE_NAME_PATTERN,
 )
-NEW_MICE = tuple(name for name, _ in REAL_MICE[:5])
-OLD_MICE = tuple(name for name, _ in REAL_MICE[5:])
-MOUSE_NAME_PATTERN = re.compile(r"dynamic\d+-\d+-\d+-Video-[0-9a-f]{32}")
+from dwise_jax.data.layout import (
+    NEW_MICE as NEW_MICE,
+)
+from dwise_jax.data.layout import (
+    OLD_MICE as OLD_MICE,
+)
+from dwise_jax.data.layout import (
+    REAL_MICE as REAL_MICE,
+)
+from dwise_jax.data.layout import (
+    TEST_TIERS as TEST_TIERS,
+)
+from dwise_jax.data.layout import (  # the layout's names, re-exported
+    TIERS as TIERS,
+)
+from dwise_jax.data.layout import (
+    VIDEO_HEIGHT as VIDEO_HEIGHT,
+)
+from dwise_jax.data.layout import (
+    VIDEO_WIDTH as VIDEO_WIDTH,
+)
+from dwise_jax.data.layout import (
+    DatasetError as DatasetError,
+)
+from dwise_jax.data.layout import (
+    check_float as check_float,
+)
+from dwise_jax.data.layout import (
+    check_ndim as check_ndim,
+)
+from dwise_jax.data.layout import (
+    check_trial_files as check_trial_files,
+)
+from dwise_jax.data.layout import (
+    first_nan as first_nan,
+)
+from dwise_jax.data.layout import (
+    load_npy as load_npy,
+)
+from dwise_jax.data.layout import (
+    read_tiers as read_tiers,
+)
 
 # Dummy-zero detection looks at this many trials of a tier and this many neurons of each:
 # enough to tell real deconvolved traces from zeros without reading gigabytes at open time.
@@ -62,44 +84,8 @@ _DUMMY_PROBE_TRIALS = 3
 _DUMMY_PROBE_NEURONS = 256
 
 
-class DatasetError(ValueError):
-    """Malformed data on disk; the message names the file and the problem."""
-
-
 class DummyLabelsWarning(UserWarning):
     """An old mouse's test tier holds dummy zero responses instead of the real labels."""
-
-
-def first_nan(row: np.ndarray) -> int:
-    """Index of the first NaN of a 1-D series, or its length when it has none."""
-    nan = np.isnan(np.asarray(row))
-    idx = int(np.argmax(nan)) if nan.size else 0
-    return idx if nan.size and nan[idx] else int(nan.size)
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    """Memory-maps one .npy file, turning every way it can be unreadable into DatasetError."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: file is missing")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as err:
-        if "object" in str(err).lower() or "pickle" in str(err).lower():
-            raise DatasetError(f"{path}: holds a pickled object array") from None
-        raise DatasetError(f"{path}: is not a readable .npy file ({err})") from None
-    except (OSError, EOFError) as err:
-        raise DatasetError(f"{path}: is not a readable .npy file ({err})") from None
-
-
-def _check_float(path: Path, array: np.ndarray) -> None:
-    if array.dtype.kind != "f":
-        raise DatasetError(f"{path}: has dtype {array.dtype}, expected floats (NaN pads the tail)")
-
-
-def _check_ndim(path: Path, array: np.ndarray, ndim: int, what: str) -> None:
-    if array.ndim != ndim:
-        raise DatasetError(f"{path}: has {array.ndim} dimensions {array.shape}, expected {ndim} "
-                           f"({what})")
 
 
 @dataclass(frozen=True)
@@ -173,22 +159,22 @@ class Mouse:
     def load(self, modality: str, trial_id: int) -> np.ndarray:
         """Memory-maps one trial array and checks its dimensions, shape and dtype."""
         path = self.path_of(modality, trial_id)
-        array = _load_npy(path)
+        array = load_npy(path)
         if modality == "videos":
-            _check_ndim(path, array, 3, "height, width, time")
+            check_ndim(path, array, 3, "height, width, time")
             if array.shape[:2] != (VIDEO_HEIGHT, VIDEO_WIDTH):
                 raise DatasetError(f"{path}: has frames of {array.shape[:2]}, expected "
                                    f"({VIDEO_HEIGHT}, {VIDEO_WIDTH})")
         elif modality == "responses":
-            _check_ndim(path, array, 2, "neurons, time")
+            check_ndim(path, array, 2, "neurons, time")
             if array.shape[0] != self.num_neurons:
                 raise DatasetError(f"{path}: has {array.shape[0]} neurons, but unit_ids.npy "
                                    f"lists {self.num_neurons}")
         else:
-            _check_ndim(path, array, 2, "2 rows, time")
+            check_ndim(path, array, 2, "2 rows, time")
             if array.shape[0] != 2:
                 raise DatasetError(f"{path}: has {array.shape[0]} rows, expected 2")
-        _check_float(path, array)
+        check_float(path, array)
         return array
 
     def video_length(self, trial_id: int) -> int:
@@ -240,46 +226,13 @@ class Mouse:
 
     def _response_statistic(self, name: str) -> np.ndarray:
         path = self.path / "meta" / "statistics" / "responses" / "all" / f"{name}.npy"
-        array = _load_npy(path)
-        _check_ndim(path, array, 2, "neurons, frames")
+        array = load_npy(path)
+        check_ndim(path, array, 2, "neurons, frames")
         if array.shape[0] != self.num_neurons:
             raise DatasetError(f"{path}: has {array.shape[0]} neurons, but unit_ids.npy lists "
                                f"{self.num_neurons}")
-        _check_float(path, array)
+        check_float(path, array)
         return array.astype(np.float32, copy=False)
-
-
-def _read_tiers(path: Path) -> np.ndarray:
-    tiers = _load_npy(path)
-    _check_ndim(path, tiers, 1, "one tier string per trial")
-    if tiers.dtype.kind == "S":
-        tiers = np.char.decode(tiers, "ascii")
-    if tiers.dtype.kind != "U":
-        raise DatasetError(f"{path}: has dtype {tiers.dtype}, expected unicode tier strings")
-    tiers = np.asarray(tiers)
-    unknown = sorted(set(np.unique(tiers).tolist()) - set(TIERS))
-    if unknown:
-        raise DatasetError(f"{path}: holds unknown tier strings {unknown}; tiers are {TIERS}")
-    return tiers
-
-
-def _check_trial_files(mouse_path: Path, num_trials: int) -> None:
-    """Every modality folder must hold exactly the files 0.npy .. K-1.npy for K tiers."""
-    expected = {f"{i}.npy" for i in range(num_trials)}
-    for modality in MODALITIES:
-        folder = mouse_path / "data" / modality
-        if not folder.is_dir():
-            raise DatasetError(f"{folder}: folder is missing")
-        names = {n for n in os.listdir(folder) if n.endswith(".npy")}
-        missing = expected - names
-        if missing:
-            first = min(missing, key=lambda n: int(n[:-4]))
-            raise DatasetError(f"{folder / first}: file is missing ({len(missing)} trial files "
-                               f"of {num_trials} missing in this folder)")
-        extra = sorted(n for n in names - expected if n[:-4].isdigit())
-        if extra:
-            raise DatasetError(f"{folder / extra[0]}: trial file has no row in tiers.npy, which "
-                               f"lists {num_trials} trials")
 
 
 def _real_test_tiers(mouse: Mouse) -> set[str]:
@@ -313,10 +266,10 @@ def _open_mouse(path: Path, index: int) -> Mouse:
     for sub in ("data", "meta"):
         if not (path / sub).is_dir():
             raise DatasetError(f"{path / sub}: folder is missing")
-    tiers = _read_tiers(path / "meta" / "trials" / "tiers.npy")
+    tiers = read_tiers(path / "meta" / "trials" / "tiers.npy")
     ids_path = path / "meta" / "neurons" / "unit_ids.npy"
-    unit_ids = _load_npy(ids_path)
-    _check_ndim(ids_path, unit_ids, 1, "one id per neuron")
+    unit_ids = load_npy(ids_path)
+    check_ndim(ids_path, unit_ids, 1, "one id per neuron")
     if unit_ids.dtype.kind not in "iu":
         raise DatasetError(f"{ids_path}: has dtype {unit_ids.dtype}, expected integers")
     ids, counts = np.unique(unit_ids, return_counts=True)
@@ -325,11 +278,11 @@ def _open_mouse(path: Path, index: int) -> Mouse:
         raise DatasetError(f"{ids_path}: lists unit id {dup} {times} times; unit ids must be "
                            "unique")
     coords_path = path / "meta" / "neurons" / "cell_motor_coordinates.npy"
-    coords = _load_npy(coords_path)
+    coords = load_npy(coords_path)
     if coords.shape != (unit_ids.shape[0], 3):
         raise DatasetError(f"{coords_path}: has shape {coords.shape}, expected "
                            f"({unit_ids.shape[0]}, 3) for the neurons of unit_ids.npy")
-    _check_trial_files(path, tiers.shape[0])
+    check_trial_files(path, tiers.shape[0])
     is_real_old = path.name in OLD_MICE
     mouse = Mouse(name=path.name, index=index, path=path, tiers=tiers,
                   unit_ids=np.array(unit_ids), cell_coordinates=np.array(coords),
@@ -432,58 +385,11 @@ def open_dataset(root: str | os.PathLike) -> SensoriumDataset:
     return SensoriumDataset.open(root)
 
 
-def check_all(dataset: SensoriumDataset, offenses: list[str] | None = None) -> int:
-    """Validates every trial and std file of every mouse; returns the number of trials.
-
-    With `offenses`, also appends one line per trial file holding a value that contradicts the
-    mouse's own meta/statistics (`value_check.scan_trial`), and goes on scanning.
-    """
-    from dwise_jax.data import value_check  # it reads mice through this module's objects
-
-    count = 0
-    for mouse in dataset.mice:
-        mouse.response_std()
-        for trial_id in range(mouse.num_trials):
-            trial = mouse.load_trial(trial_id)
-            if offenses is not None:
-                offenses += value_check.scan_trial(mouse, trial_id, {
-                    "videos": trial.video, "behavior": trial.behavior,
-                    "pupil_center": trial.pupil_center, "responses": trial.responses})
-            count += 1
-    return count
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dwise_jax.data.sensorium",
-        description="Print a summary of a Sensorium 2023 root and its seven folds; "
-                    "--check validates every trial.")
-    parser.add_argument("root", type=Path)
-    parser.add_argument("--check", action="store_true",
-                        help="load and validate every trial, and hold every value to the "
-                             "mouse's meta/statistics")
-    args = parser.parse_args(argv)
-    from dwise_jax.data import folds  # folds reads mice through this module's objects
+    """`python -m dwise_jax.data.sensorium ROOT [--check]` (dwise_jax.data.dataset_check)."""
+    from dwise_jax.data import dataset_check
 
-    try:
-        dataset = SensoriumDataset.open(args.root)
-        print(dataset.summary())
-        if args.check:
-            offenses: list[str] = []
-            count = check_all(dataset, offenses)
-            for line in offenses:
-                print(f"error: {line}", file=sys.stderr)
-            if offenses:
-                print(f"checked {count} trials: {len(offenses)} trial files hold values that "
-                      "contradict the dataset's own statistics (listed on stderr)")
-                return 1
-            print(f"checked {count} trials: all valid, every value within its statistics")
-        print("\ntrials per fold (perceptual video hash % 7):")
-        print(folds.format_fold_balance(folds.fold_balance(dataset.mice)))
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return dataset_check.main(argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dwise_jax.data.sensorium import DatasetError, Mouse, _check_float, _load_npy
+from dwise_jax.data.layout import DatasetError, check_float, load_npy
+from dwise_jax.data.sensorium import Mouse
 
 RANGE_WIDTHS = 10.0
 STD_WIDTHS = 10.0
@@ -114,8 +115,8 @@ def _read(folder: Path, name: str) -> np.ndarray | None:
     path = folder / f"{name}.npy"
     if not path.is_file():
         return None
-    array = _load_npy(path)
-    _check_float(path, array)
+    array = load_npy(path)
+    check_float(path, array)
     return array
 
 
