@@ -3,6 +3,13 @@
     .venv/bin/python benchmarks/model_speed.py                   # everything, batch 1 and 4
     .venv/bin/python benchmarks/model_speed.py --batch-sizes 4 --modes train --repeats 5
     .venv/bin/python benchmarks/model_speed.py --only-depthwise
+    .venv/bin/python benchmarks/model_speed.py --demo --baseline /work/wt_base --rounds 8
+
+`--demo` times the demo's real train step (configs/demo.py, `Trainer.train_step` with AdamW and
+EMA, batch 8, three mice of 300 neurons, CutMix on half the batch) of this checkout and, with
+`--baseline`, of another checkout's (e.g. `git worktree add ../wt_base <commit>`): one worker
+process per checkout, both compiled first, then run in lockstep rounds (A, B, A, B, ...) so that
+the shared machine's load falls on both alike; medians and the median of per-round ratios.
 
 Each (mode, batch) runs in its own subprocess so that its peak memory (maxrss) is its own; each
 subprocess also measures the float32 matmul rate (2048^3 jnp.dot), so the achieved share of it
@@ -200,6 +207,91 @@ def run_depthwise(repeats: int, lax_repeats: int) -> list[dict]:
     return rows
 
 
+def demo_worker(root: str) -> None:
+    """Builds `root`'s demo Trainer, then answers each stdin line "n" with n step times."""
+    sys.path.insert(0, root)
+    import importlib.util
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    import dwise_jax
+    from dwise_jax import config as config_lib
+    from dwise_jax import optim, sharding, train_step
+    from dwise_jax.models.dwiseneuro import DwiseNeuro
+
+    assert dwise_jax.__file__.startswith(root), dwise_jax.__file__
+    spec = importlib.util.spec_from_file_location("demo_config", Path(root) / "configs/demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    o, b = config.optim, config.data.batch_size
+    model = DwiseNeuro(**config_lib.model_kwargs(config, [300] * 3),
+                       rngs=nnx.Rngs(params=0, dropout=1))
+    schedule = optim.lr_schedule(optim.scaled_lr(o.base_lr, b), optim.scaled_lr(o.min_lr, b),
+                                 350, 2450)
+    trainer = train_step.Trainer(model, optim.adamw(schedule, o.weight_decay),
+                                 ema_decay=o.ema_decay)
+    mesh = sharding.make_mesh()  # all devices, as train_fold does
+    state = jax.device_put(trainer.init_state(), sharding.replicated(mesh))
+    train, _ = train_step.jit_steps(trainer, sharding.replicated(mesh),
+                                    sharding.batch_sharding(mesh))
+    rng = np.random.default_rng(0)
+    box = np.zeros((b, 4), np.int32)
+    box[::2] = (10, 10, 40, 40)
+    frames = lambda: rng.random((b, 16, 36, 64), np.float32) * 255
+    batch = sharding.put_batch({
+        "frames": frames(), "partner_frames": frames(), "box": box,
+        "traces": rng.random((b, 16, 4), np.float32),
+        "partner_traces": rng.random((b, 16, 4), np.float32),
+        "mouse": (np.arange(b) % 3).astype(np.int32),
+        "targets": rng.random((b, 16, 300), np.float32),
+        "neuron_mask": np.ones((b, 300), bool)}, mesh)
+    for _ in range(3):  # compile, then fault in the buffers
+        state, metrics = train(state, batch)
+    jax.block_until_ready(metrics)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        times = []
+        for _ in range(int(line)):
+            start = time.perf_counter()
+            state, metrics = train(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+        print("TIMES " + json.dumps(times), flush=True)
+
+
+def run_demo(roots: list[str], rounds: int, steps: int) -> None:
+    """Lockstep rounds of `steps` demo train steps per checkout; prints medians and ratios."""
+    workers = [subprocess.Popen([sys.executable, __file__, "--demo-worker", root],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+               for root in roots]
+    for w in workers:  # compile one after the other
+        while (line := w.stdout.readline()) and not line.startswith("READY"):
+            pass
+    times = [[] for _ in roots]
+    for _ in range(rounds):
+        for w, t in zip(workers, times, strict=True):
+            w.stdin.write(f"{steps}\n")
+            w.stdin.flush()
+            while not (line := w.stdout.readline()).startswith("TIMES "):
+                if not line:
+                    raise SystemExit("a demo worker died")
+            t.append(sorted(json.loads(line[6:]))[steps // 2])
+    for w in workers:
+        w.stdin.close()
+        w.wait()
+    med = lambda v: sorted(v)[len(v) // 2]
+    for root, t in zip(roots, times, strict=True):
+        print(f"{root}: median {med(t):.3f} s/step ({8 / med(t):.1f} samples/s), "
+              f"rounds {[round(x, 3) for x in t]}")
+    if len(roots) == 2:
+        ratios = sorted(b / a for a, b in zip(*times, strict=True))
+        print(f"speed-up {med(times[1]) / med(times[0]):.2f}x (median of per-round ratios "
+              f"{med(ratios):.2f}x, range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+
+
 def print_table(rows: list[dict]) -> None:
     head = (
         f"{'mode':7s} {'batch':>5s} {'s/step':>8s} {'s/sample':>9s} {'GFLOP/sample':>13s} "
@@ -231,8 +323,15 @@ def main() -> None:
     parser.add_argument("--lax-repeats", type=int, default=1,
                         help="repeats of the (slow) grouped-convolution depthwise variant")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--demo", action="store_true", help="the demo's train step only")
+    parser.add_argument("--baseline", help="with --demo: another checkout to compare against")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--demo-worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.demo_worker:  # the parent set the environment; imports the checkout's own package
+        demo_worker(args.demo_worker)
+        return
 
     from dwise_jax.models.dwiseneuro import CPU_XLA_FLAGS
 
@@ -245,6 +344,10 @@ def main() -> None:
     if env != os.environ:  # both are read once at process start
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
+    if args.demo:
+        root = str(Path(__file__).resolve().parents[1])
+        run_demo([root] + ([args.baseline] if args.baseline else []), args.rounds, args.repeats)
+        return
     if args.worker:
         mode, batch = args.worker[0], int(args.worker[1])
         result = run_worker(mode, batch, args.repeats, args.dtype)
