@@ -7,8 +7,11 @@ that names `configs/demo.py`, and the user decides.
 
 from __future__ import annotations
 
+import time
+
 import jax
 import numpy as np
+from tqdm import tqdm
 
 # Above this many parameters a model is "much larger than the demo's" (configs/demo.py has
 # about 0.6 million on the simulated data; true_batch about 170 million).
@@ -57,3 +60,27 @@ def step_time_line(fold: int, first_s: float, step_s: float | None, steps_left: 
     return (f"fold {fold}: first step {duration(first_s)} (compilation included), then "
             f"{duration(step_s)} per step: about {duration(step_s * steps_left)} for the "
             f"{steps_left} steps left of this fold (validations not included)")
+
+
+class EstimatingBar(tqdm):
+    """tqdm that writes one line once its first three updates are timed: the first (with the
+    compilation), then the rate and the estimated time left."""
+
+    def __init__(self, *args, label: str, unit: str = "window", **kwargs):
+        super().__init__(*args, unit=unit, **kwargs)
+        self._label, self._started, self._marks = label, time.perf_counter(), []
+        self._count, self._unit, self._total = 0, unit, kwargs.get("total")
+
+    def update(self, n: float = 1) -> bool | None:
+        shown = super().update(n)
+        self._count += n
+        if len(self._marks) < 3:
+            self._marks.append((time.perf_counter(), self._count))
+            if len(self._marks) == 3:
+                (t1, n1), (t3, n3) = self._marks[0], self._marks[2]
+                rate = (n3 - n1) / max(t3 - t1, 1e-9)
+                left = (self._total - self._count) / rate if self._total and rate else 0.0
+                self.write(f"{self._label}: first batch {duration(t1 - self._started)} "
+                           f"(compilation included), then {rate:.1f} {self._unit}s/s: about "
+                           f"{duration(left)} left")
+        return shown

@@ -94,3 +94,17 @@ def test_the_cpu_hint_names_the_demo_for_a_large_model():
     assert "170,000,000 parameters" in big[0] and "47250 steps per fold" in big[1]
     assert [preview.duration(s) for s in (42, 210, 7560, 4 * 86400)] == [
         "42.0 s", "3.5 min", "2.1 h", "4.0 days"]
+
+
+def test_the_prediction_bar_estimates_from_its_first_batches(monkeypatch, capsys):
+    clock = iter([0.0, 10.0, 11.0, 12.0, 13.0])
+    monkeypatch.setattr(preview.time, "perf_counter", lambda: next(clock))
+    bar = preview.EstimatingBar(total=1000, desc="x", label="demo live_test_main", disable=True)
+    for _ in range(4):
+        bar.update(32)
+    bar.close()
+    # First batch at 10 s; then 64 windows in 2 s = 32/s; (1000 - 96) / 32 = 28.25 s left.
+    out = capsys.readouterr().out
+    assert out.count("demo live_test_main:") == 1
+    assert ("demo live_test_main: first batch 10.0 s (compilation included), then 32.0 "
+            "windows/s: about 28.2 s left") in out
