@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from flax import nnx
 from tqdm import tqdm
 
-from dwise_jax import atomic, checkpoint, preview, report, sharding, submission
+from dwise_jax import atomic, checkpoint, disk_full, preview, report, sharding, submission
 from dwise_jax.data import eval_windows, folds, pipeline, windows
 from dwise_jax.data.sensorium import TEST_TIERS, DatasetError, Mouse, SensoriumDataset
 
@@ -417,6 +417,11 @@ def main(argv: list[str]) -> int:
                       batch_size=f.batch_size, stride_sweep=sweep)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if (full := disk_full.find(e)) is None:
+            raise
+        print(f"error: {disk_full.message(full, str(f.workdir))}", file=sys.stderr)
         return 1
     return 0
 

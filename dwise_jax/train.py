@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dwise_jax import config as config_lib
-from dwise_jax import fold_run, process_env, stop
+from dwise_jax import disk_full, fold_run, process_env, stop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/true_batch.py.", lock_config=True)
@@ -138,6 +138,15 @@ def main(argv: list[str]) -> int:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if (full := disk_full.find(e)) is None:
+            raise
+        print(f"error: {disk_full.message(full, str(config.workdir))}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Orbax's writer threads fail again at interpreter exit, with tracebacks after this
+        # line; everything of ours is closed (the `finally` blocks ran), so end here.
+        os._exit(1)
     for fold, score in results.items():
         print(f"fold {fold}: val_corr {score:.4f} (EMA weights of the last epoch)")
     _compare_with_references(config.data_root, results)
