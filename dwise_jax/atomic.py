@@ -7,6 +7,7 @@ through here, so a crash or an error never leaves a partially written file under
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -33,6 +34,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:  # name the file being written, not its temporary name
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -20,6 +20,7 @@ that verifies is used instead. `checkpoints/` keeps the last two steps for that 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -123,12 +124,18 @@ def save(directory: str | os.PathLike, step: int, items: dict[str, Any],
     `subdir` selects the series: `checkpoints` (the latest, for resume and prediction) or
     another, e.g. `best` (the best validation correlation).
     """
-    mngr = _manager(Path(directory), max_to_keep, create=True, subdir=subdir)
-    args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
-    mngr.save(step, args=ocp.args.Composite(**args), force=True)
-    mngr.wait_until_finished()
-    mngr.close()
     step_dir = Path(directory) / subdir / str(step)
+    try:
+        mngr = _manager(Path(directory), max_to_keep, create=True, subdir=subdir)
+        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        mngr.save(step, args=ocp.args.Composite(**args), force=True)
+        mngr.wait_until_finished()
+        mngr.close()
+    except Exception as e:
+        # Orbax/TensorStore report a full disk as a ValueError naming errno 28 in its text.
+        if "No space left on device" in str(e) or "os_error_code='28'" in str(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(step_dir)) from e
+        raise
     atomic.write_json(step_dir / MANIFEST_FILE, _file_digests(step_dir))
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,17 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from dwise_jax import atomic, checkpoint, fold_lock, optim, readout_bias, sharding, train_step
+from dwise_jax import (
+    atomic,
+    checkpoint,
+    fold_lock,
+    optim,
+    preview,
+    readout_bias,
+    sharding,
+    stop,
+    train_step,
+)
 from dwise_jax import config as config_lib
 from dwise_jax.data import eval_windows, pipeline
 from dwise_jax.data.sensorium import DatasetError, SensoriumDataset
@@ -38,13 +50,12 @@ USER_ERRORS = (TrainingError, DatasetError, checkpoint.CheckpointError, config_l
 # Config fields that may change between a run and its restart (they do not change results).
 _RESTART_FREE = ("workdir", "data_root", "folds", "log", "data.num_workers",
                  "data.prefetch_buffer_size")
-_STOP_REQUESTED = False
 
 
 def request_stop(signum: int = 0, frame: Any = None) -> None:
-    """SIGTERM handler: finish the current step, save a checkpoint, and return."""
-    global _STOP_REQUESTED
-    _STOP_REQUESTED = True
+    """A stop request (see dwise_jax/stop.py): at once before the fold's first step is done,
+    else finish the current step, save a checkpoint, and return."""
+    stop.request(signum or signal.SIGTERM)
 
 
 def _comparable(config_dict: dict) -> dict:
@@ -134,7 +145,9 @@ def validate(evaluate, weights, dataset: SensoriumDataset, fold: int, batch_size
 def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, int] | None = None,
                dump_hlo: bool = False, max_steps: int | None = None) -> float:
     """Trains fold `fold` (validation fold) and returns its final EMA validation correlation."""
-    global _STOP_REQUESTED
+    # Until this run's first step of the fold is done, a stop request ends the process at once.
+    fold_folder = checkpoint.fold_dir(workdir, config.experiment, fold)
+    stop.fold_started(str(fold_folder), on_exit=lambda: _drop_lock(fold_folder))
     # Devices and mesh.
     mesh = sharding.make_mesh()
     config_lib.validate(config, num_devices=mesh.size)
@@ -202,12 +215,18 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
         if is_main:
             checkpoint.write_model_spec(directory, spec)
             atomic.write_json(directory / "config.json", config.to_dict())
+    params = preview.num_params(state["params"])
     state = jax.device_put(state, replicated)
 
     # The epoch loop.
     total_steps = warmup_steps + cosine_steps
     last_step = total_steps if max_steps is None else min(total_steps, max_steps)
     step = int(state["step"])
+    if is_main:
+        for line in preview.train_lines(fold=fold, params=params, steps=last_step, done=step,
+                                        epochs=o.warmup_epochs + o.cosine_epochs):
+            print(line, flush=True)
+    timed = []  # seconds of this run's first steps (the first one compiles)
     val_records = [r for r in logbook.records() if r["kind"] == "val"]
     val_history = [r["corr"] for r in val_records]
     # The original validates before each fit too; at the start of the cosine fit that is the
@@ -233,7 +252,7 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                disable=not is_main, mininterval=1.0, dynamic_ncols=True)
     unchecked = []
     try:
-        while step < last_step and not _STOP_REQUESTED:
+        while step < last_step and not stop.requested():
             if (step in (0, warmup_steps) and step % steps_per_epoch == 0
                     and validated_at != step):
                 val = validate(evaluate, state["ema"], dataset, fold, val_batch, mesh)
@@ -241,10 +260,19 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                 score, validated_at = val["corr"], step
             if profile_steps and step == profile_steps[0] and is_main:
                 jax.profiler.start_trace(str(directory / "profile"))
+            started = time.perf_counter()
             host_batch = next(stream)
             batch = sharding.put_batch(host_batch, mesh)
             state, metrics = train(state, batch, *step_args)
             step += 1
+            if len(timed) < 3:  # wait for the first steps, to time them and to mark the first
+                jax.block_until_ready(metrics)
+                timed.append(time.perf_counter() - started)
+                stop.step_done()  # stop requests are graceful from now on
+                if is_main and (len(timed) == 3 or step == last_step):
+                    bar.write(preview.step_time_line(
+                        fold, timed[0], float(np.mean(timed[1:])) if timed[1:] else None,
+                        last_step - step))
             # Every step's loss is checked before anything is logged or saved (read then, so
             # the steps still run asynchronously in between).
             unchecked.append((step, metrics["loss"], host_batch["mouse"]))
@@ -253,7 +281,7 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
             if profile_steps and step == profile_steps[1] and is_main:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
-            saving = step % steps_per_epoch == 0 or step == last_step or _STOP_REQUESTED
+            saving = step % steps_per_epoch == 0 or step == last_step or stop.requested()
             if step % config.log.every_steps == 0 or saving:
                 _check_losses(unchecked, fold, directory)
             if step % config.log.every_steps == 0 or step == last_step:
@@ -277,11 +305,11 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                     best = val["corr"]
                     checkpoint.save(directory, step, {"ema": _ema_tree(state)}, subdir="best")
                 logbook.plot()
-        if _STOP_REQUESTED and step % steps_per_epoch != 0:
+        if stop.requested() and step % steps_per_epoch != 0:
             _save(directory, state, trainer, stream, step, math.nan)
             print(f"fold {fold}: stopped by request at step {step}; checkpoint saved")
     finally:
-        _STOP_REQUESTED = False
+        stop.fold_ended()
         bar.close()
         stream.close()
         logbook.close()
@@ -324,6 +352,14 @@ def load_teacher(config, workdir: Path, fold: int, dataset: SensoriumDataset,
         raise TrainingError(f"{directory}: cannot load the teacher ({e})") from None
     return teacher, {"directory": str(directory), "step": int(step),
                      "experiment": config.distill.teacher_experiment}
+
+
+def _drop_lock(directory: Path) -> None:
+    """Removes this process's fold lock (before an immediate exit, which skips `finally`)."""
+    path = directory / fold_lock.LOCK_NAME
+    holder = fold_lock.read_holder(path)
+    if holder is not None and holder.get("pid") == os.getpid():
+        path.unlink(missing_ok=True)
 
 
 def _check_losses(unchecked: list, fold: int, directory: Path) -> None:

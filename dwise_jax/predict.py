@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from flax import nnx
 from tqdm import tqdm
 
-from dwise_jax import atomic, checkpoint, report, sharding, submission
+from dwise_jax import atomic, checkpoint, disk_full, preview, report, sharding, submission
 from dwise_jax.data import eval_windows, folds, pipeline, windows
 from dwise_jax.data.sensorium import TEST_TIERS, DatasetError, Mouse, SensoriumDataset
 
@@ -346,7 +346,11 @@ def predict_split(workdir: str | Path, experiment: str, split: str, *,
                 for mouse, ids, trials in plan)
     print(f"{experiment}: predicting {split} with folds {[m.fold for m in models]} "
           f"({total} windows, anchor stride {anchor_stride}, {mesh.size} device(s))")
-    progress = tqdm(total=total, desc=split, unit="window", mininterval=1.0, dynamic_ncols=True)
+    params = preview.num_params(models[0].state.filter(nnx.Param))
+    print(f"{experiment}: {preview.devices_text()}; {params:,} parameters per fold model; "
+          f"batch {batch_size}; the time is measured on the first batches", flush=True)
+    progress = preview.EstimatingBar(total=total, desc=split, label=f"{experiment} {split}",
+                                     mininterval=1.0, dynamic_ncols=True)
     written: dict[str, list[int]] = {}
     for mouse, model_ids, trials in plan:
         for start in range(0, len(trials), CHUNK_TRIALS):
@@ -413,6 +417,11 @@ def main(argv: list[str]) -> int:
                       batch_size=f.batch_size, stride_sweep=sweep)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if (full := disk_full.find(e)) is None:
+            raise
+        print(f"error: {disk_full.message(full, str(f.workdir))}", file=sys.stderr)
         return 1
     return 0
 

@@ -10,7 +10,8 @@ resolved config), `model.json` (architecture and mice), `checkpoints/` (the last
 state, EMA, loader state; what a restart resumes from and what prediction uses, as the
 original kept its last epoch), `best/` (the epoch with the best validation correlation),
 `metrics.jsonl`, `tensorboard/` and `curves.png`. A run restarts from its latest checkpoint by
-itself; SIGTERM saves and exits.
+itself. A stop request (SIGTERM, Ctrl-C) before a fold's first step is done ends the run at
+once (exit 143/130, nothing new saved); later it finishes the step, saves and exits 0.
 
 Profiling: `--profile_steps=10:20` writes a jax.profiler trace of those steps to
 `<fold>/profile/` (TensorBoard's profile plugin or Perfetto open it); `--dump_hlo` writes the
@@ -20,7 +21,6 @@ optimised HLO of the train step to `<fold>/train_step.hlo.txt`.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dwise_jax import config as config_lib
-from dwise_jax import fold_run, process_env
+from dwise_jax import disk_full, fold_run, process_env, stop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/true_batch.py.", lock_config=True)
@@ -118,7 +118,7 @@ def main(argv: list[str]) -> int:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/true_batch.py")
-    signal.signal(signal.SIGTERM, fold_run.request_stop)
+    stop.install()  # SIGTERM, Ctrl-C: see dwise_jax/stop.py
     try:
         with config.unlocked():
             if _WORKDIR.value:
@@ -129,6 +129,8 @@ def main(argv: list[str]) -> int:
                 config.folds = _parse_folds(_FOLDS.value)
         config_lib.validate(config)
         check_workdir(config.workdir)
+        print(f"{config.experiment}: training fold(s) {list(config.folds)} one after the other "
+              f"into {Path(config.workdir) / config.experiment}", flush=True)
         results = train_and_evaluate(
             config, config.workdir, profile_steps=_parse_profile(_PROFILE.value),
             dump_hlo=_DUMP_HLO.value, max_steps=_MAX_STEPS.value)
@@ -136,6 +138,15 @@ def main(argv: list[str]) -> int:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if (full := disk_full.find(e)) is None:
+            raise
+        print(f"error: {disk_full.message(full, str(config.workdir))}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Orbax's writer threads fail again at interpreter exit, with tracebacks after this
+        # line; everything of ours is closed (the `finally` blocks ran), so end here.
+        os._exit(1)
     for fold, score in results.items():
         print(f"fold {fold}: val_corr {score:.4f} (EMA weights of the last epoch)")
     _compare_with_references(config.data_root, results)

@@ -1,0 +1,29 @@
+"""A full disk (ENOSPC) as one error line naming the file, for every command's top level.
+
+Every writer of dwise_jax writes under a temporary name and renames (dwise_jax/atomic.py;
+Orbax for checkpoints), so a write that fails leaves the last complete file in place; the
+command then stops with `error: <file>: the disk is full ...`, exit status 1, and the same
+command resumes as after an interruption once space is freed.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+def find(error: BaseException) -> OSError | None:
+    """The ENOSPC OSError behind `error` (itself, its cause or context), else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def message(error: OSError, where: str = "") -> str:
+    """The one line (without `error: `) for an ENOSPC error."""
+    name = error.filename or (f"a file under {where}" if where else "a file")
+    return (f"{name}: the disk is full (no space left on device); free some space and run the "
+            "same command again (training resumes from its last complete checkpoint)")

@@ -1,0 +1,92 @@
+"""Stop requests (SIGTERM, Ctrl-C) for training: immediate before a fold's first step is done,
+graceful after it.
+
+A Python signal handler runs only when the main thread is back in the interpreter, so during
+XLA's compilation of the first step (minutes for the full model on a CPU) it would wait for the
+compile and the step. The C-level handler writes each signal to a wake-up pipe at once
+(`signal.set_wakeup_fd`); a watcher thread reads it and decides:
+
+* no step of the current fold finished in this process yet: nothing was saved that a stop
+  could keep, so it prints one line and ends the process at once (`os._exit`, status 128 +
+  the signal: 143 for SIGTERM, 130 for SIGINT); the last checkpoint, if any, is untouched
+  (Orbax writes a step under a temporary name and renames it complete);
+* afterwards, the first request asks the loop to finish its step, save and return (exit 0);
+  a second request ends the process at once, like the first case.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_state = {"requested": False, "step_done": False, "where": "", "on_exit": None}
+_installed = False
+
+
+def requested() -> bool:
+    """Whether a graceful stop was asked for."""
+    return _state["requested"]
+
+
+def fold_ended() -> None:
+    """The fold is over (saved, or failed): a request ends the process at once again."""
+    _state.update(requested=False, step_done=False, where="", on_exit=None)
+
+
+def fold_started(where: str, on_exit: Callable[[], None] | None = None) -> None:
+    """A fold begins: stop requests end the process at once until `step_done()`. `where` names
+    the fold folder in the exit line; `on_exit` (e.g. the fold lock's release) runs first."""
+    _state.update(step_done=False, where=where, on_exit=on_exit)
+
+
+def step_done() -> None:
+    """The fold's first step of this run has finished: stop requests are graceful from now."""
+    _state["step_done"] = True
+
+
+def request(signum: int = signal.SIGTERM) -> None:
+    """What a stop signal does (the watcher thread calls it; tests may too)."""
+    if not _state["step_done"] or _state["requested"]:
+        _exit_now(signum)
+    _state["requested"] = True
+
+
+def _exit_now(signum: int) -> None:
+    first = not _state["requested"]
+    reason = ("before the first step finished" if first
+              else "by a second request, without finishing the step")
+    where = f" in {_state['where']}" if _state["where"] else ""
+    line = (f"stopped by request {reason}: nothing new was saved; the last checkpoint{where} "
+            "(if any) is intact\n")
+    try:
+        if _state["on_exit"] is not None:
+            _state["on_exit"]()
+    except Exception:  # noqa: BLE001 - the exit must happen whatever the clean-up does
+        pass
+    os.write(2, b"\n" + line.encode())  # after a progress bar's unfinished line
+    os._exit(128 + int(signum))
+
+
+def _watch(read_fd: int) -> None:
+    while True:
+        data = os.read(read_fd, 64)
+        for signum in data:
+            if signum in _SIGNALS:
+                request(signum)
+
+
+def install() -> None:
+    """Installs the handlers and the watcher (main thread only; once per process)."""
+    global _installed
+    if _installed:
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    for s in _SIGNALS:
+        signal.signal(s, lambda *_: None)  # the watcher acts; Python's handler must not
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=_watch, args=(read_fd,), daemon=True, name="stop-watcher").start()
+    _installed = True

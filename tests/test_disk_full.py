@@ -1,0 +1,100 @@
+"""Issue 16.3: a full disk. Training on a real small tmpfs (a user and mount namespace, where
+the machine allows one) stops at the first failing write with one error line naming the file,
+keeps the last complete checkpoint, and resumes when space is freed (the tmpfs grown) to the
+same final state as a run with room. Also in-process: an ENOSPC inside an atomic write names
+the final file and leaves the previous file as it was."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import HANG_TIMEOUT_S
+from test_reliability import assert_bit_identical, link_copy, train_command
+
+from dwise_jax import atomic, checkpoint, disk_full, process_env
+
+
+@pytest.fixture
+def run_env(tmp_path) -> dict[str, str]:
+    """The command line's environment with a compilation cache shared by its three runs."""
+    env = process_env.cpu_environment(os.environ)
+    env.update(PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def _namespaces_work(tmp_path: Path) -> bool:
+    mnt = tmp_path / "probe"
+    mnt.mkdir()
+    if shutil.which("unshare") is None:
+        return False
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mnt}"],
+                         capture_output=True, timeout=HANG_TIMEOUT_S)
+    return out.returncode == 0
+
+
+@pytest.mark.slow
+def test_training_on_a_full_tmpfs_stops_with_one_line_and_resumes(sim_root, run_env, tmp_path):
+    if not _namespaces_work(tmp_path):
+        pytest.skip("this machine allows no user/mount namespace for a small tmpfs "
+                    "(the in-process ENOSPC test below still runs)")
+    root = link_copy(sim_root, tmp_path / "root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    command = " ".join(f"'{a}'" for a in train_command(root, mnt / "w"))
+    # 900 KiB: room for the first epoch's checkpoint and best/, not for the second checkpoint.
+    script = f"""
+mount -t tmpfs -o size=900k tmpfs {mnt} || exit 99
+{command} > {tmp_path}/a.out 2> {tmp_path}/a.err; echo $? > {tmp_path}/a.rc
+cp -a {mnt}/w {tmp_path}/after_fail
+mount -o remount,size=64m {mnt}
+{command} > {tmp_path}/b.out 2> {tmp_path}/b.err; echo $? > {tmp_path}/b.rc
+cp -a {mnt}/w {tmp_path}/after_resume
+"""
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], env=run_env,
+                   timeout=HANG_TIMEOUT_S, check=True)
+    err = (tmp_path / "a.err").read_text()
+    assert (tmp_path / "a.rc").read_text().strip() == "1", err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "the disk is full" in last, last
+    assert err.count("error: ") == 1  # (Orbax logs its own failures above it)
+    assert str(mnt / "w" / "demo" / "fold_2") in last  # names the file or folder
+    failed = tmp_path / "after_fail" / "demo" / "fold_2"
+    step = checkpoint.latest_step(failed)
+    assert step is not None and checkpoint.verify(failed, step) is None
+    for name in ("config.json", "model.json"):  # complete, readable
+        assert (failed / name).read_text().strip().endswith("}")
+    assert (tmp_path / "b.rc").read_text().strip() == "0", (tmp_path / "b.err").read_text()[-2000:]
+    assert f"resuming from step {step}" in (tmp_path / "b.out").read_text()
+
+    # The resumed run ends where a run with room ends.
+    roomy = subprocess.run(train_command(root, tmp_path / "roomy"), env=run_env,
+                           capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+    assert roomy.returncode == 0, roomy.stderr[-2000:]
+    resumed = tmp_path / "after_resume" / "demo" / "fold_2"
+    _, a = checkpoint.restore(resumed, ("state", "ema"))
+    _, b = checkpoint.restore(tmp_path / "roomy" / "demo" / "fold_2", ("state", "ema"))
+    assert checkpoint.latest_step(resumed) == checkpoint.latest_step(
+        tmp_path / "roomy" / "demo" / "fold_2")
+    assert_bit_identical(a, b)
+
+
+def test_enospc_in_an_atomic_write_names_the_file_and_keeps_the_previous_one(tmp_path):
+    target = tmp_path / "report.md"
+    target.write_text("previous\n")
+    with pytest.raises(OSError) as caught, atomic.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert caught.value.filename == str(target)
+    assert target.read_text() == "previous\n" and sorted(tmp_path.iterdir()) == [target]
+    wrapped = RuntimeError("writer failed")
+    wrapped.__cause__ = caught.value
+    assert disk_full.find(wrapped) is caught.value
+    assert disk_full.message(caught.value).startswith(f"{target}: the disk is full")
+    assert disk_full.find(RuntimeError("other")) is None
