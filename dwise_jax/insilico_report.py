@@ -140,3 +140,40 @@ def reconstruction_report(out: Path, rows: list[dict], masks: dict, meta: dict) 
     lines += [f"![{r['mouse']} {r['trial']}]({r['mouse']}/{r['trial']}.png)" for r in rows]
     data = {**meta, "overall": overall, "trials": rows}
     return _write(out, lines, data)
+
+
+def mei_report(out: Path, rows: list[dict], meta: dict) -> Path:
+    """report.md and report.json of a mouse's MEIs (and distances.png on simulated data)."""
+    ratio = [r["response"] / r["best_train_window"] if r["best_train_window"] > 0 else np.nan
+             for r in rows]
+    lines = [f"# Most exciting inputs: {','.join(meta['experiments'])}, {meta['mouse']}", "",
+             f"- data: `{meta['data_root']}`; models: {len(meta['members'])}",
+             f"- contrast budget ||MEI - {meta['level']:.1f}||_2 <= {meta['norm']:.1f}; "
+             f"behaviour and pupil held at {[round(v, 3) for v in meta['behavior']]}",
+             f"- settings: {meta['config']}", "",
+             "| neuron | MEI response | best training window | ratio | energy centre (row, col) "
+             "| true RF centre | distance (px) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r, q in zip(rows, ratio, strict=True):
+        true = r.get("true_centre")
+        lines.append(
+            f"| {r['neuron']} | {r['response']:.4f} | {r['best_train_window']:.4f} | {q:.2f} | "
+            f"({r['energy_centre'][0]:.1f}, {r['energy_centre'][1]:.1f}) | "
+            + (f"({true[0]:.1f}, {true[1]:.1f}) | {r['distance_px']:.1f} |" if true else "- | - |"))
+    summary = {"median_ratio": float(np.nanmedian(ratio)) if rows else None}
+    if rows and "distance_px" in rows[0]:
+        d = np.array([r["distance_px"] for r in rows])
+        summary["distance_px"] = {"median": float(np.median(d)), "p90": float(np.quantile(d, 0.9)),
+                                  "within_3px": float(np.mean(d <= 3))}
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        ax.hist(d, bins=min(20, max(len(d), 2)))
+        ax.set_xlabel("MEI energy centre to true RF centre (px)")
+        ax.set_ylabel("neurons")
+        fig.tight_layout()
+        _save(fig, out / "distances.png")
+        lines += ["", f"Distance to the true receptive-field centre: median "
+                      f"{summary['distance_px']['median']:.1f} px, 90th percentile "
+                      f"{summary['distance_px']['p90']:.1f} px.", "",
+                  "![distances](distances.png)"]
+    lines += ["", "## MEIs", ""] + [f"![{r['neuron']}]({r['neuron']}.png)" for r in rows]
+    return _write(out, lines, {**meta, "summary": summary, "neurons": rows})
