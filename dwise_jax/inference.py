@@ -1,0 +1,212 @@
+"""A trained ensemble as one object: fold models stacked for `vmap`, whole-trial prediction and
+differentiable functions of the video for in-silico experiments (reconstruction, MEIs).
+
+    from dwise_jax import inference
+    ens = inference.load_ensemble("workdir", "demo")            # every fold found, stacked
+    trial = dataset.mouse(name).load_trial(7)
+    pred = ens.predict(trial.video, trial.behavior, trial.pupil_center, name)   # (N, L)
+
+The same sliding windows and mean blend as `python -m dwise_jax.predict` (every anchor at
+stride 1), but all windows of a trial and all models run in one jitted function, the windows
+scanned in chunks so that memory stays bounded whatever the trial's length. Arrays are in the
+dataset's layout: video (36, 64, T), behavior and pupil_center (2, T); frames past the trial's
+valid length (NaN) are ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dwise_jax import checkpoint, predict
+from dwise_jax.data import windows
+from dwise_jax.data.sensorium import Mouse, first_nan
+
+DEFAULT_CHUNK = 32  # windows per model evaluated at once inside the jitted scan
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """A trial's windows, padded to whole chunks: frame indexes (K, C, 16), valid (K, C) and
+    how many valid windows cover each frame, (L,)."""
+
+    length: int
+    index: np.ndarray
+    valid: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def of(cls, length: int, anchor_stride: int = 1, chunk: int = DEFAULT_CHUNK) -> WindowPlan:
+        anchors = windows.prediction_anchors(length, anchor_stride)
+        pad = -len(anchors) % chunk
+        idx = windows.window_indexes(np.concatenate([anchors, np.full(pad, anchors[-1])]))
+        valid = np.arange(len(idx)) < len(anchors)
+        counts = windows.window_counts(length, anchors)
+        return cls(length, idx.reshape(-1, chunk, windows.WINDOW_FRAMES),
+                   valid.reshape(-1, chunk), counts)
+
+
+def _apply(graphdef, state, frames, traces, readout_index: int):
+    """One model on (C, 16, 36, 64) frames and (C, 16, 4) traces -> (C, 16, N) float32."""
+    x = windows.expand_inputs(frames, traces)
+    return nnx.merge(graphdef, state)(x, readout_index=readout_index)
+
+
+def models_apply(graphdef, states, frames, traces, readout_index: int):
+    """Every stacked model on the same windows: (M, C, 16, N)."""
+    return jax.vmap(lambda s: _apply(graphdef, s, frames, traces, readout_index))(states)
+
+
+def trial_outputs(graphdef, states, video, traces, plan: WindowPlan, readout_index: int):
+    """Each model's blended prediction of a trial, a differentiable function of the video.
+
+    Args:
+      video: (L, 36, 64) float32, frames first; traces: (L, 4) (`windows.traces_of(...)`).
+    Returns:
+      (M, L, N) float32: for every model, each frame's mean over the windows covering it.
+    """
+    def body(sums, chunk):
+        idx, valid = chunk
+        out = models_apply(graphdef, states, video[idx], traces[idx], readout_index)
+        out = out * valid[None, :, None, None]
+        return sums.at[:, idx].add(out), None
+
+    num_models = jax.tree.leaves(states)[0].shape[0]
+    neurons = jax.eval_shape(lambda: models_apply(
+        graphdef, states, video[plan.index[0]], traces[plan.index[0]], readout_index)).shape[-1]
+    sums = jnp.zeros((num_models, plan.length, neurons), jnp.float32)
+    sums, _ = jax.lax.scan(body, sums, (jnp.asarray(plan.index), jnp.asarray(plan.valid)))
+    return sums / jnp.maximum(jnp.asarray(plan.counts), 1)[None, :, None]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _predict_jit(graphdef, states, video, traces, plan_key, readout_index):
+    plan = _PLANS[plan_key]
+    return jnp.mean(trial_outputs(graphdef, states, video, traces, plan, readout_index), 0)
+
+
+_PLANS: dict[tuple, WindowPlan] = {}
+
+
+def cached_plan(length: int, anchor_stride: int = 1, chunk: int = DEFAULT_CHUNK
+                ) -> tuple[tuple, WindowPlan]:
+    """A hashable key (for jit's static arguments) and its WindowPlan."""
+    key = (int(length), int(anchor_stride), int(chunk))
+    if key not in _PLANS:
+        _PLANS[key] = WindowPlan.of(*key)
+    return key, _PLANS[key]
+
+
+def trial_arrays(video, behavior, pupil_center, length: int | None = None):
+    """Dataset-layout arrays -> (L, 36, 64) video and (L, 4) traces, float32, valid frames."""
+    video = np.asarray(video, np.float32)
+    if video.ndim != 3 or video.shape[:2] != (windows.VIDEO_HEIGHT, windows.VIDEO_WIDTH):
+        raise ValueError(f"video must be (36, 64, T), got {video.shape}")
+    length = first_nan(video[0, 0]) if length is None else int(length)
+    frames = np.moveaxis(video[:, :, :length], -1, 0)
+    traces = windows.traces_of(np.asarray(behavior)[:, :length],
+                               np.asarray(pupil_center)[:, :length])
+    if not (np.isfinite(frames).all() and np.isfinite(traces).all()):
+        raise ValueError(f"the first {length} frames of the trial hold NaN or inf")
+    return frames, traces
+
+
+@dataclass
+class Ensemble:
+    """Fold models of one architecture, their EMA states stacked on a leading model axis."""
+
+    graphdef: Any
+    states: Any
+    spec: checkpoint.ModelSpec
+    members: list[dict] = field(default_factory=list)  # experiment, fold, step, directory
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    @property
+    def folds(self) -> list[int]:
+        return [m["fold"] for m in self.members]
+
+    def subset(self, indexes) -> Ensemble:
+        """The ensemble of the members at `indexes` (in that order)."""
+        idx = np.asarray(list(indexes), np.int64)
+        return Ensemble(self.graphdef, jax.tree.map(lambda a: a[idx], self.states), self.spec,
+                        [self.members[i] for i in idx])
+
+    def readout_index(self, mouse: Mouse | str) -> int:
+        """The readout of a mouse (a name, or a Mouse whose neuron count is checked)."""
+        name = mouse if isinstance(mouse, str) else mouse.name
+        where = self.members[0]["directory"] if self.members else "ensemble"
+        if name not in self.spec.mice:
+            raise predict.PredictionError(f"{where}: has no readout for mouse {name}; its "
+                                          f"readouts are {self.spec.mice}")
+        index = self.spec.mice.index(name)
+        if not isinstance(mouse, str) and self.spec.num_neurons[index] != mouse.num_neurons:
+            raise predict.PredictionError(
+                f"{where}: readout {index} ({name}) has {self.spec.num_neurons[index]} neurons "
+                f"but {mouse.path} has {mouse.num_neurons}")
+        return index
+
+    def predict(self, video, behavior, pupil_center, mouse: Mouse | str, *,
+                anchor_stride: int = 1, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
+        """(N, L) float32: the ensemble mean of the sliding-window blend of one trial."""
+        frames, traces = trial_arrays(video, behavior, pupil_center)
+        key, _ = cached_plan(len(frames), anchor_stride, chunk)
+        out = _predict_jit(self.graphdef, self.states, jnp.asarray(frames),
+                           jnp.asarray(traces), key, self.readout_index(mouse))
+        return np.asarray(out, np.float32).T
+
+    def video_function(self, behavior, pupil_center, mouse: Mouse | str, length: int, *,
+                       anchor_stride: int = 1, chunk: int = DEFAULT_CHUNK):
+        """A jittable, differentiable f(video (L, 36, 64)) -> (M, L, N): each model's blended
+        prediction with the behaviour and pupil held as given."""
+        traces = jnp.asarray(windows.traces_of(np.asarray(behavior)[:, :length],
+                                               np.asarray(pupil_center)[:, :length]))
+        _, plan = cached_plan(length, anchor_stride, chunk)
+        index = self.readout_index(mouse)
+        return lambda video: trial_outputs(self.graphdef, self.states, video, traces, plan,
+                                           index)
+
+
+def stack(models: list[tuple[nnx.Module, checkpoint.ModelSpec, dict]]) -> Ensemble:
+    """An Ensemble of eval-mode models of one architecture; each with its spec and a member
+    record (experiment, fold, step, directory)."""
+    if not models:
+        raise predict.PredictionError("an ensemble needs at least one model")
+    first = models[0][1]
+    for _, spec, member in models[1:]:
+        if spec.constructor != first.constructor or spec.mice != first.mice:
+            raise predict.PredictionError(
+                f"{member['directory']}: its architecture or mice differ from "
+                f"{models[0][2]['directory']}; an ensemble stacks models of one architecture")
+    graphdef, _ = nnx.split(models[0][0])
+    states = [nnx.split(m)[1] for m, _, _ in models]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    return Ensemble(graphdef, stacked, first, [m for _, _, m in models])
+
+
+def load_ensemble(workdir: str | Path, experiments: str | list[str],
+                  fold_ids: list[int] | None = None) -> Ensemble:
+    """The EMA models of every fold found (or `fold_ids`) of one or more experiments."""
+    experiments = [experiments] if isinstance(experiments, str) else list(experiments)
+    models = []
+    for experiment in experiments:
+        for k, directory in predict.fold_folders(workdir, experiment, fold_ids).items():
+            model, spec, step = checkpoint.load_ema_model(directory)
+            models.append((model, spec, {"experiment": experiment, "fold": k, "step": step,
+                                         "directory": str(directory)}))
+    return stack(models)
+
+
+def data_root(workdir: str | Path, ensemble: Ensemble, given: str | None = None) -> str:
+    """--data_root, else the folds' config.json (as predict)."""
+    folders = {i: Path(m["directory"]) for i, m in enumerate(ensemble.members)}
+    return predict.resolve_data_root(folders, given)

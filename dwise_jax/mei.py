@@ -1,0 +1,230 @@
+"""`python -m dwise_jax.mei --experiment NAME --mouse M --neurons 3,17`: most exciting inputs.
+
+For each chosen neuron, the window of frames (16 frames, the model's window) that maximises the
+ensemble-mean predicted response (the mean over the window's 16 output frames) under a fixed
+contrast budget: the video is `level + delta` with ||delta||_2 <= `norm`, projected after every
+Adam step and kept in 0..255. Behaviour and pupil are held at the mouse's median over its
+training trials. Neurons are optimised together, as one batch of windows, through all models
+at once (`vmap`). The default `norm` and `level` are the median contrast norm and the mean pixel
+of the mouse's training windows, so that an MEI has the contrast of a typical stimulus.
+
+Outputs under `<workdir>/insilico/<experiment>/mei/<mouse>/`: `<neuron>.npy` (36, 64, 16) in the
+dataset's video layout, `<neuron>.png`, and report.md / report.json with the response each MEI
+reaches against the most driving of the sampled training windows (with the same held
+behaviour), each MEI's spatial energy
+centre and, on a simulated dataset, its distance to the neuron's true receptive-field centre.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+
+from dwise_jax import baseline, inference, insilico_report, predict
+from dwise_jax.data import synthetic, windows
+from dwise_jax.data.sensorium import Mouse, SensoriumDataset
+
+
+@dataclass(frozen=True)
+class MeiConfig:
+    steps: int = 200
+    lr: float = 4.0
+    norm: float = 0.0  # 0: the median contrast norm of the training windows
+    level: float = -1.0  # < 0: the mean pixel of the training windows
+    batch: int = 16  # neurons per optimisation batch
+    train_windows: int = 256  # training windows sampled for the statistics and the comparison
+    seed: int = 0
+
+
+def _objective(graphdef, states, frames, traces, readout_index, neurons):
+    """(K,) ensemble-mean response of neuron k to window k, mean over the 16 output frames."""
+    out = inference.models_apply(graphdef, states, frames, traces, readout_index)  # M,K,16,N
+    picked = jnp.take_along_axis(out, neurons[None, :, None, None], axis=-1)[..., 0]
+    return jnp.mean(picked, axis=(0, 2))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 6))
+def _optimise(graphdef, states, delta, traces, readout_index, neurons, cfg: MeiConfig,
+              norm, level):
+    opt = optax.adam(cfg.lr)
+
+    def project(d):
+        scale = jnp.minimum(1.0, norm / jnp.maximum(
+            jnp.sqrt(jnp.sum(d ** 2, axis=(1, 2, 3), keepdims=True)), 1e-12))
+        return jnp.clip(level + d * scale, 0.0, 255.0) - level
+
+    def step(carry, _):
+        d, state = carry
+        grad = jax.grad(lambda x: -jnp.sum(_objective(graphdef, states, level + x, traces,
+                                                      readout_index, neurons)))(d)
+        updates, state = opt.update(grad, state, d)
+        return (project(optax.apply_updates(d, updates)), state), None
+
+    delta = project(delta)
+    (delta, _), _ = jax.lax.scan(step, (delta, opt.init(delta)), None, length=cfg.steps)
+    return level + delta, _objective(graphdef, states, level + delta, traces, readout_index,
+                                     neurons)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _responses(graphdef, states, frames, traces, readout_index):
+    """(K, N) ensemble-mean responses of K windows, mean over their 16 output frames."""
+    out = inference.models_apply(graphdef, states, frames, traces, readout_index)
+    return jnp.mean(out, axis=(0, 2))
+
+
+def training_windows(mouse: Mouse, count: int, seed: int):
+    """Sampled training windows (K, 16, 36, 64), their traces, and the median traces (4,)."""
+    trials = [int(t) for t in mouse.trial_ids("train")] or [
+        t for t in range(mouse.num_trials) if mouse.is_labeled(t)]
+    rng = np.random.default_rng(seed)
+    rows = [(t, int(a)) for t in trials for a in windows.validation_anchors(int(mouse.lengths[t]))]
+    pick = rng.choice(len(rows), min(count, len(rows)), replace=False)
+    cache, frames, traces = {}, [], []
+    for i in sorted(pick):
+        t, a = rows[i]
+        if t not in cache:
+            cache = {t: mouse.load_trial(t)}
+        d = cache[t]
+        f, tr = windows.compact_window(d.video, d.behavior, d.pupil_center, a)
+        frames.append(f)
+        traces.append(tr)
+    traces = np.stack(traces)
+    return np.stack(frames), traces, np.median(traces.reshape(-1, 4), axis=0)
+
+
+def energy_centre(mei: np.ndarray, level: float) -> tuple[float, float]:
+    """(row, col) centre of mass of the squared contrast summed over frames, (16, 36, 64)."""
+    energy = np.sum((np.asarray(mei, np.float64) - level) ** 2, axis=0)
+    rows, cols = np.mgrid[: energy.shape[0], : energy.shape[1]]
+    total = max(energy.sum(), 1e-30)
+    return float((energy * rows).sum() / total), float((energy * cols).sum() / total)
+
+
+def find_meis(ens: inference.Ensemble, mouse: Mouse, neurons: list[int],
+              cfg: MeiConfig = MeiConfig()) -> dict:
+    """MEIs of `neurons`; returns {"meis" (K, 16, 36, 64), "response" (K,), "best_train" (K,),
+    "norm", "level", "traces" (4,)}."""
+    index = ens.readout_index(mouse)
+    bad = [n for n in neurons if not 0 <= n < mouse.num_neurons]
+    if bad:
+        raise predict.PredictionError(f"{mouse.path}: has neurons 0..{mouse.num_neurons - 1}, "
+                                      f"not {bad}")
+    frames, traces, median = training_windows(mouse, cfg.train_windows, cfg.seed)
+    level = float(frames.mean()) if cfg.level < 0 else cfg.level
+    centred = frames - frames.mean(axis=(1, 2, 3), keepdims=True)
+    norm = cfg.norm or float(np.median(np.sqrt(np.sum(centred ** 2, axis=(1, 2, 3)))))
+    held = np.broadcast_to(median.astype(np.float32), (cfg.batch, windows.WINDOW_FRAMES, 4))
+    train = np.concatenate([np.asarray(_responses(  # the same held behaviour as the MEIs'
+        ens.graphdef, ens.states, jnp.asarray(frames[i:i + cfg.batch]),
+        jnp.asarray(held[: len(frames[i:i + cfg.batch])]), index))
+        for i in range(0, len(frames), cfg.batch)])
+    rng = np.random.default_rng(cfg.seed)
+    meis, reached = [], []
+    for start in range(0, len(neurons), cfg.batch):
+        chosen = np.asarray(neurons[start:start + cfg.batch], np.int32)
+        k = len(chosen)
+        delta = rng.normal(0, 1, (k, windows.WINDOW_FRAMES, windows.VIDEO_HEIGHT,
+                                  windows.VIDEO_WIDTH)).astype(np.float32)
+        delta *= 0.1 * norm / np.sqrt(np.sum(delta[0] ** 2))
+        held = np.broadcast_to(median.astype(np.float32), (k, windows.WINDOW_FRAMES, 4))
+        mei, response = _optimise(ens.graphdef, ens.states, jnp.asarray(delta),
+                                  jnp.asarray(held), index, jnp.asarray(chosen), cfg,
+                                  jnp.float32(norm), jnp.float32(level))
+        meis.append(np.asarray(mei))
+        reached.append(np.asarray(response))
+    return {"meis": np.concatenate(meis), "response": np.concatenate(reached),
+            "best_train": train[:, neurons].max(axis=0), "norm": norm, "level": level,
+            "traces": median}
+
+
+def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
+                neurons: list[int], *, cfg: MeiConfig = MeiConfig(),
+                fold_ids: list[int] | None = None, data_root: str | None = None,
+                out: str | Path | None = None) -> dict:
+    """Finds and writes the MEIs of a mouse's neurons and the report; returns the rows."""
+    ens = inference.load_ensemble(workdir, experiments, fold_ids)
+    dataset = SensoriumDataset.open(inference.data_root(workdir, ens, data_root))
+    if mouse_name not in dataset.names:
+        raise predict.PredictionError(f"{dataset.root}: has no mouse {mouse_name}; its mice "
+                                      f"are {dataset.names}")
+    mouse = dataset.mouse(mouse_name)
+    name = ",".join(sorted(experiments))
+    out = Path(out) if out else Path(workdir) / "insilico" / name / "mei" / mouse_name
+    (out / "report.json").unlink(missing_ok=True)
+    found = find_meis(ens, mouse, neurons, cfg)
+    truth = None
+    if baseline.is_simulated(dataset):
+        info = {m["name"]: m for m in synthetic.load_info(dataset.root)["mouse_info"]}
+        truth = info[mouse_name]["receptive_fields"]
+    rows = []
+    for n, mei, resp, best in zip(neurons, found["meis"], found["response"],
+                                  found["best_train"], strict=True):
+        centre = energy_centre(mei, found["level"])
+        row = {"neuron": n, "response": float(resp), "best_train_window": float(best),
+               "energy_centre": centre}
+        if truth is not None:
+            true = (truth["center_y"][n], truth["center_x"][n])
+            row["true_centre"] = true
+            row["distance_px"] = float(np.hypot(centre[0] - true[0], centre[1] - true[1]))
+        insilico_report.save_array(out / f"{n}.npy", np.moveaxis(mei, 0, -1))
+        insilico_report.strip(out / f"{n}.png", {"MEI": mei}, frames=16,
+                              title=f"{mouse_name} neuron {n}: {resp:.3f} (best training "
+                                    f"window {best:.3f})")
+        rows.append(row)
+    meta = {"experiments": sorted(experiments), "mouse": mouse_name,
+            "data_root": str(dataset.root), "config": asdict(cfg), "members": ens.members,
+            "norm": found["norm"], "level": found["level"],
+            "behavior": [float(v) for v in found["traces"]]}
+    path = insilico_report.mei_report(out, rows, meta)
+    print(f"report: {path}")
+    return {"directory": out, "rows": rows, "report": path}
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("experiment", None, "Experiment name(s), comma-separated.")
+    flags.DEFINE_string("mouse", None, "Mouse folder name.")
+    flags.DEFINE_list("neurons", None, "Neuron indexes (0-based, readout order).")
+    flags.DEFINE_string("workdir", "workdir", "Work folder holding <experiment>/fold_<k>.")
+    flags.DEFINE_string("data_root", None, "Dataset root (default: the folds' config.json).")
+    flags.DEFINE_string("out", None, "Output folder (default <workdir>/insilico/<experiment>/"
+                                     "mei/<mouse>).")
+    flags.DEFINE_list("folds", None, "Fold models to use (default: every fold found).")
+    for f in MeiConfig.__dataclass_fields__.values():
+        define = flags.DEFINE_integer if f.type == "int" else flags.DEFINE_float
+        define(f.name, f.default, f"MeiConfig.{f.name}")
+
+
+def main(argv: list[str]) -> int:
+    f = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not f.experiment or not f.mouse or not f.neurons:
+        raise app.UsageError("--experiment, --mouse and --neurons are required")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        cfg = MeiConfig(**{k: f[k].value for k in MeiConfig.__dataclass_fields__})
+        neurons = [int(n) for n in f.neurons]
+        fold_ids = [int(k) for k in f.folds] if f.folds else None
+    except ValueError as e:
+        raise app.UsageError(f"--neurons and --folds take integers ({e})") from None
+    try:
+        mei_command(f.workdir, f.experiment.split(","), f.mouse, neurons, cfg=cfg,
+                    fold_ids=fold_ids, data_root=f.data_root, out=f.out)
+    except (*predict.USER_ERRORS, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))

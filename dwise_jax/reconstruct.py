@@ -1,0 +1,327 @@
+"""`python -m dwise_jax.reconstruct --experiment NAME --split SPLIT`: movies from responses.
+
+The published method (Bauer, Margrie & Clopath, eLife 2026) rebuilt on the project's ensemble
+(dwise_jax/inference.py): the video of a trial, from mid-grey, is optimised so that the models'
+predictions match the recorded responses, behaviour and pupil staying as recorded. Per iteration:
+
+  1. the Poisson NLL of each model on each prediction window, its gradient on the window's
+     frames divided by its L2 norm;
+  2. these averaged over the windows covering each frame and over the models, times the
+     population mask, clipped at +-`grad_clip`;
+  3. Adam's first moment with bias correction (no second moment), the learning rate (0..255
+     pixel scale) warmed up linearly over `warmup` iterations, the video clipped to 0..255.
+
+One jitted function runs steps 1-3 for all windows (scanned in chunks: memory is bounded by the
+chunk, not the trial) and all models. Each trial is reconstructed only by models that never
+trained on it (split `folds`: fold k's trials by the fold-k models of every experiment given;
+test splits: by all). Outputs and the report: docs/insilico.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from dwise_jax import inference, insilico_report, losses, predict, report
+from dwise_jax.data import folds, windows
+from dwise_jax.data.sensorium import TEST_TIERS, Mouse, SensoriumDataset
+
+SKIP_FRAMES = 32  # frames not scored at the start of a trial (the published rule)
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """Every setting of a reconstruction; defaults follow the published method."""
+
+    iterations: int = 1000
+    lr: float = 1000.0
+    warmup: int = 10
+    beta1: float = 0.9
+    grad_clip: float = 1.0
+    init: float = 127.5  # mid-grey
+    anchor_stride: int = 1
+    chunk: int = inference.DEFAULT_CHUNK
+    eval_every: int = 50
+    update_fraction: float = 0.95  # mask: the pixels holding this share of the gradient energy
+    score_fraction: float = 0.8
+    mask_windows: int = 64
+
+
+# --------------------------------------------------------------------------- the iteration
+
+
+def window_grads(graphdef, states, frames, traces, targets, readout_index: int):
+    """Per model and window, the normalised gradient of the window's Poisson NLL on its frames.
+
+    frames (C, 16, 36, 64), traces (C, 16, 4), targets (C, 16, N) -> (M, C, 16, 36, 64) unit
+    L2 norm per (model, window), and the (M, C) losses.
+    """
+    def loss(state, f):
+        pred = inference._apply(graphdef, state, f, traces, readout_index)
+        per_window = jnp.sum(losses.poisson_nll(pred, targets), axis=(1, 2))
+        return jnp.sum(per_window), per_window
+
+    grads, values = jax.vmap(lambda s: jax.grad(loss, argnums=1, has_aux=True)(s, frames)
+                             )(states)
+    norm = jnp.sqrt(jnp.sum(jnp.square(grads), axis=(2, 3, 4), keepdims=True))
+    return grads / jnp.maximum(norm, 1e-20), values
+
+
+def direction(graphdef, states, video, traces, targets, plan: inference.WindowPlan,
+              readout_index: int):
+    """(L, 36, 64): the normalised window gradients averaged over the windows covering each
+    frame and over the models; and the mean loss of the valid windows."""
+    def body(carry, chunk):
+        sums, total = carry
+        idx, valid = chunk
+        g, values = window_grads(graphdef, states, video[idx], traces[idx], targets[idx],
+                                 readout_index)
+        g = g * valid[None, :, None, None, None]
+        return (sums.at[:, idx].add(g), total + jnp.sum(values * valid)), None
+
+    num_models = jax.tree.leaves(states)[0].shape[0]
+    init = (jnp.zeros((num_models, *video.shape), jnp.float32), jnp.float32(0))
+    (sums, total), _ = jax.lax.scan(body, init, (jnp.asarray(plan.index),
+                                                 jnp.asarray(plan.valid)))
+    counts = jnp.maximum(jnp.asarray(plan.counts), 1)[None, :, None, None]
+    return jnp.mean(sums / counts, axis=0), total / (num_models * plan.valid.sum())
+
+
+def adam_step(video, moment, grad, mask, step, cfg: ReconConfig):
+    """One update: masked, clipped gradient; Adam's bias-corrected first moment; 0..255."""
+    g = jnp.clip(grad * mask, -cfg.grad_clip, cfg.grad_clip)
+    moment = cfg.beta1 * moment + (1 - cfg.beta1) * g
+    t = step + 1
+    lr = cfg.lr * jnp.minimum(1.0, t / max(cfg.warmup, 1))
+    video = video - lr * moment / (1 - cfg.beta1 ** t)
+    return jnp.clip(video, 0.0, 255.0), moment
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
+def iteration(graphdef, states, video, moment, traces, targets, plan_key, readout_index,
+              cfg: ReconConfig, mask, step):
+    """One whole reconstruction iteration of a trial: (video, moment, loss)."""
+    plan = inference._PLANS[plan_key]
+    grad, loss = direction(graphdef, states, video, traces, targets, plan, readout_index)
+    video, moment = adam_step(video, moment, grad, mask, step, cfg)
+    return video, moment, loss
+
+
+def score(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:
+    """Pearson r and RMSE of the pixels inside `mask` over frames SKIP_FRAMES.. (L, 36, 64)."""
+    a = np.asarray(recon[SKIP_FRAMES:], np.float64)[:, mask].ravel()
+    b = np.asarray(truth[SKIP_FRAMES:], np.float64)[:, mask].ravel()
+    if a.size < 2 or a.std() == 0 or b.std() == 0:
+        r = 0.0
+    else:
+        r = float(np.corrcoef(a, b)[0, 1])
+    return {"corr": r, "rmse": float(np.sqrt(np.mean((a - b) ** 2)))}
+
+
+def reconstruct_trial(ens: inference.Ensemble, traces, targets, mask: np.ndarray,
+                      cfg: ReconConfig, readout_index: int, truth: np.ndarray | None = None,
+                      score_mask: np.ndarray | None = None):
+    """Reconstructs one trial; returns (video (L, 36, 64) float32, curve of scores)."""
+    length = len(traces)
+    key, _ = inference.cached_plan(length, cfg.anchor_stride, cfg.chunk)
+    video = jnp.full((length, windows.VIDEO_HEIGHT, windows.VIDEO_WIDTH), cfg.init, jnp.float32)
+    moment = jnp.zeros_like(video)
+    traces, targets = jnp.asarray(traces), jnp.asarray(targets)
+    mask = jnp.asarray(mask, jnp.float32)
+    curve = []
+    for step in range(cfg.iterations):
+        video, moment, loss = iteration(ens.graphdef, ens.states, video, moment, traces,
+                                        targets, key, readout_index, cfg, mask, step)
+        done = step + 1
+        if truth is not None and (done % cfg.eval_every == 0 or done == cfg.iterations):
+            curve.append({"iteration": done, "loss": float(loss),
+                          **score(np.asarray(video), truth, score_mask)})
+    return np.asarray(video, np.float32), curve
+
+
+# --------------------------------------------------------------------------- the mask
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _energy(graphdef, states, frames, traces, readout_index):
+    def total(f):
+        return jnp.sum(inference.models_apply(graphdef, states, f, traces, readout_index))
+    return jnp.sum(jnp.square(jax.grad(total)(frames)), axis=(0, 1))
+
+
+def top_share(energy: np.ndarray, share: float) -> np.ndarray:
+    """The smallest set of pixels that holds `share` of the energy (bool, like energy)."""
+    flat = energy.ravel()
+    order = np.argsort(flat)[::-1]
+    cum = np.cumsum(flat[order]) / max(flat.sum(), 1e-30)
+    keep = np.zeros(flat.size, bool)
+    keep[order[: int(np.searchsorted(cum, share)) + 1]] = True
+    return keep.reshape(energy.shape)
+
+
+def population_mask(ens: inference.Ensemble, mouse: Mouse, trials: list[int],
+                    cfg: ReconConfig, seed: int = 0) -> dict:
+    """The screen area that drives the mouse's predicted population activity.
+
+    The squared gradient of the summed predicted activity (all neurons, models and frames) on
+    each pixel, summed over `cfg.mask_windows` windows of `trials` (their recorded video and
+    behaviour; no responses). Returns {"energy" (36, 64) normalised to max 1, "update",
+    "score"}: the pixels holding `update_fraction` and `score_fraction` of the energy.
+    """
+    rng = np.random.default_rng(seed)
+    rows = [(t, a) for t in trials for a in windows.prediction_anchors(int(mouse.lengths[t]), 8)]
+    pick = rng.choice(len(rows), min(cfg.mask_windows, len(rows)), replace=False)
+    index = ens.readout_index(mouse)
+    energy = np.zeros((windows.VIDEO_HEIGHT, windows.VIDEO_WIDTH))
+    for start in range(0, len(pick), cfg.chunk):
+        batch = [rows[i] for i in pick[start:start + cfg.chunk]]
+        frames, traces = zip(*(windows.compact_window(*_trial_inputs(mouse, t), a)
+                               for t, a in batch), strict=True)
+        energy += np.asarray(_energy(ens.graphdef, ens.states, jnp.asarray(np.stack(frames)),
+                                     jnp.asarray(np.stack(traces)), index), np.float64)
+    energy = energy / max(energy.max(), 1e-30)
+    return {"energy": energy.astype(np.float32), "update": top_share(energy, cfg.update_fraction),
+            "score": top_share(energy, cfg.score_fraction)}
+
+
+def _trial_inputs(mouse: Mouse, trial: int):
+    data = mouse.load_trial(trial)
+    return data.video, data.behavior, data.pupil_center
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def trial_groups(ens: inference.Ensemble, dataset: SensoriumDataset, split: str,
+                 mice: list[str] | None, trials: list[int] | None):
+    """[(mouse, member indexes, trial ids)]: each trial with the models that never saw it."""
+    predict.check_split(split)
+    if split != "folds" and not report.is_scored(dataset, split):
+        raise predict.PredictionError(f"{dataset.root}: split {split} has no recorded "
+                                      "responses to reconstruct from (use --split folds)")
+    unknown = sorted(set(mice or ()) - set(dataset.names))
+    if unknown:
+        raise predict.PredictionError(f"{dataset.root}: has no mice {unknown}; its mice are "
+                                      f"{dataset.names}")
+    chosen = [dataset.mouse(m) for m in mice] if mice else list(dataset.mice)
+    groups = []
+    for mouse in chosen:
+        ens.readout_index(mouse)
+        if split == "folds":
+            trial_fold = folds.trial_folds(mouse)
+            for k in sorted(set(ens.folds)):
+                members = tuple(i for i, f in enumerate(ens.folds) if f == k)
+                ids = [int(t) for t in np.flatnonzero(trial_fold == k) if mouse.is_labeled(int(t))]
+                groups.append((mouse, members, ids))
+        else:
+            groups.append((mouse, tuple(range(ens.size)), [int(t) for t in
+                                                           mouse.trial_ids(split)]))
+    if trials is not None:
+        groups = [(m, g, [t for t in ids if t in trials]) for m, g, ids in groups]
+    groups = [g for g in groups if g[2]]
+    if not groups:
+        raise predict.PredictionError(f"{dataset.root}: no trials of split {split} for mice "
+                                      f"{[m.name for m in chosen]}, trials {trials}, folds "
+                                      f"{sorted(set(ens.folds))}")
+    return groups
+
+
+def ensemble_sizes(sizes: tuple[int, ...], available: int) -> list[int]:
+    """The ensemble sizes to score (0 = all), capped at `available`, ascending, distinct."""
+    return sorted({available if s <= 0 else min(s, available) for s in sizes})
+
+
+def reconstruct_split(workdir: str | Path, experiments: list[str], split: str, *,
+                      cfg: ReconConfig = ReconConfig(), mice: list[str] | None = None,
+                      trials: list[int] | None = None, fold_ids: list[int] | None = None,
+                      sizes: tuple[int, ...] = (1, 2, 4, 0), data_root: str | None = None,
+                      out: str | Path | None = None) -> dict:
+    """Reconstructs the chosen trials; writes arrays, strips, movies, masks and the report."""
+    ens = inference.load_ensemble(workdir, experiments, fold_ids)
+    dataset = SensoriumDataset.open(inference.data_root(workdir, ens, data_root))
+    groups = trial_groups(ens, dataset, split, mice, trials)
+    name = ",".join(sorted(experiments))
+    out = Path(out) if out else Path(workdir) / "insilico" / name / "reconstruct" / split
+    (out / "report.json").unlink(missing_ok=True)
+    masks, rows = {}, []
+    for mouse, members, ids in groups:
+        if mouse.name not in masks:
+            train = [int(t) for t in mouse.trial_ids("train")] or ids
+            masks[mouse.name] = population_mask(ens, mouse, train[:16], cfg)
+            insilico_report.save_mask(out / "masks", mouse.name, masks[mouse.name])
+        mask = masks[mouse.name]
+        for trial in ids:
+            data = mouse.load_trial(trial)
+            truth, traces = inference.trial_arrays(data.video, data.behavior, data.pupil_center)
+            targets = np.maximum(report.load_target(dataset, split, mouse, trial), 0).T
+            row = {"mouse": mouse.name, "trial": trial, "folds": [ens.folds[i] for i in members],
+                   "by_size": {}}
+            for size in ensemble_sizes(sizes, len(members)):
+                sub = ens.subset(members[:size])
+                video, curve = reconstruct_trial(sub, traces, targets, mask["update"], cfg,
+                                                 ens.readout_index(mouse), truth, mask["score"])
+                row["by_size"][size] = {"final": curve[-1], "curve": curve}
+            insilico_report.save_video(out / mouse.name, trial, video, truth)
+            rows.append(row)
+            best = row["by_size"][max(row["by_size"])]["final"]
+            print(f"{mouse.name} trial {trial}: corr {best['corr']:.4f} rmse {best['rmse']:.2f}")
+    meta = {"experiments": sorted(experiments), "split": split, "data_root": str(dataset.root),
+            "config": asdict(cfg), "members": ens.members}
+    path = insilico_report.reconstruction_report(out, rows, masks, meta)
+    print(f"report: {path}")
+    return {"directory": out, "rows": rows, "report": path}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("experiment", None, "Experiment name(s), comma-separated.")
+    flags.DEFINE_string("split", None, f"folds or a scored test split ({', '.join(TEST_TIERS)}).")
+    flags.DEFINE_string("workdir", "workdir", "Work folder holding <experiment>/fold_<k>.")
+    flags.DEFINE_string("data_root", None, "Dataset root (default: the folds' config.json).")
+    flags.DEFINE_string("out", None, "Output folder (default <workdir>/insilico/<experiment>/"
+                                     "reconstruct/<split>).")
+    flags.DEFINE_list("mice", None, "Mouse folder names (default: all).")
+    flags.DEFINE_list("trials", None, "Trial ids (default: all of the split).")
+    flags.DEFINE_list("folds", None, "Fold models to use (default: every fold found).")
+    flags.DEFINE_list("ensemble_sizes", ["1", "2", "4", "0"], "Ensemble sizes scored (0: all).")
+    for f in ReconConfig.__dataclass_fields__.values():
+        define = flags.DEFINE_integer if f.type == "int" else flags.DEFINE_float
+        define(f.name, f.default, f"ReconConfig.{f.name}")
+
+
+def main(argv: list[str]) -> int:
+    f = flags.FLAGS
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not f.experiment or not f.split:
+        raise app.UsageError("--experiment and --split are required")
+    logging.set_verbosity(logging.WARNING)
+    try:
+        cfg = ReconConfig(**{k: f[k].value for k in ReconConfig.__dataclass_fields__})
+        ints = {k: [int(v) for v in f[k].value] if f[k].value else None
+                for k in ("trials", "folds", "ensemble_sizes")}
+    except ValueError as e:
+        raise app.UsageError(f"--trials, --folds, --ensemble_sizes take integers ({e})") from None
+    try:
+        reconstruct_split(f.workdir, f.experiment.split(","), f.split, cfg=cfg, mice=f.mice,
+                          trials=ints["trials"], fold_ids=ints["folds"],
+                          sizes=tuple(ints["ensemble_sizes"] or (0,)), data_root=f.data_root,
+                          out=f.out)
+    except (*predict.USER_ERRORS, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,76 @@
+"""Most exciting inputs (dwise_jax/mei.py): the budget and pixel range hold, the response rises
+above the training windows', the energy centre by hand, and the command end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import HANG_TIMEOUT_S
+from test_predict import random_fold
+
+from dwise_jax import inference, mei, predict
+from dwise_jax.data.sensorium import SensoriumDataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(sim_root, tmp_path_factory):
+    dataset = SensoriumDataset.open(sim_root)
+    work = tmp_path_factory.mktemp("mei")
+    for k in (0, 1):
+        random_fold(work, "m", k, dataset, seed=10 + k)
+    return work, dataset
+
+
+def test_energy_centre_by_hand():
+    x = np.full((16, 36, 64), 100.0)
+    x[3, 5, 10] = 110.0
+    x[7, 5, 20] = 90.0  # same energy, same row: centre halfway
+    assert mei.energy_centre(x, 100.0) == pytest.approx((5.0, 15.0))
+
+
+def test_meis_respect_the_budget_and_beat_the_training_windows(setup):
+    work, dataset = setup
+    ens = inference.load_ensemble(work, "m")
+    mouse = dataset.mice[0]
+    cfg = mei.MeiConfig(steps=40, train_windows=32, batch=2)
+    found = mei.find_meis(ens, mouse, [0, 3, 5], cfg)
+    meis = found["meis"]
+    assert meis.shape == (3, 16, 36, 64) and meis.min() >= 0 and meis.max() <= 255
+    norms = np.sqrt(np.sum((meis - found["level"]) ** 2, axis=(1, 2, 3)))
+    assert (norms <= found["norm"] * (1 + 1e-4)).all() and (norms > 0.5 * found["norm"]).all()
+    # The reported response is the ensemble's response to the MEI (recomputed here).
+    held = np.broadcast_to(found["traces"].astype(np.float32), (3, 16, 4))
+    again = np.asarray(mei._responses(ens.graphdef, ens.states, meis, held, 0))
+    np.testing.assert_allclose(again[[0, 1, 2], [0, 3, 5]], found["response"], rtol=1e-4)
+    assert (found["response"] > found["best_train"]).all()
+    with pytest.raises(predict.PredictionError, match="not \\[99\\]"):
+        mei.find_meis(ens, mouse, [99], cfg)
+
+
+def test_command_end_to_end(setup, tmp_path):
+    work, dataset = setup
+    mouse = dataset.mice[2]
+    run = subprocess.run([sys.executable, "-m", "dwise_jax.mei", "--experiment=m",
+                          f"--mouse={mouse.name}", "--neurons=1,4", f"--workdir={work}",
+                          "--steps=5", "--train_windows=8", f"--out={tmp_path / 'o'}"],
+                         capture_output=True, text=True, timeout=HANG_TIMEOUT_S, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "o"
+    assert np.load(out / "1.npy").shape == (36, 64, 16)
+    for name in ("1.png", "4.png", "distances.png", "report.md"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    assert [r["neuron"] for r in report["neurons"]] == [1, 4] and len(report["members"]) == 2
+    info = json.loads((dataset.root / "simulation" / "simulation.json").read_text())
+    rf = next(m for m in info["mouse_info"] if m["name"] == mouse.name)["receptive_fields"]
+    row = report["neurons"][1]
+    assert row["true_centre"] == [rf["center_y"][4], rf["center_x"][4]]
+    assert row["distance_px"] == pytest.approx(np.hypot(
+        row["energy_centre"][0] - rf["center_y"][4], row["energy_centre"][1] - rf["center_x"][4]))
