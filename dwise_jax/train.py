@@ -141,7 +141,8 @@ def main(argv: list[str]) -> int:
     except Exception as e:
         if (full := disk_full.find(e)) is None:
             raise
-        print(f"error: {disk_full.message(full, str(config.workdir))}", file=sys.stderr)
+        # A fresh line: Orbax's writer threads may have left a traceback line half-written.
+        print(f"\nerror: {disk_full.message(full, str(config.workdir))}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         # Orbax's writer threads fail again at interpreter exit, with tracebacks after this
