@@ -59,9 +59,20 @@ def _apply(graphdef, state, frames, traces, readout_index: int):
     return nnx.merge(graphdef, state)(x, readout_index=readout_index)
 
 
-def models_apply(graphdef, states, frames, traces, readout_index: int):
+def over_models(fn, states, model_axis: str = "map"):
+    """fn over the stacked models: `vmap` (one batched program) or `lax.map` (one model after
+    another in the same program; on CPU the faster, see benchmarks/RESULTS.md)."""
+    if model_axis == "vmap":
+        return jax.vmap(fn)(states)
+    if model_axis == "map":
+        return jax.lax.map(fn, states)
+    raise ValueError(f"model_axis must be 'map' or 'vmap', got {model_axis!r}")
+
+
+def models_apply(graphdef, states, frames, traces, readout_index: int, model_axis: str = "map"):
     """Every stacked model on the same windows: (M, C, 16, N)."""
-    return jax.vmap(lambda s: _apply(graphdef, s, frames, traces, readout_index))(states)
+    return over_models(lambda s: _apply(graphdef, s, frames, traces, readout_index), states,
+                       model_axis)
 
 
 def trial_outputs(graphdef, states, video, traces, plan: WindowPlan, readout_index: int):

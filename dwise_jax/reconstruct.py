@@ -52,12 +52,14 @@ class ReconConfig:
     update_fraction: float = 0.95  # mask: the pixels holding this share of the gradient energy
     score_fraction: float = 0.8
     mask_windows: int = 64
+    model_axis: str = "map"  # "map": models one after another (lax.map); "vmap": batched
 
 
 # --------------------------------------------------------------------------- the iteration
 
 
-def window_grads(graphdef, states, frames, traces, targets, readout_index: int):
+def window_grads(graphdef, states, frames, traces, targets, readout_index: int,
+                 model_axis: str = "map"):
     """Per model and window, the normalised gradient of the window's Poisson NLL on its frames.
 
     frames (C, 16, 36, 64), traces (C, 16, 4), targets (C, 16, N) -> (M, C, 16, 36, 64) unit
@@ -68,21 +70,21 @@ def window_grads(graphdef, states, frames, traces, targets, readout_index: int):
         per_window = jnp.sum(losses.poisson_nll(pred, targets), axis=(1, 2))
         return jnp.sum(per_window), per_window
 
-    grads, values = jax.vmap(lambda s: jax.grad(loss, argnums=1, has_aux=True)(s, frames)
-                             )(states)
+    grads, values = inference.over_models(
+        lambda s: jax.grad(loss, argnums=1, has_aux=True)(s, frames), states, model_axis)
     norm = jnp.sqrt(jnp.sum(jnp.square(grads), axis=(2, 3, 4), keepdims=True))
     return grads / jnp.maximum(norm, 1e-20), values
 
 
 def direction(graphdef, states, video, traces, targets, plan: inference.WindowPlan,
-              readout_index: int):
+              readout_index: int, model_axis: str = "map"):
     """(L, 36, 64): the normalised window gradients averaged over the windows covering each
     frame and over the models; and the mean loss of the valid windows."""
     def body(carry, chunk):
         sums, total = carry
         idx, valid = chunk
         g, values = window_grads(graphdef, states, video[idx], traces[idx], targets[idx],
-                                 readout_index)
+                                 readout_index, model_axis)
         g = g * valid[None, :, None, None, None]
         return (sums.at[:, idx].add(g), total + jnp.sum(values * valid)), None
 
@@ -109,7 +111,8 @@ def iteration(graphdef, states, video, moment, traces, targets, plan_key, readou
               cfg: ReconConfig, mask, step):
     """One whole reconstruction iteration of a trial: (video, moment, loss)."""
     plan = inference._PLANS[plan_key]
-    grad, loss = direction(graphdef, states, video, traces, targets, plan, readout_index)
+    grad, loss = direction(graphdef, states, video, traces, targets, plan, readout_index,
+                           cfg.model_axis)
     video, moment = adam_step(video, moment, grad, mask, step, cfg)
     return video, moment, loss
 
@@ -294,7 +297,8 @@ def define_flags() -> None:
     flags.DEFINE_list("folds", None, "Fold models to use (default: every fold found).")
     flags.DEFINE_list("ensemble_sizes", ["1", "2", "4", "0"], "Ensemble sizes scored (0: all).")
     for f in ReconConfig.__dataclass_fields__.values():
-        define = flags.DEFINE_integer if f.type == "int" else flags.DEFINE_float
+        define = {"int": flags.DEFINE_integer, "str": flags.DEFINE_string}.get(
+            f.type, flags.DEFINE_float)
         define(f.name, f.default, f"ReconConfig.{f.name}")
 
 
