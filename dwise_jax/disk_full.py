@@ -9,6 +9,9 @@ command resumes as after an interruption once space is freed.
 from __future__ import annotations
 
 import errno
+import os
+import sys
+from typing import NoReturn
 
 
 def find(error: BaseException) -> OSError | None:
@@ -27,3 +30,24 @@ def message(error: OSError, where: str = "") -> str:
     name = error.filename or (f"a file under {where}" if where else "a file")
     return (f"{name}: the disk is full (no space left on device); free some space and run the "
             "same command again (training resumes from its last complete checkpoint)")
+
+
+def exit_with(error: OSError, where: str = "") -> NoReturn:
+    """Print `error: <file>: the disk is full ...` as the last line of stderr and exit 1.
+
+    Orbax's writer threads (and its asyncio loop) may still print tracebacks of the same
+    failure while the process ends. So stderr is pointed at /dev/null for everything else
+    before our line goes out through a saved descriptor, and the process ends without running
+    the interpreter's shutdown (everything of ours is closed: the `finally` blocks ran). The
+    line starts on a fresh line in case a thread left one half-written.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    saved = os.dup(2)
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 2)
+    os.write(saved, f"\nerror: {message(error, where)}\n".encode())
+    os._exit(1)

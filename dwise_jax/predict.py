@@ -421,9 +421,7 @@ def main(argv: list[str]) -> int:
     except Exception as e:
         if (full := disk_full.find(e)) is None:
             raise
-        # A fresh line: Orbax's writer threads may have left a traceback line half-written.
-        print(f"\nerror: {disk_full.message(full, str(f.workdir))}", file=sys.stderr)
-        return 1
+        disk_full.exit_with(full, str(f.workdir))
     return 0
 
 

@@ -141,13 +141,7 @@ def main(argv: list[str]) -> int:
     except Exception as e:
         if (full := disk_full.find(e)) is None:
             raise
-        # A fresh line: Orbax's writer threads may have left a traceback line half-written.
-        print(f"\nerror: {disk_full.message(full, str(config.workdir))}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Orbax's writer threads fail again at interpreter exit, with tracebacks after this
-        # line; everything of ours is closed (the `finally` blocks ran), so end here.
-        os._exit(1)
+        disk_full.exit_with(full, str(config.workdir))
     for fold, score in results.items():
         print(f"fold {fold}: val_corr {score:.4f} (EMA weights of the last epoch)")
     _compare_with_references(config.data_root, results)

@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,28 @@ def test_enospc_in_an_atomic_write_names_the_file_and_keeps_the_previous_one(tmp
     assert disk_full.find(wrapped) is caught.value
     assert disk_full.message(caught.value).startswith(f"{target}: the disk is full")
     assert disk_full.find(RuntimeError("other")) is None
+
+
+def test_the_error_line_is_the_last_even_while_other_threads_write_to_stderr(tmp_path):
+    """Orbax's threads may still print tracebacks while the command ends: they go nowhere
+    after `exit_with`, whose line is the last of stderr, and the status is 1."""
+    script = f"""
+import errno, sys, threading, time
+from dwise_jax import disk_full
+
+def noisy():
+    while True:
+        print("Traceback (most recent call last):", file=sys.stderr, flush=True)
+        sys.stderr.write("    raise RuntimeError('Event loop is closed')")  # no newline
+        sys.stderr.flush()
+
+threading.Thread(target=noisy, daemon=True).start()
+time.sleep(0.2)
+disk_full.exit_with(OSError(errno.ENOSPC, "No space left on device", {str(tmp_path / 'f')!r}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=HANG_TIMEOUT_S)
+    assert out.returncode == 1
+    assert "Event loop is closed" in out.stderr  # the thread did write before the end
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == "error: " + disk_full.message(OSError(errno.ENOSPC, "x", str(tmp_path / "f")))
