@@ -99,7 +99,12 @@ def reconstruction_report(out: Path, rows: list[dict], masks: dict, meta: dict) 
     overall = {s: {k: float(np.mean([r["by_size"][s]["final"][k] for r in rows
                                      if s in r["by_size"]])) for k in ("corr", "rmse")}
                for s in sizes}
+    linear = [r["linear"] for r in rows if "linear" in r]
+    if linear:
+        overall["linear"] = {k: float(np.mean([x[k] for x in linear])) for k in ("corr", "rmse")}
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    if linear:
+        a.axhline(overall["linear"]["corr"], color="grey", ls="--", label="linear decoder")
     for s in sizes:
         curves = [r["by_size"][s]["curve"] for r in rows if s in r["by_size"]]
         its = [c["iteration"] for c in curves[0]]
@@ -125,13 +130,19 @@ def reconstruction_report(out: Path, rows: list[dict], masks: dict, meta: dict) 
              "mask, frames 32 onwards", "",
              "| models | pixel correlation (mean over trials) | RMSE |", "| --- | --- | --- |"]
     lines += [f"| {s} | {overall[s]['corr']:.4f} | {overall[s]['rmse']:.2f} |" for s in sizes]
+    if linear:
+        lines.append(f"| linear decoder (ridge from lagged responses, fitted on the training "
+                     f"trials) | {overall['linear']['corr']:.4f} | "
+                     f"{overall['linear']['rmse']:.2f} |")
     lines += ["", "![correlation against iterations and models](curves.png)", "",
               f"## Per trial ({top} models or all a trial has)", "",
-              "| mouse | trial | folds | correlation | RMSE |", "| --- | --- | --- | --- | --- |"]
+              "| mouse | trial | folds | correlation | RMSE | linear decoder correlation |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         f = r["by_size"][max(r["by_size"])]["final"]
+        lin = f"{r['linear']['corr']:.4f}" if "linear" in r else "-"
         lines.append(f"| {r['mouse']} | {r['trial']} | {r['folds']} | {f['corr']:.4f} | "
-                     f"{f['rmse']:.2f} |")
+                     f"{f['rmse']:.2f} | {lin} |")
     lines += ["", "## Population masks", "",
               "Squared gradient of the predicted population activity on each pixel; updates "
               "inside the `update` mask, scores inside the `score` mask.", ""]

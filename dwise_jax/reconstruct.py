@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from dwise_jax import inference, insilico_report, losses, predict, report
+from dwise_jax import decoder, inference, insilico_report, losses, predict, report
 from dwise_jax.data import folds, windows
 from dwise_jax.data.sensorium import TEST_TIERS, Mouse, SensoriumDataset
 
@@ -53,6 +53,8 @@ class ReconConfig:
     score_fraction: float = 0.8
     mask_windows: int = 64
     model_axis: str = "map"  # "map": models one after another (lax.map); "vmap": batched
+    decoder_lags: int = 8  # the linear decoder baseline (dwise_jax/decoder.py); 0: none
+    decoder_trials: int = 128  # at most this many fitting trials per mouse and fold group
 
 
 # --------------------------------------------------------------------------- the iteration
@@ -199,6 +201,28 @@ def _trial_inputs(mouse: Mouse, trial: int):
     return data.video, data.behavior, data.pupil_center
 
 
+# --------------------------------------------------------------------------- the baseline
+
+
+def fit_decoder(dataset: SensoriumDataset, mouse: Mouse, held_folds: set[int] | None,
+                score_mask: np.ndarray, cfg: ReconConfig) -> decoder.RidgeDecoder | None:
+    """The linear decoder fitted on the mouse's labeled trials outside `held_folds` (None: the
+    labeled trials of every fold; the test splits have none), evenly thinned to
+    `cfg.decoder_trials`. None when `cfg.decoder_lags` is 0."""
+    if cfg.decoder_lags <= 0:
+        return None
+    trial_fold = folds.trial_folds(mouse)
+    ids = [int(t) for t in np.flatnonzero(trial_fold >= 0) if mouse.is_labeled(int(t))
+           and (held_folds is None or int(trial_fold[t]) not in held_folds)]
+    ids = ids[::max(1, -(-len(ids) // max(cfg.decoder_trials, 1)))]
+    pairs = []
+    for t in ids:
+        data = mouse.load_trial(t)
+        video, _ = inference.trial_arrays(data.video, data.behavior, data.pupil_center)
+        pairs.append((report.load_target(dataset, "train", mouse, t), video))
+    return decoder.fit(pairs, score_mask, cfg.decoder_lags)
+
+
 # --------------------------------------------------------------------------- the split
 
 
@@ -260,10 +284,13 @@ def reconstruct_split(workdir: str | Path, experiments: list[str], split: str, *
             masks[mouse.name] = population_mask(ens, mouse, train[:16], cfg)
             insilico_report.save_mask(out / "masks", mouse.name, masks[mouse.name])
         mask = masks[mouse.name]
+        held = {ens.folds[i] for i in members} if split == "folds" else None
+        linear = fit_decoder(dataset, mouse, held, mask["score"], cfg)
         for trial in ids:
             data = mouse.load_trial(trial)
             truth, traces = inference.trial_arrays(data.video, data.behavior, data.pupil_center)
-            targets = np.maximum(report.load_target(dataset, split, mouse, trial), 0).T
+            responses = report.load_target(dataset, split, mouse, trial)
+            targets = np.maximum(responses, 0).T
             row = {"mouse": mouse.name, "trial": trial, "folds": [ens.folds[i] for i in members],
                    "by_size": {}}
             for size in ensemble_sizes(sizes, len(members)):
@@ -271,10 +298,16 @@ def reconstruct_split(workdir: str | Path, experiments: list[str], split: str, *
                 video, curve = reconstruct_trial(sub, traces, targets, mask["update"], cfg,
                                                  ens.readout_index(mouse), truth, mask["score"])
                 row["by_size"][size] = {"final": curve[-1], "curve": curve}
+            if linear is not None:
+                row["linear"] = score(linear.decode(responses), truth, mask["score"])
+                row["linear"].update(lags=linear.lags, alpha=linear.alpha)
             insilico_report.save_video(out / mouse.name, trial, video, truth)
             rows.append(row)
             best = row["by_size"][max(row["by_size"])]["final"]
-            print(f"{mouse.name} trial {trial}: corr {best['corr']:.4f} rmse {best['rmse']:.2f}")
+            base = (f"; linear decoder corr {row['linear']['corr']:.4f}"
+                    if "linear" in row else "")
+            print(f"{mouse.name} trial {trial}: corr {best['corr']:.4f} rmse {best['rmse']:.2f}"
+                  + base)
     meta = {"experiments": sorted(experiments), "split": split, "data_root": str(dataset.root),
             "config": asdict(cfg), "members": ens.members}
     path = insilico_report.reconstruction_report(out, rows, masks, meta)

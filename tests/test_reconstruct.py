@@ -149,6 +149,8 @@ def test_command_end_to_end(setup, tmp_path):
     assert row["folds"] == [0, 0] and sorted(row["by_size"]) == ["1", "2"]
     assert [c["iteration"] for c in row["by_size"]["2"]["curve"]] == [1, 2, 3]
     assert "| 2 |" in (out / "report.md").read_text()
+    assert row["linear"]["lags"] == 8 and -1 <= row["linear"]["corr"] <= 1
+    assert "| linear decoder" in (out / "report.md").read_text()
 
     with pytest.raises(predict.PredictionError, match=r"has no mice \['nobody'\]"):
         reconstruct.reconstruct_split(work, ["a"], "folds", mice=["nobody"], out=tmp_path / "x")
