@@ -161,6 +161,7 @@ def mei_report(out: Path, rows: list[dict], meta: dict) -> Path:
              f"- data: `{meta['data_root']}`; models: {len(meta['members'])}",
              f"- contrast budget ||MEI - {meta['level']:.1f}||_2 <= {meta['norm']:.1f}; "
              f"behaviour and pupil held at {[round(v, 3) for v in meta['behavior']]}",
+             f"- neurons: {meta.get('selection', 'chosen by --neurons')}",
              f"- settings: {meta['config']}", "",
              "| neuron | MEI response | best training window | ratio | energy centre (row, col) "
              "| true RF centre | distance (px) |", "| --- | --- | --- | --- | --- | --- | --- |"]

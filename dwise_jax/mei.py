@@ -29,7 +29,7 @@ import optax
 from absl import app, flags, logging
 
 from dwise_jax import baseline, inference, insilico_report, predict
-from dwise_jax.data import synthetic, windows
+from dwise_jax.data import folds, synthetic, windows
 from dwise_jax.data.sensorium import Mouse, SensoriumDataset
 
 
@@ -109,6 +109,34 @@ def energy_centre(mei: np.ndarray, level: float) -> tuple[float, float]:
     return float((energy * rows).sum() / total), float((energy * cols).sum() / total)
 
 
+def best_neurons(ens: inference.Ensemble, mouse: Mouse, count: int,
+                 max_trials: int = 16) -> tuple[list[int], np.ndarray]:
+    """The `count` neurons whose held-out predictions follow their responses best, and every
+    neuron's correlation: each labeled trial of a fold the ensemble has a model for (at most
+    `max_trials` per fold), predicted only by that fold's models (which never trained on it),
+    the correlation over all those frames."""
+    trial_fold = folds.trial_folds(mouse)
+    preds, resps = [], []
+    for k in sorted(set(ens.folds)):
+        sub = ens.subset([i for i, f in enumerate(ens.folds) if f == k])
+        ids = [int(t) for t in np.flatnonzero(trial_fold == k) if mouse.is_labeled(int(t))]
+        for t in ids[:max_trials]:
+            data = mouse.load_trial(t)
+            pred = sub.predict(data.video, data.behavior, data.pupil_center, mouse,
+                               anchor_stride=8)
+            preds.append(pred)
+            resps.append(mouse.load("responses", t)[:, :pred.shape[1]])
+    if not preds:
+        raise predict.PredictionError(f"{mouse.path}: no labeled trials in folds "
+                                      f"{sorted(set(ens.folds))} to rank the neurons by")
+    a = np.concatenate(preds, axis=1).astype(np.float64)
+    b = np.concatenate(resps, axis=1).astype(np.float64)
+    a -= a.mean(1, keepdims=True)
+    b -= b.mean(1, keepdims=True)
+    corr = (a * b).sum(1) / np.maximum(np.sqrt((a * a).sum(1) * (b * b).sum(1)), 1e-30)
+    return [int(n) for n in np.argsort(-corr, kind="stable")[:count]], corr
+
+
 def find_meis(ens: inference.Ensemble, mouse: Mouse, neurons: list[int],
               cfg: MeiConfig = MeiConfig()) -> dict:
     """MEIs of `neurons`; returns {"meis" (K, 16, 36, 64), "response" (K,), "best_train" (K,),
@@ -147,10 +175,11 @@ def find_meis(ens: inference.Ensemble, mouse: Mouse, neurons: list[int],
 
 
 def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
-                neurons: list[int], *, cfg: MeiConfig = MeiConfig(),
+                neurons: list[int] | None, *, best: int = 0, cfg: MeiConfig = MeiConfig(),
                 fold_ids: list[int] | None = None, data_root: str | None = None,
                 out: str | Path | None = None) -> dict:
-    """Finds and writes the MEIs of a mouse's neurons and the report; returns the rows."""
+    """Finds and writes the MEIs of a mouse's neurons (or of its `best` best predicted on
+    held-out trials) and the report; returns the rows."""
     ens = inference.load_ensemble(workdir, experiments, fold_ids)
     dataset = SensoriumDataset.open(inference.data_root(workdir, ens, data_root))
     if mouse_name not in dataset.names:
@@ -160,6 +189,9 @@ def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
     name = ",".join(sorted(experiments))
     out = Path(out) if out else Path(workdir) / "insilico" / name / "mei" / mouse_name
     (out / "report.json").unlink(missing_ok=True)
+    held_out = None
+    if best > 0:
+        neurons, held_out = best_neurons(ens, mouse, best)
     found = find_meis(ens, mouse, neurons, cfg)
     truth = None
     if baseline.is_simulated(dataset):
@@ -171,6 +203,8 @@ def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
         centre = energy_centre(mei, found["level"])
         row = {"neuron": n, "response": float(resp), "best_train_window": float(best),
                "energy_centre": centre}
+        if held_out is not None:
+            row["held_out_corr"] = float(held_out[n])
         if truth is not None:
             true = (truth["center_y"][n], truth["center_x"][n])
             row["true_centre"] = true
@@ -183,7 +217,9 @@ def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
     meta = {"experiments": sorted(experiments), "mouse": mouse_name,
             "data_root": str(dataset.root), "config": asdict(cfg), "members": ens.members,
             "norm": found["norm"], "level": found["level"],
-            "behavior": [float(v) for v in found["traces"]]}
+            "behavior": [float(v) for v in found["traces"]],
+            "selection": (f"the {best} neurons best predicted on held-out trials" if best
+                          else "chosen by --neurons")}
     path = insilico_report.mei_report(out, rows, meta)
     print(f"report: {path}")
     return {"directory": out, "rows": rows, "report": path}
@@ -193,6 +229,8 @@ def define_flags() -> None:
     flags.DEFINE_string("experiment", None, "Experiment name(s), comma-separated.")
     flags.DEFINE_string("mouse", None, "Mouse folder name.")
     flags.DEFINE_list("neurons", None, "Neuron indexes (0-based, readout order).")
+    flags.DEFINE_integer("best", 0, "Instead of --neurons: the N neurons best predicted on "
+                                    "held-out trials.")
     flags.DEFINE_string("workdir", "workdir", "Work folder holding <experiment>/fold_<k>.")
     flags.DEFINE_string("data_root", None, "Dataset root (default: the folds' config.json).")
     flags.DEFINE_string("out", None, "Output folder (default <workdir>/insilico/<experiment>/"
@@ -207,17 +245,17 @@ def main(argv: list[str]) -> int:
     f = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not f.experiment or not f.mouse or not f.neurons:
-        raise app.UsageError("--experiment, --mouse and --neurons are required")
+    if not f.experiment or not f.mouse or bool(f.neurons) == (f.best > 0):
+        raise app.UsageError("--experiment, --mouse and one of --neurons or --best are required")
     logging.set_verbosity(logging.WARNING)
     try:
         cfg = MeiConfig(**{k: f[k].value for k in MeiConfig.__dataclass_fields__})
-        neurons = [int(n) for n in f.neurons]
+        neurons = [int(n) for n in f.neurons] if f.neurons else None
         fold_ids = [int(k) for k in f.folds] if f.folds else None
     except ValueError as e:
         raise app.UsageError(f"--neurons and --folds take integers ({e})") from None
     try:
-        mei_command(f.workdir, f.experiment.split(","), f.mouse, neurons, cfg=cfg,
+        mei_command(f.workdir, f.experiment.split(","), f.mouse, neurons, best=f.best, cfg=cfg,
                     fold_ids=fold_ids, data_root=f.data_root, out=f.out)
     except (*predict.USER_ERRORS, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ from conftest import HANG_TIMEOUT_S
 from test_predict import random_fold
 
 from dwise_jax import inference, mei, predict
+from dwise_jax.data import folds
 from dwise_jax.data.sensorium import SensoriumDataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,3 +75,37 @@ def test_command_end_to_end(setup, tmp_path):
     assert row["true_centre"] == [rf["center_y"][4], rf["center_x"][4]]
     assert row["distance_px"] == pytest.approx(np.hypot(
         row["energy_centre"][0] - rf["center_y"][4], row["energy_centre"][1] - rf["center_x"][4]))
+
+    # --best instead of --neurons: the best predicted neurons, each with its held-out r.
+    run = subprocess.run([sys.executable, "-m", "dwise_jax.mei", "--experiment=m",
+                          f"--mouse={mouse.name}", "--best=2", f"--workdir={work}",
+                          "--steps=2", "--train_windows=8", f"--out={tmp_path / 'b'}"],
+                         capture_output=True, text=True, timeout=HANG_TIMEOUT_S, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    r = [row["held_out_corr"] for row in report["neurons"]]
+    assert len(r) == 2 and r[0] >= r[1] and "best predicted" in report["selection"]
+
+
+def test_best_neurons_rank_by_held_out_correlation(setup):
+    """Each fold's trials predicted by that fold's model alone, the correlation per neuron
+    over all those frames (np.corrcoef here), the best first."""
+    work, dataset = setup
+    mouse = dataset.mice[0]
+    ens = inference.load_ensemble(work, "m")
+    chosen, corr = mei.best_neurons(ens, mouse, 3, max_trials=2)
+    trial_fold = folds.trial_folds(mouse)
+    preds, resps = [], []
+    for k in (0, 1):
+        alone = inference.load_ensemble(work, "m", [k])
+        ids = [t for t in range(mouse.num_trials) if trial_fold[t] == k and mouse.is_labeled(t)]
+        for t in ids[:2]:
+            data = mouse.load_trial(t)
+            p = alone.predict(data.video, data.behavior, data.pupil_center, mouse,
+                              anchor_stride=8)
+            preds.append(p)
+            resps.append(mouse.load("responses", t)[:, :p.shape[1]])
+    a, b = np.concatenate(preds, 1), np.concatenate(resps, 1)
+    want = np.array([np.corrcoef(a[n], b[n])[0, 1] for n in range(mouse.num_neurons)])
+    np.testing.assert_allclose(corr, want, atol=1e-6)
+    assert chosen == list(np.argsort(-want)[:3])
