@@ -53,6 +53,7 @@ class ReconConfig:
     score_fraction: float = 0.8
     mask_windows: int = 64
     model_axis: str = "map"  # "map": models one after another (lax.map); "vmap": batched
+    smooth_sigma: float = 0.0  # > 0: a Gaussian blur (pixels) of the update and the mask energy
     decoder_lags: int = 8  # the linear decoder baseline (dwise_jax/decoder.py); 0: none
     decoder_trials: int = 128  # at most this many fitting trials per mouse and fold group
 
@@ -98,6 +99,22 @@ def direction(graphdef, states, video, traces, targets, plan: inference.WindowPl
     return jnp.mean(sums / counts, axis=0), total / (num_models * plan.valid.sum())
 
 
+@functools.lru_cache(maxsize=8)
+def _blur_matrix(size: int, sigma: float) -> np.ndarray:
+    """(size, size): row i is a Gaussian around i, cut at the edges and renormalised."""
+    x = np.arange(size)
+    m = np.exp(-0.5 * ((x[:, None] - x[None, :]) / sigma) ** 2)
+    return (m / m.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def blur(x, sigma: float):
+    """A Gaussian blur of `sigma` pixels over the last two axes (height, width); none at 0."""
+    if sigma <= 0:
+        return x
+    rows, cols = _blur_matrix(x.shape[-2], sigma), _blur_matrix(x.shape[-1], sigma)
+    return jnp.einsum("ij,...jk,lk->...il", rows, x, cols)
+
+
 def adam_step(video, moment, grad, mask, step, cfg: ReconConfig):
     """One update: masked, clipped gradient; Adam's bias-corrected first moment; 0..255."""
     g = jnp.clip(grad * mask, -cfg.grad_clip, cfg.grad_clip)
@@ -115,6 +132,7 @@ def iteration(graphdef, states, video, moment, traces, targets, plan_key, readou
     plan = inference._PLANS[plan_key]
     grad, loss = direction(graphdef, states, video, traces, targets, plan, readout_index,
                            cfg.model_axis)
+    grad = blur(grad, cfg.smooth_sigma)
     video, moment = adam_step(video, moment, grad, mask, step, cfg)
     return video, moment, loss
 
@@ -191,6 +209,7 @@ def population_mask(ens: inference.Ensemble, mouse: Mouse, trials: list[int],
                                for t, a in batch), strict=True)
         energy += np.asarray(_energy(ens.graphdef, ens.states, jnp.asarray(np.stack(frames)),
                                      jnp.asarray(np.stack(traces)), index), np.float64)
+    energy = np.asarray(blur(energy, cfg.smooth_sigma), np.float64)
     energy = energy / max(energy.max(), 1e-30)
     return {"energy": energy.astype(np.float32), "update": top_share(energy, cfg.update_fraction),
             "score": top_share(energy, cfg.score_fraction)}

@@ -157,3 +157,21 @@ def test_command_end_to_end(setup, tmp_path):
     with pytest.raises(predict.PredictionError, match="no trials of split folds"):
         reconstruct.reconstruct_split(work, ["a"], "folds", trials=[10**6], out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_blur_by_hand():
+    """The Gaussian blur of the update: a constant stays constant (rows renormalised at the
+    edges), a point away from the edges becomes the separable normalised Gaussian, sigma 0 is
+    the identity."""
+    x = np.zeros((2, 36, 64), np.float32)
+    x[1, 18, 30] = 1.0
+    out = np.asarray(reconstruct.blur(jnp.asarray(x), 1.5))
+    r = np.arange(-10, 11)
+    g = np.exp(-0.5 * (r / 1.5) ** 2)
+    g /= g.sum()
+    np.testing.assert_allclose(out[1, 8:29, 20:41], np.outer(g, g), atol=1e-6)
+    assert np.abs(out[0]).max() == 0 and out[1].sum() == pytest.approx(1.0, abs=1e-5)
+    flat = np.full((36, 64), 7.0, np.float32)
+    np.testing.assert_allclose(np.asarray(reconstruct.blur(jnp.asarray(flat), 3.0)), flat,
+                               rtol=1e-5)
+    assert reconstruct.blur(x, 0.0) is x
