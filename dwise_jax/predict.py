@@ -1,4 +1,8 @@
-"""`python -m dwise_jax.predict --experiment NAME --split SPLIT`: predictions, submission, report.
+"""`python -m dwise_jax.predict --split SPLIT [--experiment A,B]`: predictions, submission, report.
+
+With no `--experiment`, every experiment of the workdir (each folder with trained fold_<k>
+folders) is predicted, and with several their mean is written too (dwise_jax/ensemble.py), as the
+winning submission was made: each experiment's folds averaged, then the experiments averaged.
 
 As the original (docs/original.md#prediction): every fold model of the experiment (its EMA weights,
 trained here or converted from the original's .pth) predicts every trial of the split with sliding
@@ -379,12 +383,43 @@ def predict_split(workdir: str | Path, experiment: str, split: str, *,
     return finish(dataset, experiment, split, directory, manifest, scorer, workdir)
 
 
+def experiments_in(workdir: str | Path) -> list[str]:
+    """The experiments of a workdir: its folders with at least one fold_<k> that has a
+    checkpoint, sorted."""
+    root = Path(workdir)
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and any(
+        checkpoint.latest_step(checkpoint.fold_dir(root, p.name, k)) is not None
+        for k in range(folds.NUM_FOLDS))) if root.is_dir() else []
+    if not found:
+        raise PredictionError(f"{root}: holds no trained experiment (<experiment>/fold_<k> with "
+                              "a checkpoint); train one with `python -m dwise_jax.train --config "
+                              "...` or pass --workdir")
+    return found
+
+
+def predict_and_blend(workdir: str | Path, experiments: list[str] | None, split: str,
+                      **options) -> dict:
+    """Predicts `split` with each experiment (each one's folds blended) and, with several, the
+    mean of the experiments (dwise_jax/ensemble.py), as the winning submission was made.
+    `experiments` None: every experiment of the workdir. Returns the last result written."""
+    from dwise_jax import ensemble  # it builds on this module
+
+    check_split(split)
+    names = sorted(set(experiments)) if experiments else experiments_in(workdir)
+    results = [predict_split(workdir, e, split, **options) for e in names]
+    if len(names) == 1:
+        return results[0]
+    return ensemble.ensemble_split(workdir, names, split, data_root=options.get("data_root"))
+
+
 # --------------------------------------------------------------------------- command line
 
 def define_flags() -> None:
     """The command line's flags (defined only when run as a program, so that importing this
     module next to another entry point defines nothing)."""
-    flags.DEFINE_string("experiment", None, "Experiment name, e.g. true_batch_001.")
+    flags.DEFINE_string("experiment", None,
+                        "Experiment name(s), comma-separated (default: every experiment of the "
+                        "workdir); with several, their mean is written too.")
     flags.DEFINE_string("split", None, f"One of {', '.join(SPLITS)}.")
     flags.DEFINE_string("workdir", "workdir", "Work folder holding <experiment>/fold_<k>.")
     flags.DEFINE_string("data_root", None,
@@ -402,8 +437,8 @@ def main(argv: list[str]) -> int:
     f = flags.FLAGS
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not f.experiment or not f.split:
-        raise app.UsageError("--experiment and --split are required")
+    if not f.split:
+        raise app.UsageError(f"--split is required ({', '.join(SPLITS)})")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
     try:
         fold_ids = [int(k) for k in f.folds.split(",")] if f.folds else None
@@ -412,9 +447,10 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(
             f"--folds and --stride_sweep take comma-separated integers ({e})") from None
     try:
-        predict_split(f.workdir, f.experiment, f.split, data_root=f.data_root,
-                      fold_ids=fold_ids, anchor_stride=f.anchor_stride,
-                      batch_size=f.batch_size, stride_sweep=sweep)
+        experiments = [e for e in (f.experiment or "").split(",") if e.strip()] or None
+        predict_and_blend(f.workdir, experiments, f.split, data_root=f.data_root,
+                          fold_ids=fold_ids, anchor_stride=f.anchor_stride,
+                          batch_size=f.batch_size, stride_sweep=sweep)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

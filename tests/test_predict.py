@@ -361,3 +361,26 @@ def test_command_line_errors_are_one_line(work):
                              timeout=HANG_TIMEOUT_S)
         assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
         assert "Traceback" not in out.stderr
+
+
+def test_predict_with_only_a_split_blends_every_experiment(sim, work, predicted, tmp_path):
+    """`python -m dwise_jax.predict --split S`, as the project's brief writes it: every
+    experiment of the workdir, each one's folds blended, then their mean (named 'a,b')."""
+    for name in ("a", "b"):
+        os.symlink(work / name, tmp_path / name)
+    (tmp_path / "notes").mkdir()  # a folder without folds is no experiment
+    out = subprocess.run([sys.executable, "-m", "dwise_jax.predict", f"--split={SPLIT}",
+                          f"--workdir={tmp_path}", "--stride_sweep="],
+                         capture_output=True, text=True, cwd=REPO, timeout=HANG_TIMEOUT_S)
+    assert out.returncode == 0, out.stderr[-3000:]
+    mean_dir = predict.predictions_dir(tmp_path, "a,b", SPLIT)
+    manifest = json.loads((mean_dir / "manifest.json").read_text())
+    assert manifest["experiments"] == ["a", "b"]
+    mouse = sim.mice[0]
+    trial = manifest["trials"][mouse.name][0]
+    own = [np.load(predicted[e]["directory"] / mouse.name / f"{trial}.npy") for e in ("a", "b")]
+    got = np.load(mean_dir / mouse.name / f"{trial}.npy")
+    np.testing.assert_allclose(got, (own[0].astype(np.float64) + own[1]) / 2, atol=1e-5)
+    assert (tmp_path / "predictions" / "a,b" / SPLIT).is_dir()
+    with pytest.raises(predict.PredictionError, match="holds no trained experiment"):
+        predict.experiments_in(tmp_path / "notes")
