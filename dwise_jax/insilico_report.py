@@ -165,10 +165,14 @@ def mei_report(out: Path, rows: list[dict], meta: dict) -> Path:
              f"- settings: {meta['config']}", "",
              "| neuron | MEI response | best training window | ratio | energy centre (row, col) "
              "| true RF centre | distance (px) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    held = bool(rows) and "held_out_corr" in rows[0]
+    if held:  # the neuron column gains its held-out correlation
+        lines[-2] = lines[-2].replace("| neuron |", "| neuron (held-out r) |", 1)
     for r, q in zip(rows, ratio, strict=True):
         true = r.get("true_centre")
+        name = f"{r['neuron']} ({r['held_out_corr']:.2f})" if held else f"{r['neuron']}"
         lines.append(
-            f"| {r['neuron']} | {r['response']:.4f} | {r['best_train_window']:.4f} | {q:.2f} | "
+            f"| {name} | {r['response']:.4f} | {r['best_train_window']:.4f} | {q:.2f} | "
             f"({r['energy_centre'][0]:.1f}, {r['energy_centre'][1]:.1f}) | "
             + (f"({true[0]:.1f}, {true[1]:.1f}) | {r['distance_px']:.1f} |" if true else "- | - |"))
     summary = {"median_ratio": float(np.nanmedian(ratio)) if rows else None}

@@ -198,10 +198,10 @@ def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
         info = {m["name"]: m for m in synthetic.load_info(dataset.root)["mouse_info"]}
         truth = info[mouse_name]["receptive_fields"]
     rows = []
-    for n, mei, resp, best in zip(neurons, found["meis"], found["response"],
-                                  found["best_train"], strict=True):
+    for n, mei, resp, top in zip(neurons, found["meis"], found["response"],
+                                 found["best_train"], strict=True):
         centre = energy_centre(mei, found["level"])
-        row = {"neuron": n, "response": float(resp), "best_train_window": float(best),
+        row = {"neuron": n, "response": float(resp), "best_train_window": float(top),
                "energy_centre": centre}
         if held_out is not None:
             row["held_out_corr"] = float(held_out[n])
@@ -212,7 +212,7 @@ def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
         insilico_report.save_array(out / f"{n}.npy", np.moveaxis(mei, 0, -1))
         insilico_report.strip(out / f"{n}.png", {"MEI": mei}, frames=16,
                               title=f"{mouse_name} neuron {n}: {resp:.3f} (best training "
-                                    f"window {best:.3f})")
+                                    f"window {top:.3f})")
         rows.append(row)
     meta = {"experiments": sorted(experiments), "mouse": mouse_name,
             "data_root": str(dataset.root), "config": asdict(cfg), "members": ens.members,

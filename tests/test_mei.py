@@ -84,7 +84,10 @@ def test_command_end_to_end(setup, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     r = [row["held_out_corr"] for row in report["neurons"]]
-    assert len(r) == 2 and r[0] >= r[1] and "best predicted" in report["selection"]
+    assert len(r) == 2 and r[0] >= r[1]
+    assert report["selection"] == "the 2 neurons best predicted on held-out trials"
+    text = (tmp_path / "b" / "report.md").read_text()
+    assert f"| {report['neurons'][0]['neuron']} ({r[0]:.2f}) |" in text
 
 
 def test_best_neurons_rank_by_held_out_correlation(setup):
