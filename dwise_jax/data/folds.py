@@ -28,6 +28,8 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from dwise_jax.data.layout import first_nan
+
 NUM_FOLDS = 7
 FOLD_PREFIX = "fold_"
 HASHED_FRAMES = 5
@@ -74,8 +76,7 @@ def video_hash_frames(length: int) -> list[int]:
 
 def video_length(video: np.ndarray) -> int:
     """Valid length of a video (36, 64, T): the first NaN of pixel (0, 0) over time, else T."""
-    nan = np.isnan(video[0, 0])
-    return int(np.argmax(nan)) if nan.any() else int(video.shape[-1])
+    return first_nan(video[0, 0])
 
 
 def video_hash(video: np.ndarray) -> int:
