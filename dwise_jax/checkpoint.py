@@ -29,7 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from dwise_jax import atomic
 
@@ -136,7 +138,19 @@ def save(directory: str | os.PathLike, step: int, items: dict[str, Any],
         if "No space left on device" in str(e) or "os_error_code='28'" in str(e):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(step_dir)) from e
         raise
-    atomic.write_json(step_dir / MANIFEST_FILE, _file_digests(step_dir))
+    if _is_primary():  # Orbax saved collectively; one process writes the manifest
+        atomic.write_json(step_dir / MANIFEST_FILE, _file_digests(step_dir))
+    _barrier(f"manifest_{subdir}_{step}")
+
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process (no-op on one): nobody reads a step before its manifest."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _file_digests(step_dir: Path) -> dict[str, list]:

@@ -33,13 +33,19 @@ def message(error: OSError, where: str = "") -> str:
 
 
 def exit_with(error: OSError, where: str = "") -> NoReturn:
-    """Print `error: <file>: the disk is full ...` as the last line of stderr and exit 1.
+    """Print `error: <file>: the disk is full ...` as the last line of stderr and exit 1."""
+    exit_with_line(message(error, where))
 
-    Orbax's writer threads (and its asyncio loop) may still print tracebacks of the same
-    failure while the process ends. So stderr is pointed at /dev/null for everything else
-    before our line goes out through a saved descriptor, and the process ends without running
-    the interpreter's shutdown (everything of ours is closed: the `finally` blocks ran). The
-    line starts on a fresh line in case a thread left one half-written.
+
+def exit_with_line(text: str) -> NoReturn:
+    """Print `error: <text>` as the last line of stderr and exit 1, at once.
+
+    Orbax's writer threads (and its asyncio loop), or JAX's distributed runtime, may still print
+    tracebacks of the same failure while the process ends. So stderr is pointed at /dev/null
+    for everything else before our line goes out through a saved descriptor, and the process
+    ends without running the interpreter's shutdown (everything of ours is closed: the
+    `finally` blocks ran). The line starts on a fresh line in case a thread left one
+    half-written.
     """
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -49,5 +55,5 @@ def exit_with(error: OSError, where: str = "") -> NoReturn:
     saved = os.dup(2)
     quiet = os.open(os.devnull, os.O_WRONLY)
     os.dup2(quiet, 2)
-    os.write(saved, f"\nerror: {message(error, where)}\n".encode())
+    os.write(saved, f"\nerror: {text}\n".encode())
     os._exit(1)

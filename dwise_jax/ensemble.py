@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags, logging
 
-from dwise_jax import predict, report
+from dwise_jax import predict, report, sharding
 from dwise_jax.data.sensorium import SensoriumDataset
 
 
@@ -92,7 +92,10 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not f.experiments or not f.split:
         raise app.UsageError("--experiments and --split are required")
+    sharding.initialize_distributed()  # before any other JAX call (several processes)
     logging.set_verbosity(logging.WARNING)
+    if not sharding.is_main_process():  # files only: process 0 does it all
+        return 0
     try:
         ensemble_split(f.workdir, f.experiments.split(","), f.split, data_root=f.data_root)
     except predict.USER_ERRORS as e:

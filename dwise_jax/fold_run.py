@@ -126,15 +126,27 @@ def validate(evaluate, weights, dataset: SensoriumDataset, fold: int, batch_size
     """
     sums = [PearsonSums.zeros(n) for n in dataset.num_neurons]
     loss_sum, count = 0.0, 0
-    for batch in eval_windows.validation_batches(dataset, fold, batch_size):
+    # Each process reads and scores its own rows of every batch; the sums are then added up.
+    for batch in eval_windows.validation_batches(dataset, fold, batch_size,
+                                                 shard_index=jax.process_index(),
+                                                 shard_count=jax.process_count()):
         out = evaluate(weights, sharding.put_batch(dict(batch), mesh))
-        preds, losses = np.asarray(out["preds"]), np.asarray(out["loss"])
+        preds, losses = sharding.local_rows(out["preds"]), sharding.local_rows(out["loss"])
         for b in np.flatnonzero(batch["valid"]):
             m = int(batch["mouse"][b])
             n = dataset.num_neurons[m]
             sums[m] = sums[m] + PearsonSums.of(preds[b, :, :n], batch["targets"][b, :, :n])
             loss_sum += float(losses[b])
             count += 1
+    if jax.process_count() > 1:
+        fields = ("x", "y", "xx", "yy", "xy")
+        total = sharding.sum_over_processes(
+            {"n": np.array([s.n for s in sums]), "loss": np.float64(loss_sum),
+             "count": np.int64(count),
+             "sums": [{f: getattr(s, f) for f in fields} for s in sums]})
+        sums = [PearsonSums(int(n), *(part[f] for f in fields))
+                for n, part in zip(total["n"], total["sums"], strict=True)]
+        loss_sum, count = float(total["loss"]), int(total["count"])
     if count == 0:
         raise TrainingError(f"fold {fold} has no validation windows in {dataset.root}")
     per_mouse = [float(np.mean(s.correlation())) for s in sums if s.n > 0]
@@ -209,7 +221,8 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
         state, stream_state = _restore(directory, state)
         stream.set_state(stream_state)
         logbook.truncate_after(int(state["step"]))
-        print(f"fold {fold}: resuming from step {int(state['step'])} in {directory}")
+        if is_main:
+            print(f"fold {fold}: resuming from step {int(state['step'])} in {directory}")
     else:
         logbook.truncate_after(-1)  # records of an attempt killed before its first checkpoint
         if is_main:
@@ -227,7 +240,9 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                                         epochs=o.warmup_epochs + o.cosine_epochs):
             print(line, flush=True)
     timed = []  # seconds of this run's first steps (the first one compiles)
-    val_records = [r for r in logbook.records() if r["kind"] == "val"]
+    # (Filtered by step as well: in a multi-process run the others may read the file before
+    # process 0 has truncated it.)
+    val_records = [r for r in logbook.records() if r["kind"] == "val" and r["step"] <= step]
     val_history = [r["corr"] for r in val_records]
     # The original validates before each fit too; at the start of the cosine fit that is the
     # end-of-epoch validation just done with the same weights, so it is not repeated.

@@ -37,6 +37,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from dwise_jax import atomic, checkpoint, disk_full, preview, report, sharding, submission
@@ -215,13 +216,19 @@ def blend_trials(model: FoldModel, mouse: Mouse, trials: list[int], strides: tup
     pending = None
 
     def blend(outputs, batch):
+        if jax.process_count() > 1:  # every process blends the whole global batch
+            outputs = multihost_utils.process_allgather(outputs, tiled=True)
+            batch = multihost_utils.process_allgather(batch, tiled=True)
         outputs = np.asarray(outputs)  # waits for this batch only; the next one is queued
         for blender in blenders.values():
             blender.add(outputs, batch)
         if progress is not None:
             progress.update(int(np.sum(batch["valid"])))
 
-    for batch in eval_windows.prediction_batches(mouse, trials, batch_size, stride=strides):
+    # Each process reads its own rows of every batch.
+    for batch in eval_windows.prediction_batches(mouse, trials, batch_size, stride=strides,
+                                                 shard_index=jax.process_index(),
+                                                 shard_count=jax.process_count()):
         placed = sharding.put_batch({"frames": batch["frames"], "traces": batch["traces"]}, mesh)
         outputs = forward(model, placed["frames"], placed["traces"], index)
         if pending is not None:
@@ -344,17 +351,20 @@ def predict_split(workdir: str | Path, experiment: str, split: str, *,
     if scorer is not None and anchor_stride == 1 and stride_sweep:
         strides += tuple(s for s in stride_sweep if s != 1)  # blended from the same windows
     directory = predictions_dir(workdir, experiment, split)
-    (directory / MANIFEST).unlink(missing_ok=True)  # until this run completes
+    main = sharding.is_main_process()  # the one process that prints and writes
+    if main:
+        (directory / MANIFEST).unlink(missing_ok=True)  # until this run completes
 
     total = sum(len(eval_windows.prediction_windows(mouse, trials, anchor_stride)) * len(ids)
                 for mouse, ids, trials in plan)
-    print(f"{experiment}: predicting {split} with folds {[m.fold for m in models]} "
-          f"({total} windows, anchor stride {anchor_stride}, {mesh.size} device(s))")
-    params = preview.num_params(models[0].state.filter(nnx.Param))
-    print(f"{experiment}: {preview.devices_text()}; {params:,} parameters per fold model; "
-          f"batch {batch_size}; the time is measured on the first batches", flush=True)
+    if main:
+        print(f"{experiment}: predicting {split} with folds {[m.fold for m in models]} "
+              f"({total} windows, anchor stride {anchor_stride}, {mesh.size} device(s))")
+        params = preview.num_params(models[0].state.filter(nnx.Param))
+        print(f"{experiment}: {preview.devices_text()}; {params:,} parameters per fold model; "
+              f"batch {batch_size}; the time is measured on the first batches", flush=True)
     progress = preview.EstimatingBar(total=total, desc=split, label=f"{experiment} {split}",
-                                     mininterval=1.0, dynamic_ncols=True)
+                                     mininterval=1.0, dynamic_ncols=True, disable=not main)
     written: dict[str, list[int]] = {}
     for mouse, model_ids, trials in plan:
         for start in range(0, len(trials), CHUNK_TRIALS):
@@ -368,8 +378,10 @@ def predict_split(workdir: str | Path, experiment: str, split: str, *,
                         sums[s][t] = sums[s][t] + blender.result(t).astype(np.float64)
             for t in chunk:
                 blends = {s: (sums[s][t] / len(model_ids)).astype(np.float32) for s in strides}
-                write_trial(directory, mouse.name, t, blends[anchor_stride])
                 written.setdefault(mouse.name, []).append(t)
+                if not main:
+                    continue
+                write_trial(directory, mouse.name, t, blends[anchor_stride])
                 if scorer is not None:
                     scorer.add(mouse, t, blends, main=anchor_stride)
     progress.close()
@@ -380,6 +392,8 @@ def predict_split(workdir: str | Path, experiment: str, split: str, *,
                    "directory": str(m.directory)} for m in models],
         "trials": {name: sorted(ts) for name, ts in written.items()},
     }
+    if not main:
+        return {"directory": directory, "manifest": manifest, "submission": None}
     return finish(dataset, experiment, split, directory, manifest, scorer, workdir)
 
 
@@ -407,7 +421,7 @@ def predict_and_blend(workdir: str | Path, experiments: list[str] | None, split:
     check_split(split)
     names = sorted(set(experiments)) if experiments else experiments_in(workdir)
     results = [predict_split(workdir, e, split, **options) for e in names]
-    if len(names) == 1:
+    if len(names) == 1 or not sharding.is_main_process():
         return results[0]
     return ensemble.ensemble_split(workdir, names, split, data_root=options.get("data_root"))
 
@@ -439,6 +453,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not f.split:
         raise app.UsageError(f"--split is required ({', '.join(SPLITS)})")
+    sharding.initialize_distributed()  # before any other JAX call (several processes)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
     try:
         fold_ids = [int(k) for k in f.folds.split(",")] if f.folds else None
@@ -455,9 +470,11 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:
-        if (full := disk_full.find(e)) is None:
-            raise
-        disk_full.exit_with(full, str(f.workdir))
+        if (full := disk_full.find(e)) is not None:
+            disk_full.exit_with(full, str(f.workdir))
+        if sharding.peer_failure(e):  # several processes: one died, so the collective failed
+            disk_full.exit_with_line(sharding.peer_failure_line(e, str(f.workdir)))
+        raise
     return 0
 
 

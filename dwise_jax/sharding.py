@@ -5,9 +5,14 @@ with `NamedSharding`s (JAX's current replacement for the legacy `jax.pmap`). The
 step sees the global batch; XLA inserts the all-reduces for the gradients and for BatchNorm's
 batch statistics, so a step on N devices computes what one device would on the whole batch.
 
-Multi-host: every process calls `initialize_distributed()` first (it reads the coordinator from
-the environment that the launcher sets), loads its own share of each global batch, and
-`put_batch` assembles the global array from the per-process pieces.
+Multi-host: every entry point (train, predict, ensemble) calls `initialize_distributed()` before
+any other JAX call (it reads the coordinator from the environment that the launcher sets, or
+from SLURM); each process then reads only its own rows of every training, validation and
+prediction batch, `put_batch` assembles the global array from the per-process pieces, results
+that every process needs are gathered (`local_rows`, `sum_over_processes`, replicated
+outputs), and process 0 alone writes files other than Orbax's (which saves collectively).
+On CPUs the collectives between processes run over gloo. If a process dies, the others stop
+when the coordination service misses its heartbeats (`DWISE_JAX_HEARTBEAT_S`, default 100 s).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
+# What launch/multihost.sh sets for every process (and `initialize_distributed` reads).
+LAUNCH_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
 def initialize_distributed() -> bool:
@@ -30,17 +37,45 @@ def initialize_distributed() -> bool:
     or a SLURM job step with more than one task (JAX detects SLURM by itself). Returns whether it
     initialised.
     """
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
-        )
-        return True
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ:
-        jax.distributed.initialize()
-        return True
-    return False
+    explicit = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ
+    if not (explicit or slurm):
+        return False
+    # Collectives between processes on the CPU backend (a no-op for GPU and TPU devices).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    heartbeat = int(os.environ.get("DWISE_JAX_HEARTBEAT_S", "100"))
+    if explicit:
+        address, count, index = (os.environ[k] for k in LAUNCH_VARIABLES)
+        jax.distributed.initialize(coordinator_address=address, num_processes=int(count),
+                                   process_id=int(index), heartbeat_timeout_seconds=heartbeat)
+    else:
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+    return True
+
+
+def is_main_process() -> bool:
+    """Process 0: the one that writes files other than Orbax's and prints progress."""
+    return jax.process_index() == 0
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of an array sharded on its leading (batch) axis, in order: the rows
+    that this process fed to `put_batch` (the whole array on one process)."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    shards = {s.index[0].start or 0: s for s in array.addressable_shards}
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+
+
+def sum_over_processes(tree: Any) -> Any:
+    """The sum over processes of a pytree of host numbers and arrays (the tree itself on one
+    process); every process gets the result."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(jax.tree.map(np.asarray, tree))
+    return jax.tree.map(lambda a: np.sum(np.asarray(a), axis=0), gathered)
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
@@ -78,5 +113,30 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Puts every leaf of a pytree on every device of the mesh."""
-    return jax.device_put(tree, replicated(mesh))
+    """Puts every leaf of a pytree on every device of the mesh (with several processes, from
+    host copies: every process holds the same values)."""
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(np.asarray(x), sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def peer_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another process of a multi-process
+    run went away (gloo's closed connection, the coordination service's missed heartbeats)."""
+    return jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError)
+
+
+def peer_failure_line(error: BaseException, where: str) -> str:
+    """The one error line of a process whose peer went away."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"process {jax.process_index()} of {jax.process_count()}: another process of this "
+            f"run stopped ({first}); nothing more was saved, the last complete checkpoint under "
+            f"{where} stays; start every process again to resume")

@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dwise_jax import config as config_lib
-from dwise_jax import disk_full, fold_run, process_env, stop
+from dwise_jax import disk_full, fold_run, process_env, sharding, stop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/true_batch.py.", lock_config=True)
@@ -114,6 +114,7 @@ def _exit_with(message: str) -> None:
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sharding.initialize_distributed()  # before any other JAX call (several processes)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     config = _CONFIG.value
     if config is None:
@@ -129,8 +130,9 @@ def main(argv: list[str]) -> int:
                 config.folds = _parse_folds(_FOLDS.value)
         config_lib.validate(config)
         check_workdir(config.workdir)
-        print(f"{config.experiment}: training fold(s) {list(config.folds)} one after the other "
-              f"into {Path(config.workdir) / config.experiment}", flush=True)
+        if sharding.is_main_process():
+            print(f"{config.experiment}: training fold(s) {list(config.folds)} one after the "
+                  f"other into {Path(config.workdir) / config.experiment}", flush=True)
         results = train_and_evaluate(
             config, config.workdir, profile_steps=_parse_profile(_PROFILE.value),
             dump_hlo=_DUMP_HLO.value, max_steps=_MAX_STEPS.value)
@@ -139,9 +141,13 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:
-        if (full := disk_full.find(e)) is None:
-            raise
-        disk_full.exit_with(full, str(config.workdir))
+        if (full := disk_full.find(e)) is not None:
+            disk_full.exit_with(full, str(config.workdir))
+        if sharding.peer_failure(e):  # several processes: one died, so the collective failed
+            disk_full.exit_with_line(sharding.peer_failure_line(e, str(config.workdir)))
+        raise
+    if not sharding.is_main_process():
+        return 0
     for fold, score in results.items():
         print(f"fold {fold}: val_corr {score:.4f} (EMA weights of the last epoch)")
     _compare_with_references(config.data_root, results)

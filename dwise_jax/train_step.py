@@ -219,5 +219,6 @@ def jit_steps(trainer: Trainer, state_sharding: Any = None,
             shardings += (state_sharding,)
         kwargs = {"in_shardings": shardings, "out_shardings": (state_sharding, None)}
     train = jax.jit(trainer.train_step, donate_argnums=0, **kwargs)
-    evaluate = jax.jit(trainer.eval_step)
+    # Outputs sharded like the batch: each process reads back only its own rows.
+    evaluate = jax.jit(trainer.eval_step, out_shardings=batch_sharding)
     return train, evaluate

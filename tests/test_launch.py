@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dwise_jax import sharding
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -78,6 +80,8 @@ def test_multihost_starts_one_process_per_host_over_ssh(tmp_path):
         assert remote[:4] == ["cd", "/srv/my repo", "&&", "env"]
         assert remote[4:7] == ["JAX_COORDINATOR_ADDRESS=node-a:4000", "JAX_NUM_PROCESSES=3",
                                f"JAX_PROCESS_ID={i}"]
+        # Exactly the variables the entry points read (dwise_jax.sharding).
+        assert [v.split("=")[0] for v in remote[4:7]] == list(sharding.LAUNCH_VARIABLES)
         assert remote[7:] == ["/no/such/python", "-m", "dwise_jax.train", "--config",
                               "configs/true_batch.py", "--folds", "2", "--workdir=/shared/w"]
     missing = subprocess.run(["bash", str(REPO / "launch" / "multihost.sh"), "c.py",

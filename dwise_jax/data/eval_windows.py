@@ -136,16 +136,17 @@ def validation_batches(dataset: SensoriumDataset, fold: int, batch_size: int = 3
 
 
 def prediction_batches(mouse: Mouse, trials: Iterable[int], batch_size: int = 32, *,
-                       stride: int | Sequence[int] = 1, read_threads: int = 2,
+                       stride: int | Sequence[int] = 1, shard_index: int = 0,
+                       shard_count: int = 1, read_threads: int = 2,
                        read_buffer: int = 2) -> grain.IterDataset:
     """Prediction batches of one mouse's trials (format: pipeline.py); labels are not read.
 
     `stride` is one anchor stride or several (the union of their windows, see
-    `prediction_windows`).
+    `prediction_windows`). With `shard_count` > 1, this process's rows of each global batch.
     """
     rows = _pad_rows(prediction_windows(mouse, trials, stride), batch_size)
     records = WindowRecords([mouse], rows, with_targets=False)
-    return _batches(records, batch_size, 0, 1, read_threads, read_buffer)
+    return _batches(records, batch_size, shard_index, shard_count, read_threads, read_buffer)
 
 
 class WindowBlender:
