@@ -364,7 +364,7 @@ def predict_split(workdir: str | Path, experiment: str, split: str, *,
         print(f"{experiment}: {preview.devices_text()}; {params:,} parameters per fold model; "
               f"batch {batch_size}; the time is measured on the first batches", flush=True)
     progress = preview.EstimatingBar(total=total, desc=split, label=f"{experiment} {split}",
-                                     mininterval=1.0, dynamic_ncols=True, disable=not main)
+                                     mininterval=1.0, dynamic_ncols=True) if main else None
     written: dict[str, list[int]] = {}
     for mouse, model_ids, trials in plan:
         for start in range(0, len(trials), CHUNK_TRIALS):
@@ -384,7 +384,8 @@ def predict_split(workdir: str | Path, experiment: str, split: str, *,
                 write_trial(directory, mouse.name, t, blends[anchor_stride])
                 if scorer is not None:
                     scorer.add(mouse, t, blends, main=anchor_stride)
-    progress.close()
+    if progress is not None:
+        progress.close()
     manifest = {
         "format": MANIFEST_FORMAT, "experiment": experiment, "split": split,
         "data_root": str(dataset.root), "anchor_stride": anchor_stride,

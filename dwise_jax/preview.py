@@ -76,7 +76,7 @@ class EstimatingBar(tqdm):
         self._count += n
         if len(self._marks) < 3:
             self._marks.append((time.perf_counter(), self._count))
-            if len(self._marks) == 3 and not self.disable:
+            if len(self._marks) == 3:
                 (t1, n1), (t3, n3) = self._marks[0], self._marks[2]
                 rate = (n3 - n1) / max(t3 - t1, 1e-9)
                 left = (self._total - self._count) / rate if self._total and rate else 0.0
