@@ -138,13 +138,9 @@ def save(directory: str | os.PathLike, step: int, items: dict[str, Any],
         if "No space left on device" in str(e) or "os_error_code='28'" in str(e):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(step_dir)) from e
         raise
-    if _is_primary():  # Orbax saved collectively; one process writes the manifest
+    if jax.process_index() == 0:  # Orbax saved collectively; one process writes the manifest
         atomic.write_json(step_dir / MANIFEST_FILE, _file_digests(step_dir))
     _barrier(f"manifest_{subdir}_{step}")
-
-
-def _is_primary() -> bool:
-    return jax.process_index() == 0
 
 
 def _barrier(name: str) -> None:

@@ -31,6 +31,7 @@ from absl import app, flags, logging
 from dwise_jax import baseline, inference, insilico_report, predict
 from dwise_jax.data import folds, synthetic, windows
 from dwise_jax.data.sensorium import Mouse, SensoriumDataset
+from dwise_jax.metrics import PearsonSums
 
 
 @dataclass(frozen=True)
@@ -115,25 +116,18 @@ def best_neurons(ens: inference.Ensemble, mouse: Mouse, count: int,
     neuron's correlation: each labeled trial of a fold the ensemble has a model for (at most
     `max_trials` per fold), predicted only by that fold's models (which never trained on it),
     the correlation over all those frames."""
-    trial_fold = folds.trial_folds(mouse)
-    preds, resps = [], []
+    sums = PearsonSums.zeros(mouse.num_neurons)
     for k in sorted(set(ens.folds)):
         sub = ens.subset([i for i, f in enumerate(ens.folds) if f == k])
-        ids = [int(t) for t in np.flatnonzero(trial_fold == k) if mouse.is_labeled(int(t))]
-        for t in ids[:max_trials]:
+        for t in folds.labeled_trials(mouse, {k})[:max_trials]:
             data = mouse.load_trial(t)
             pred = sub.predict(data.video, data.behavior, data.pupil_center, mouse,
                                anchor_stride=8)
-            preds.append(pred)
-            resps.append(mouse.load("responses", t)[:, :pred.shape[1]])
-    if not preds:
+            sums = sums + PearsonSums.of(pred.T, mouse.load("responses", t)[:, :pred.shape[1]].T)
+    if sums.n == 0:
         raise predict.PredictionError(f"{mouse.path}: no labeled trials in folds "
                                       f"{sorted(set(ens.folds))} to rank the neurons by")
-    a = np.concatenate(preds, axis=1).astype(np.float64)
-    b = np.concatenate(resps, axis=1).astype(np.float64)
-    a -= a.mean(1, keepdims=True)
-    b -= b.mean(1, keepdims=True)
-    corr = (a * b).sum(1) / np.maximum(np.sqrt((a * a).sum(1) * (b * b).sum(1)), 1e-30)
+    corr = sums.correlation()
     return [int(n) for n in np.argsort(-corr, kind="stable")[:count]], corr
 
 

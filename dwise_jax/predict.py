@@ -249,10 +249,8 @@ def trial_plan(dataset: SensoriumDataset, split: str, models: list[FoldModel],
     plan = []
     for mouse in dataset.mice:
         if split == "folds":
-            trial_fold = folds.trial_folds(mouse)
             for i, model in enumerate(models):
-                trials = [int(t) for t in np.flatnonzero(trial_fold == model.fold)
-                          if mouse.is_labeled(int(t))]
+                trials = folds.labeled_trials(mouse, {model.fold})
                 if trials:
                     plan.append((mouse, (i,), trials))
         elif mouse.submitted:

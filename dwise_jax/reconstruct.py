@@ -230,9 +230,7 @@ def fit_decoder(dataset: SensoriumDataset, mouse: Mouse, held_folds: set[int] | 
     `cfg.decoder_trials`. None when `cfg.decoder_lags` is 0."""
     if cfg.decoder_lags <= 0:
         return None
-    trial_fold = folds.trial_folds(mouse)
-    ids = [int(t) for t in np.flatnonzero(trial_fold >= 0) if mouse.is_labeled(int(t))
-           and (held_folds is None or int(trial_fold[t]) not in held_folds)]
+    ids = folds.labeled_trials(mouse, set(range(folds.NUM_FOLDS)) - set(held_folds or ()))
     ids = ids[::max(1, -(-len(ids) // max(cfg.decoder_trials, 1)))]
     pairs = []
     for t in ids:
@@ -261,10 +259,9 @@ def trial_groups(ens: inference.Ensemble, dataset: SensoriumDataset, split: str,
     for mouse in chosen:
         ens.readout_index(mouse)
         if split == "folds":
-            trial_fold = folds.trial_folds(mouse)
             for k in sorted(set(ens.folds)):
                 members = tuple(i for i, f in enumerate(ens.folds) if f == k)
-                ids = [int(t) for t in np.flatnonzero(trial_fold == k) if mouse.is_labeled(int(t))]
+                ids = folds.labeled_trials(mouse, {k})
                 groups.append((mouse, members, ids))
         else:
             groups.append((mouse, tuple(range(ens.size)), [int(t) for t in

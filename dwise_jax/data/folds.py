@@ -301,6 +301,13 @@ def trial_folds(mouse: Any) -> np.ndarray:
     return mouse_folds(mouse).folds
 
 
+def labeled_trials(mouse: Any, fold_ids: Collection[int]) -> list[int]:
+    """The labeled trials of ``mouse`` whose fold is one of ``fold_ids``, in trial order."""
+    trial_fold = trial_folds(mouse)
+    wanted = np.isin(trial_fold, list(fold_ids)) & (trial_fold >= 0)
+    return [int(t) for t in np.flatnonzero(wanted) if mouse.is_labeled(int(t))]
+
+
 def fold_tiers(mouse: Any) -> np.ndarray:
     """(trials,) str: the mouse's tiers with ``fold_<k>`` for every trial that has a fold."""
     return mouse_folds(mouse).tiers_after_folds
