@@ -1,0 +1,71 @@
+"""Every command line of dwise_jax, one way: absl flags on a `FlagValues` of the command's own.
+
+A command module defines `define_flags(fv)` and `run(fv, args) -> int` (args: the positional
+arguments) and ends with
+
+    if __name__ == "__main__":
+        cli.main(__doc__, define_flags, run, errors=(SomeDataError,))
+
+Tests call the same command in-process with `cli.call(define_flags, run, ["--flag", "v"])`:
+each call parses into a fresh `FlagValues`, so commands never collide over absl's global flags
+and can be called many times in one process. Errors the user can fix end as one `error:` line:
+exit 2 for usage (unknown or malformed flags, `UsageError`), 1 for the errors the command names
+as its users' to fix (bad data, a missing checkpoint: its `errors`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import flags
+
+Define = Callable[[flags.FlagValues], None]
+Run = Callable[[flags.FlagValues, list[str]], int]
+
+
+class UsageError(ValueError):
+    """A flag combination the command cannot run with (exit 2)."""
+
+
+def parse(define: Define, args: Sequence[str], program: str = "dwise_jax"
+          ) -> tuple[flags.FlagValues, list[str]]:
+    """Flags of `args` (no program name) -> (parsed FlagValues, positional arguments)."""
+    fv = flags.FlagValues()
+    define(fv)
+    rest = fv([program, *args])
+    return fv, rest[1:]
+
+
+def usage(doc: str | None, define: Define) -> str:
+    """The command's docstring and one line per flag with its default."""
+    fv = flags.FlagValues()
+    define(fv)
+    lines = [f"  --{f.name}: {f.help} (default: {f.default!r})"
+             for f in sorted({fv[n] for n in fv}, key=lambda f: f.name)]
+    return (doc or "").strip() + "\n\nflags:\n" + "\n".join(lines)
+
+
+def call(define: Define, run: Run, args: Sequence[str], program: str = "dwise_jax",
+         doc: str | None = None, errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Parses `args` and runs the command; usage and user errors -> one line on stderr."""
+    if "--help" in args or "-h" in args or "--helpfull" in args:
+        print(usage(doc, define))
+        return 0
+    if not flags.FLAGS.is_parsed():  # absl logging and Grain's workers read the global flags
+        flags.FLAGS.mark_as_parsed()
+    try:
+        fv, positional = parse(define, args, program)
+        return run(fv, positional)
+    except (flags.Error, UsageError) as e:
+        print(f"error: {e} (see --help)", file=sys.stderr)
+        return 2
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def main(doc: str | None, define: Define, run: Run,
+         errors: tuple[type[BaseException], ...] = ()) -> None:
+    """The `python -m` entry: parses sys.argv and exits with the command's status."""
+    sys.exit(call(define, run, sys.argv[1:], sys.argv[0], doc, errors))
