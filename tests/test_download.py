@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import HANG_TIMEOUT_S
 
+from dwise_jax import cli
 from dwise_jax.data import download
 from dwise_jax.data.sensorium import NEW_MICE, OLD_MICE, DummyLabelsWarning, SensoriumDataset
 
@@ -152,7 +153,10 @@ def no_proxy(monkeypatch):
 
 
 def run(root: Path, *flags: str) -> int:
-    return download.main(["--root", str(root), "--retry_wait", "0", "--timeout", "60", *flags])
+    """`python -m dwise_jax.data.download --root ROOT ...` in process; returns the exit status."""
+    return cli.call(download.define_flags, download.run,
+                    ["--root", str(root), "--retry_wait", "0", "--timeout", "60", *flags],
+                    errors=download.ERRORS)
 
 
 def manifest(tmp_path: Path, entries: list[dict]) -> str:

@@ -7,7 +7,7 @@ Rules, checked on every Python file of the package and of benchmarks/:
   * no module imports pickle, cPickle, marshal, shelve, dill, cloudpickle or joblib, or calls
     `read_pickle`, `yaml.load`, `yaml.unsafe_load`, or the builtins `eval` / `exec`;
   * no `.extract(...)` / `.extractall(...)` call unless it passes tarfile's `filter="data"`: the
-    zip archives are unpacked member by member by `download._unpack`, after `_members` refused
+    zip archives are unpacked member by member by `archives.unpack`, after `_members` refused
     absolute paths, `..`, links and anything outside the mouse folder (tests/test_download.py
     feeds it such archives);
   * only dwise_jax/data/download.py imports a network client (urllib.request, http.client,

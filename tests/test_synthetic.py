@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dwise_jax import cli
 from dwise_jax.data import synthetic
 from dwise_jax.data.sensorium import MOUSE_NAME_PATTERN, REAL_MICE, TEST_TIERS, TIERS
 
@@ -196,8 +197,8 @@ def test_retinotopy_and_bonus_statistics(sim_root, info):
 def test_deterministic_for_a_seed_and_cli(tmp_path, capsys):
     args = {"mice": 1, "neurons": 3, "trials": 20, "frames": 40}
     a = synthetic.generate(tmp_path / "a", seed=3, **args)
-    synthetic.main([str(tmp_path / "b"), "--seed", "3"]
-                   + [x for k, v in args.items() for x in (f"--{k}", str(v))])
+    assert cli.call(synthetic.define_flags, synthetic.run, [str(tmp_path / "b"), "--seed", "3"]
+                    + [x for k, v in args.items() for x in (f"--{k}", str(v))]) == 0
     assert "noise ceiling" in capsys.readouterr().out
     c = synthetic.generate(tmp_path / "c", seed=4, **args)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
