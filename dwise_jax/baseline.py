@@ -16,12 +16,12 @@ perfect model of the simulated neurons would score against the noisy responses.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
+from absl import flags
 
+from dwise_jax import cli
 from dwise_jax.data import eval_windows, folds, windows
 from dwise_jax.data.sensorium import DatasetError, Mouse, SensoriumDataset
 from dwise_jax.metrics import PearsonSums
@@ -69,7 +69,7 @@ def fit_ridge(mouse: Mouse, train_trials: np.ndarray) -> np.ndarray:
     scores = []
     for penalty in PENALTIES:
         pred = x_held @ _ridge(x_fit, y_fit, penalty)
-        scores.append(np.mean((PearsonSums.of(pred, y_held)).correlation()))
+        scores.append(np.mean(PearsonSums.of(pred, y_held).correlation()))
     best = PENALTIES[int(np.argmax(scores))]
     x_all = np.concatenate([x_fit, x_held])
     y_all = np.concatenate([y_fit, y_held])
@@ -132,23 +132,25 @@ def ceiling_val_corr(dataset: SensoriumDataset, fold: int) -> float | None:
     return _val_corr(dataset, fold, predict)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dwise_jax.baseline", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--fold", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        dataset = SensoriumDataset.open(args.root)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"fold {args.fold}: ridge baseline val_corr {ridge_val_corr(dataset, args.fold):.4f}")
-    ceiling = ceiling_val_corr(dataset, args.fold)
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("root", None, "Sensorium 2023 root (the mouse folders), e.g. "
+                        "data/simulated.", flag_values=fv)
+    flags.DEFINE_integer("fold", 0, "Validation fold; the ridge is fitted on the other six.",
+                         lower_bound=0, upper_bound=6, flag_values=fv)
+
+
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+    if args:
+        raise cli.UsageError(f"unexpected arguments {args}")
+    if not fv.root:
+        raise cli.UsageError("--root is required, e.g. --root data/simulated")
+    dataset = SensoriumDataset.open(fv.root)
+    print(f"fold {fv.fold}: ridge baseline val_corr {ridge_val_corr(dataset, fv.fold):.4f}")
+    ceiling = ceiling_val_corr(dataset, fv.fold)
     if ceiling is not None:
-        print(f"fold {args.fold}: noise ceiling val_corr {ceiling:.4f}")
+        print(f"fold {fv.fold}: noise ceiling val_corr {ceiling:.4f}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main(__doc__, define_flags, run, errors=(DatasetError,))

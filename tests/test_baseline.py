@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import numpy as np
+import re
+import subprocess
+import sys
 
-from dwise_jax import baseline
-from dwise_jax.data.sensorium import SensoriumDataset
+import numpy as np
+import pytest
+from conftest import HANG_TIMEOUT_S
+
+from dwise_jax import baseline, cli
+from dwise_jax.data.sensorium import DatasetError, SensoriumDataset
 
 
 def test_frame_features_lags_and_blocks():
@@ -31,9 +37,34 @@ def test_ridge_recovers_a_linear_map():
     np.testing.assert_allclose(baseline._ridge(x, x @ w, 1e-6), w, atol=1e-4)
 
 
-def test_ridge_is_positive_and_below_the_ceiling(sim_root):
-    dataset = SensoriumDataset.open(sim_root)
-    assert baseline.is_simulated(dataset)
-    ridge = baseline.ridge_val_corr(dataset, 0)
-    ceiling = baseline.ceiling_val_corr(dataset, 0)
+def test_ridge_is_positive_and_below_the_ceiling(sim_root, capsys):
+    assert baseline.is_simulated(SensoriumDataset.open(sim_root))
+    assert cli.call(baseline.define_flags, baseline.run, ["--root", str(sim_root), "--fold", "0"]
+                    ) == 0
+    out = capsys.readouterr().out
+    ridge = float(re.search(r"fold 0: ridge baseline val_corr (\S+)", out)[1])
+    ceiling = float(re.search(r"fold 0: noise ceiling val_corr (\S+)", out)[1])
     assert 0.0 < ridge < ceiling < 1.0
+
+
+@pytest.mark.parametrize("args, status, message", [
+    ([], 2, "error: --root is required, e.g. --root data/simulated (see --help)"),
+    (["--root", "ROOT", "--fold", "7"], 2,
+     "error: flag --fold=7: 7 is not an integer in the range [0, 6] (see --help)"),
+    (["--root", "ROOT/nope"], 1, "error: ROOT/nope: dataset root folder is missing"),
+])
+def test_bad_command_lines_give_one_error_line(tmp_path, capsys, args, status, message):
+    args = [a.replace("ROOT", str(tmp_path)) for a in args]
+    assert cli.call(baseline.define_flags, baseline.run, args, errors=(DatasetError,)) == status
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [message.replace("ROOT", str(tmp_path))]
+
+
+def test_the_module_runs_as_a_command(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "dwise_jax.baseline", "--root",
+                           str(tmp_path / "nope")], capture_output=True, text=True,
+                          timeout=HANG_TIMEOUT_S)
+    assert done.returncode == 1
+    message = f"error: {tmp_path / 'nope'}: dataset root folder is missing"
+    assert done.stderr.splitlines() == [message]
