@@ -1,24 +1,16 @@
 """demo: a small DwiseNeuro that trains on the bundled simulated dataset on a 2-core CPU.
 
-The original's recipe at a size and budget that fit a laptop CPU. What changes, and why:
-
-* A narrow 5-block core (8 -> 64 channels, expansion 2) and a narrow cortex (128, 256). Its
-  first block runs at the full 64 x 64 resolution, so its width sets the speed: this core
-  trains at about 30 samples per second here, 1.5x the speed of a 16-channel, expansion-3
-  core that learned the same per step (val_corr 0.182 against 0.174 after 450 steps, but 0.1956
-  against 0.1970 after the same ~13 minutes). Wider later stages, no dropout or no CutMix
-  changed nothing at 450 steps (each within 0.001 of the others).
-* Batch 8, 2800 steps (8 epochs of 2800 samples: 1 of warm-up, 7 of cosine), the learning
-  rate 20x the original's per sample (half or twice that did worse), an EMA decay of 0.99
-  (0.999 over a few thousand steps keeps much of the random initial weights).
-* Readout biases start at each neuron's mean response (see dwise_jax/readout_bias.py).
+The original's recipe at laptop size: a narrow 5-block core (8 -> 64 channels, expansion 2)
+and cortex (128, 256), batch 8 for 2800 steps (1 epoch of warm-up, 7 of cosine), 20x the
+original's learning rate per sample, EMA 0.99, readout biases started at each neuron's mean
+response. How each was chosen: docs/training.md#the-demo-on-the-simulated-dataset.
 
     python -m dwise_jax.data.synthetic data/simulated
     python -m dwise_jax.train --config configs/demo.py
 
-Cost: about 13 minutes per fold on a 2-core CPU (2800 steps of batch 8 at ~30 samples per
-second, eight validations included). Fold 0 of the default simulated dataset: val_corr 0.1970,
-ridge baseline 0.1950, noise ceiling 0.4678 (see the README).
+Cost: about 13 minutes per fold on a 2-core CPU (~30 samples per second, eight validations
+included). Fold 0 of the default simulated dataset: val_corr 0.1970, ridge baseline 0.1950,
+noise ceiling 0.4678.
 """
 
 from __future__ import annotations
@@ -50,6 +42,6 @@ def get_config():
     config.optim.min_lr = 6e-5
     config.optim.warmup_epochs = 1
     config.optim.cosine_epochs = 7
-    config.optim.ema_decay = 0.99
+    config.optim.ema_decay = 0.99  # 0.999 over a few thousand steps keeps the random init
     config.log.every_steps = 25
     return config

@@ -18,14 +18,8 @@ from typing import Any
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds.
-
-    Args:
-      path: the final file name. Its folder is created if needed.
-      suffix: ending of the temporary name (some writers insist on one, e.g. ".npy").
-
-    On an exception the temporary file is removed and the final name is left untouched.
-    """
+    """Yields a temporary path beside `path` (its folder created), renamed onto `path` if the
+    block succeeds, else removed. `suffix` ends the temporary name (some writers need ".npy")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)

@@ -1,14 +1,8 @@
 """A linear decoder of the video from lagged responses: the baseline for movie reconstruction.
 
-Reconstruction through the ensemble (dwise_jax/reconstruct.py) should beat what a plain linear
-map from the recorded activity to the pixels achieves. This is that map: ridge regression from
-the responses at frames t .. t + lags - 1 (each neuron z-scored on the fitting trials; a
-response follows its stimulus, so frame t is read from the activity after it) to every pixel
-of frame t. The ridge penalty is chosen on a held-out fifth of the fitting trials by the pixel
-correlation inside the scoring mask, then the decoder is refitted on all of them.
-
-Cost: a (neurons x lags)^2 normal matrix; at the real data's ~8,000 neurons keep `lags` small
-(the features are capped at MAX_FEATURES by dropping lags; the report gives the lags used).
+Ridge regression from the z-scored responses at frames t .. t + lags - 1 (a response follows
+its stimulus) to every pixel of frame t, the penalty chosen on a held-out fifth of the fitting
+trials, features capped at MAX_FEATURES by dropping lags (docs/insilico.md#movie-reconstruction).
 """
 
 from __future__ import annotations

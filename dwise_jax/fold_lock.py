@@ -1,21 +1,8 @@
-"""One training process per fold folder: `<fold>/train.lock`.
+"""One training process per fold folder: `<fold>/train.lock`, a JSON file naming its holder.
 
-`hold(directory)` takes the lock before training reads or writes anything in the fold folder
-and removes it when training ends, normally, with an error, or after SIGTERM's checkpoint. The
-lock file is JSON naming its holder: host, process id, start time (plus, on Linux, the boot id
-and the process's start tick, which tell a dead holder from a new process that got its pid).
-
-* Another live holder on this host, or an unreadable lock: `FoldLockedError` naming it; nothing
-  in the folder is touched.
-* A holder on this host whose process is gone (SIGKILL, OOM, reboot): taken over with one
-  warning line on stderr.
-* A holder on another host (a shared file system): `FoldLockedError` naming it and the `rm`
-  command that clears the lock, since this host cannot tell whether it still runs.
-
-The lock file is created complete and atomically (written under a temporary name, then
-hard-linked to `train.lock`, which fails if the name exists; hard links are atomic on NFS as
-well), so a reader never sees half a lock. Prediction never takes the lock: it reads the last
-complete checkpoint of a fold whether or not the fold is training.
+A live holder is refused with an error naming it, a dead one on this host is taken over with a
+warning, one on another host is refused with the `rm` that clears it. Prediction never takes
+the lock. See docs/design.md#one-training-process-per-fold.
 """
 
 from __future__ import annotations

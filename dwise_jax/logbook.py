@@ -1,9 +1,7 @@
 """What a user watches during training: metrics.jsonl, TensorBoard events and a PNG of the curves.
 
-One `Logbook` per fold folder. `metrics.jsonl` holds one JSON object per line ({"step", "kind":
-"train" | "val", ...values}); TensorBoard event files are written with tensorboardX (no
-TensorFlow needed) when it is installed; `curves.png` (training loss, learning rate, validation
-loss and correlation) is redrawn at each validation. Only process 0 writes.
+One `Logbook` per fold folder, written by process 0: one JSON object per line ({"step", "kind":
+"train" | "val", ...values}), tensorboardX events when installed, `curves.png` at each validation.
 """
 
 from __future__ import annotations
@@ -121,11 +119,8 @@ class Logbook:
 
 
 def loss_limits(train: list[dict], val: list[dict]) -> tuple[float, float] | None:
-    """The loss plot's y range: every training loss and every validation loss after step 0.
-
-    The validation before the first step (random readouts) can be thousands of times the
-    trained losses and would flatten the whole curve; it is left off the scale. None when
-    nothing else is logged yet (matplotlib's own range then)."""
+    """The loss plot's y range, None before anything but step 0 is logged: the validation at
+    step 0 (random readouts, thousands of times the trained losses) is left off the scale."""
     values = [r["loss"] for r in train] + [r["loss"] for r in val if r["step"] > 0]
     values = [v for v in values if math.isfinite(v)]
     if not values:

@@ -5,15 +5,8 @@
     w = mice_weights / sum(mice_weights)                  (over the whole batch and all mice)
     loss = sum_m sum_{b: w[b, m] != 0} w[b, m] * sum_{t, n} l(pred_m[b, t, n], y_m[b, t, n])
 
-A SUM over neurons and time, a weighted mean over samples, mice weighted by their share of the batch
-(docs/original.md#loss-is-a-sum: a mean would shrink the gradients towards Adam's eps and stop
-weighting mice by their neuron counts). Always computed in float32, whatever the compute dtype:
-eps = 1e-8 underflows in half precision.
-
-Three forms: `mice_poisson_loss` over all readouts (the original's); `own_readout_loss`, the same
-number for a batch labeled one mouse per sample when only each sample's own readout was run; and
-`distillation_loss`, where a teacher's predictions fill every (sample, mouse) pair without a
-label (docs/original.md#distillation).
+A SUM over neurons and time, not a mean (docs/original.md#loss-is-a-sum), and always float32:
+1e-8 underflows in half precision.
 """
 
 from __future__ import annotations
@@ -35,16 +28,10 @@ def poisson_nll(pred: jax.Array, target: jax.Array, eps: float = POISSON_EPS) ->
 
 def mice_poisson_loss(preds: Sequence[jax.Array], targets: Sequence[jax.Array],
                       mice_weights: jax.Array) -> jax.Array:
-    """The original's loss over all readouts.
+    """The original's loss over all readouts, a float32 scalar.
 
-    Args:
-      preds: per mouse m, predictions (batch, time, neurons_m).
-      targets: per mouse m, targets (batch, time, neurons_m); rows with weight 0 are ignored
-        (they may hold anything finite).
-      mice_weights: (batch, num_mice); 0 marks a missing (sample, mouse) pair.
-
-    Returns:
-      The scalar float32 loss.
+    `preds`, `targets`: per mouse m, (batch, time, neurons_m); `mice_weights` (batch, num_mice),
+    0 for a missing (sample, mouse) pair, whose targets may hold anything finite.
     """
     weights = mice_weights.astype(jnp.float32)
     weights = weights / jnp.sum(weights)
@@ -58,10 +45,7 @@ def mice_poisson_loss(preds: Sequence[jax.Array], targets: Sequence[jax.Array],
 
 def own_mouse_loss(preds: Sequence[jax.Array], targets: jax.Array, mouse: jax.Array,
                    sample_weight: jax.Array | None = None) -> jax.Array:
-    """The loss of a "true batch" without distillation, from the loader's compact targets.
-
-    Each sample is labeled for its own mouse only (one-hot mice weights), so only its own
-    readout's output counts. Equal to `mice_poisson_loss` with one-hot weights.
+    """`mice_poisson_loss` with one-hot mice weights, from the loader's compact targets.
 
     Args:
       preds: per mouse m, predictions (batch, time, neurons_m).
@@ -81,11 +65,8 @@ def own_readout_loss(preds: jax.Array, targets: jax.Array, neuron_mask: jax.Arra
                      sample_weight: jax.Array | None = None) -> jax.Array:
     """`own_mouse_loss` from each sample's own readout only (`DwiseNeuro.own_readouts`).
 
-    Args:
-      preds: (batch, time, max_neurons), each sample's own readout, any value past its neurons.
-      targets: (batch, time, max_neurons), each sample's own targets, zero-padded.
-      neuron_mask: (batch, max_neurons), True for the sample's mouse's neurons.
-      sample_weight: optional (batch,) weights (e.g. 0 for padding samples); default 1.
+    `preds` (batch, time, max_neurons) may hold anything past a sample's neurons; `neuron_mask`
+    (batch, max_neurons) is True for them; `targets`, `sample_weight` as `own_mouse_loss`.
     """
     batch = preds.shape[0]
     weights = (jnp.ones((batch,), jnp.float32) if sample_weight is None
@@ -100,13 +81,8 @@ def distillation_weights(mice_weights: jax.Array, ratio: float) -> jax.Array:
 
         w_d = ratio / (1 - ratio) * sum(mice_weights) / #(pairs with weight 0)
 
-    so that, once the loss normalises the weights, the labels hold 1 - ratio of the total and
-    the teacher's predictions `ratio` (batch 32 over 10 mice, ratio 0.36: w_d = 0.0625, 64% and
-    36%).
-
-    Args:
-      mice_weights: (batch, num_mice), before distillation (one-hot on each sample's mouse).
-      ratio: the teacher's share of the total weight, in (0, 1).
+    so that the labels hold 1 - ratio of the normalised weight and the teacher's predictions
+    `ratio` (docs/original.md#distillation). `mice_weights` (batch, num_mice): before it.
     """
     weights = mice_weights.astype(jnp.float32)
     missing = weights == 0
@@ -120,14 +96,8 @@ def distillation_loss(preds: Sequence[jax.Array], targets: jax.Array, mouse: jax
     """The loss of a distillation step, over all readouts.
 
     Each sample keeps its own mouse's real targets with weight 1; every other (sample, mouse)
-    pair takes the teacher's prediction as its target with weight w_d (`distillation_weights`).
-
-    Args:
-      preds: per mouse m, the student's predictions (batch, time, neurons_m).
-      targets: (batch, time, max_neurons), each sample's own targets, zero-padded.
-      mouse: (batch,) int, each sample's mouse (readout) index.
-      teacher_preds: per mouse m, the teacher's predictions (batch, time, neurons_m).
-      ratio: the teacher's share of the total weight.
+    pair takes the teacher's prediction (`teacher_preds`, shaped as `preds`) as its target
+    with weight w_d (`distillation_weights`). `targets` and `mouse` as `own_mouse_loss`.
     """
     num_mice = len(preds)
     weights = distillation_weights(jax.nn.one_hot(mouse, num_mice, dtype=jnp.float32), ratio)

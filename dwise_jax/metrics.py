@@ -1,16 +1,8 @@
 """Evaluation metrics as pure NumPy functions: correlations, FEVE, the Poisson loss.
 
-Layouts. Trial-level functions take one array per trial in the on-disk layout
-``(neurons, time)``, time LAST: the layout of the responses files, of the original's saved
-predictions and of the submission. ``validation_correlation`` takes the model's windows
-channels-last, ``(batch, time, neurons)``. Callers cut targets to the trial length first
-(the files are NaN-padded after it).
-
-Pearson r everywhere is the one of the original and of the starter kit (neuralpredictors'
-``corr``): (x - mean) / (population std + 1e-8) for both series, mean of the product. A
-constant series gives r = 0, and a NaN in either series gives r = NaN unless
-``nan_to_zero`` (the starter kit's scores set NaN r to 0; the winner's code does not).
-Sums are taken in the inputs' float dtype (at least float32), like the original.
+Trial arrays are ``(neurons, time)``, time last as on disk, cut by the caller to the trial's
+valid length; ``validation_correlation`` takes channels-last windows ``(batch, time, neurons)``.
+Pearson r is the original's and the starter kit's (docs/original.md#metrics).
 """
 
 from __future__ import annotations
@@ -31,6 +23,7 @@ Cut = Literal["baseline", "submission"]
 
 
 def _float(x: np.ndarray) -> np.ndarray:
+    # Sums run in the inputs' float dtype (at least float32), like the original.
     x = np.asarray(x)
     return x.astype(np.result_type(x.dtype, np.float32), copy=False)
 
@@ -45,15 +38,9 @@ def pearson_per_neuron(
 ) -> np.ndarray:
     """Pearson r along ``axis`` (the samples), one value per remaining index (neuron).
 
-    Args:
-        pred: prediction, e.g. (neurons, time) with axis=-1 or (samples, neurons) with axis=0.
-        target: same shape as ``pred``.
-        axis: the axis of the samples (time), reduced away.
-        nan_to_zero: set NaN results to 0 (starter kit) instead of keeping them (original).
-        eps: added to each population std.
-
-    Returns:
-        r with ``axis`` removed.
+    ``pred`` and ``target`` have one shape, e.g. (neurons, time) with axis=-1 or (samples,
+    neurons) with axis=0. (x - mean) / (population std + eps) for both, mean of the product; a
+    constant series gives 0, a NaN gives NaN unless ``nan_to_zero`` (the starter kit's scores).
     """
     pred, target = _float(pred), _float(target)
     if pred.shape != target.shape:
@@ -77,12 +64,7 @@ def submission_frames(length: int) -> slice:
 
 
 def cut_frames(x: np.ndarray, length: int | None = None) -> np.ndarray:
-    """The submission cut of ``x`` (..., time) for a trial of ``length`` valid frames.
-
-    Args:
-        x: (..., time) trial array, e.g. (neurons, time); may be NaN-padded past ``length``.
-        length: valid length; None means x.shape[-1].
-    """
+    """The submission cut of ``x`` (..., time), NaN-padded past ``length`` (None: all)."""
     n = x.shape[-1] if length is None else min(int(length), x.shape[-1])
     return x[..., submission_frames(n)]
 
@@ -158,17 +140,10 @@ def competition_correlation(
     """The single-trial correlation: cut each trial, concatenate a mouse's trials, r per neuron.
 
     Args:
-        preds: {mouse: [(neurons, L_i) per trial]}, trials of valid length only.
-        targets: {mouse: [(neurons, L_i) per trial]} in the same order, cut to L_i.
-        cut: "baseline" keeps frames [skip:] of each trial (starter kit's
-            ``get_correlations``: no 300 cap, no last-frame drop); "submission" keeps
-            [50 : min(L, 300) - 1] (the winner's local out-of-fold evaluation).
-        skip: frames dropped at the start of each trial by the baseline cut.
+        preds, targets: {mouse: [(neurons, L_i) per trial]}, same mice and order, valid frames.
+        cut: "baseline" keeps frames [skip:] of each trial (starter kit's ``get_correlations``);
+            "submission" keeps [50 : min(L, 300) - 1] (the winner's out-of-fold evaluation).
         nan_to_zero: NaN r becomes 0 (starter kit). The winner's evaluation keeps NaN.
-
-    Returns:
-        Per-neuron r per mouse; ``neuron_mean`` is the official score, ``mouse_mean`` the
-        winner's.
     """
     if list(preds) != list(targets):
         raise ValueError("preds and targets must hold the same mice in the same order")
@@ -219,15 +194,8 @@ def poisson_loss(
 ) -> np.ndarray:
     """The starter kit's evaluation Poisson loss, output - target * log(output + 1e-12).
 
-    Args:
-        output: one trial (neurons, L) or a sequence of trials (neurons, L_i).
-        target: the same shapes.
-        skip: frames dropped at the start of each trial before concatenating.
-        avg: mean over frames instead of the sum.
-        eps: inside the log.
-
-    Returns:
-        (neurons,) loss summed (or averaged) over the concatenated frames.
+    ``output`` and ``target``: one trial (neurons, L) or a sequence of them; frames [skip:] of
+    each are concatenated. Returns (neurons,), the sum over frames (the mean with ``avg``).
     """
     out, tgt = _concat_trials(output, target, "baseline", skip)
     loss = out - tgt * np.log(out + eps)
@@ -245,18 +213,15 @@ def validation_correlation(
     """The original's ``val_corr``: per readout r over (sample, frame) rows, then means.
 
     For readout i, the rows of the samples with mice_weights[:, i] != 0 are flattened over
-    (sample, frame) with no frame skipping, r is taken per neuron along them and averaged
-    over neurons; ``val_corr`` is the mean over readouts (mice weighted equally). No NaN
-    handling, like the original. For many batches, see ``PearsonSums``.
+    (sample, frame), r is taken per neuron and averaged; ``val_corr`` is the mean over readouts.
+    No NaN handling, like the original. For many batches, see ``PearsonSums``.
 
     Args:
-        preds: per readout i, (samples, time, neurons_i), channels-last model output.
-        targets: per readout i, the same shape (ReLU'd responses in the original).
+        preds, targets: per readout i, (samples, time, neurons_i) (targets ReLU'd).
         mice_weights: (samples, readouts); one-hot in the original.
 
     Returns:
-        ((readouts,) mean r per readout, NaN where a readout has no samples; the mean over
-        the readouts that have samples).
+        ((readouts,) mean r, NaN for a readout without samples; the mean over the others).
     """
     weights = np.asarray(mice_weights)
     per_readout = np.full(len(preds), np.nan)
@@ -336,17 +301,10 @@ def correlation_to_average(
 ) -> np.ndarray:
     """r between the prediction and the mean over repeats of the responses to each video.
 
-    Both are averaged over repeats (a prediction differs per repeat through behaviour),
-    the videos are concatenated along time and r is taken per neuron. Frames are used as
-    given: cut them first if the score should skip any.
-
-    Args:
-        preds: per video, (repeats, neurons, time) or (neurons, time).
-        responses: per video, (repeats, neurons, time), the trials showing that video.
-        nan_to_zero: NaN r becomes 0, as in the competition's scores.
-
-    Returns:
-        (neurons,) r.
+    Both are averaged over repeats (a prediction differs per repeat through behaviour), the
+    videos concatenated along time, r taken per neuron: (neurons,). Frames are used as given.
+    ``preds``: per video (repeats, neurons, time) or (neurons, time); ``responses``: per video
+    (repeats, neurons, time).
     """
     pairs = _repeat_arrays(preds, responses)
     pred = np.concatenate([p.mean(0) for p, _ in pairs], axis=-1)
@@ -360,15 +318,8 @@ def feve(preds: Sequence[np.ndarray], responses: Sequence[np.ndarray]) -> np.nda
     FEVE = 1 - (MSE - noise var) / (total var - noise var), where each (video, frame) is one
     stimulus: noise var is the mean over stimuli of the across-repeat variance (ddof 1),
     total var the variance (ddof 1) of all (repeat, video, frame) samples stacked, and MSE
-    the mean over those samples of (response - prediction)^2.
-
-    Args:
-        preds: per video, (repeats, neurons, time) or (neurons, time) (the same prediction
-            for every repeat).
-        responses: per video, (repeats, neurons, time), at least 2 repeats.
-
-    Returns:
-        (neurons,) FEVE.
+    the mean over those samples of (response - prediction)^2. Shapes as
+    ``correlation_to_average``, at least 2 repeats; returns (neurons,).
     """
     pairs = _repeat_arrays(preds, responses)
     if min(r.shape[0] for _, r in pairs) < 2:

@@ -1,14 +1,8 @@
 """Optimiser, learning-rate schedule and EMA of the original recipe (docs/original.md#training).
 
-- Learning rate per iteration: a linear warm-up from exactly 0 (iteration k of W uses
-  base_lr * k / W), then a cosine from base_lr to min_lr over the cosine iterations
-  (iteration j uses min_lr + (base_lr - min_lr) * (1 + cos(pi j / C)) / 2), then min_lr.
-- AdamW with torch's defaults (betas 0.9 / 0.999, eps 1e-8) and weight decay 0.05 on every
-  parameter, BatchNorm included. Like torch, the decay is multiplied by the current learning rate
-  (so there is no decay at step 0), which optax.adamw does.
-- EMA with decay 0.999 after every optimiser step, from step 0 with no warm-up, over every model
-  state entry: parameters and BatchNorm running statistics
-  (docs/original.md#ema-covers-batchnorm-statistics).
+Per iteration: warm-up from exactly 0, then a cosine to min_lr; AdamW with weight decay on every
+parameter; EMA (decay 0.999 from step 0) over every state entry, BatchNorm statistics included
+(docs/original.md#ema-covers-batchnorm-statistics).
 """
 
 from __future__ import annotations
@@ -40,7 +34,9 @@ def lr_schedule(base_lr: float, min_lr: float, warmup_steps: int,
 
 
 def adamw(schedule: optax.Schedule, weight_decay: float) -> optax.GradientTransformation:
-    """AdamW as torch.optim.AdamW with its defaults, decay on every parameter (no mask)."""
+    """AdamW as torch.optim.AdamW with its defaults, decay on every parameter (no mask).
+
+    Like torch, optax multiplies the decay by the current learning rate: none at step 0."""
     return optax.adamw(learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8,
                        weight_decay=weight_decay)
 

@@ -1,8 +1,6 @@
-"""What `train` and `predict` are about to do, printed before they start (issue 19): devices,
-parameter count, steps or windows, folds, and the time per step measured on the first steps.
-
-It never refuses a run: on a CPU with a model much larger than the demo's it adds one line
-that names `configs/demo.py`, and the user decides.
+"""What `train` and `predict` are about to do, printed before they start: devices, parameter
+count, steps or windows, folds, and the time per step measured on the first steps. It never
+refuses a run: on a CPU with a model far larger than the demo's it names `configs/demo.py`.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """Process-level settings that XLA:CPU and glibc read only when a process starts.
 
-Two settings make the CPU training step much cheaper (benchmarks/RESULTS.md, "Model"):
-
-* `XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false` halves the peak memory of
-  the train step (the flag has no effect as a per-jit compiler option);
-* `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` backs XLA's large, freshly allocated buffers with
-  transparent huge pages, instead of faulting them in 4 KiB at a time (about 25% of a CPU step).
-
-The command-line entry points call `reexec_with_cpu_settings` first: if the settings are
-missing, the process replaces itself (same PID, same arguments) with one that has them. On GPU
-hosts both are harmless (the XLA flag is read by the CPU backend only). Set
-`DWISE_JAX_NO_REEXEC=1` to keep the environment exactly as it is.
+The entry points call `reexec_with_cpu_settings` first: without the XLA flag and the glibc
+huge-page tunable (much cheaper CPU steps), the process replaces itself with one that has them
+(docs/design.md#process-settings-for-xlacpu). `DWISE_JAX_NO_REEXEC=1` opts out.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """An optional start for the readout biases: each neuron's mean response instead of zero.
 
-The original starts every readout bias at zero, so with softplus beta 0.07 every prediction
-starts at log(2) / 0.07 ~ 9.9. Real and simulated responses are much smaller (the simulated
-ones average about 0.3), and the first few hundred steps of a run go into pulling the outputs
-down to their scale. That is nothing over the original's 47,000 steps but most of a short CPU
-budget, so `config.model.readout_bias_init = "response_mean"` (used by configs/demo.py) starts
-each bias where softplus returns the neuron's mean response instead.
-
-The means come from `meta/statistics/responses/all/mean.npy` (the dataset's own statistics,
-per neuron and frame; averaged over frames here), so the start costs no pass over the data.
+The original's zero biases start every prediction at log(2) / 0.07 ~ 9.9, far above real and
+simulated responses; short CPU runs (configs/demo.py, `readout_bias_init = "response_mean"`)
+start where softplus returns the mean of `meta/statistics/responses/all/mean.npy` instead.
 """
 
 from __future__ import annotations

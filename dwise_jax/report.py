@@ -1,19 +1,9 @@
-"""Scoring a split's predictions and the report: a Markdown summary, scores.json and PNG plots.
+"""Scoring a split's predictions and its report: report.md, scores.json and PNG plots.
 
-The score is the competition's single-trial correlation (docs/original.md#metrics, the starter
-kit's `get_correlations`): each trial's frames 50..L-1, a mouse's trials concatenated along time,
-Pearson r per neuron (NaN as 0), averaged over all neurons of all mice (neuron-weighted; the
-mean over mice is given beside it). Predictions are the raw arrays (no precision
-normalisation); targets are the recorded responses of the labeled trials (`folds`) or, for the
-test splits of a simulated dataset, the responses its simulator kept aside, where the same score
-of the simulation's noiseless rate is the noise ceiling.
-
-    <workdir>/reports/<experiment>/<split>/report.md      table, notes, plots
-                                          /scores.json    the same numbers
-                                          /correlations.png   per-neuron r per mouse
-                                          /traces.png     recorded and predicted, best and
-                                                          median neuron of each mouse
-                                          /stride.png     correlation against anchor stride
+The score is the competition's single-trial correlation (docs/original.md#metrics) of the raw
+predictions against the labeled trials' responses (`folds`) or, on a simulated dataset's test
+splits, the responses its simulator kept aside, beside the noise ceiling. See
+docs/prediction.md for the files.
 """
 
 from __future__ import annotations

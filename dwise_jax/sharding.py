@@ -1,18 +1,8 @@
 """Data parallelism: a 1-D device mesh, batches sharded on its `data` axis, parameters replicated.
 
-This is how dwise_jax runs on many GPUs and many hosts: `jax.jit` over a `jax.make_mesh` mesh
-with `NamedSharding`s (JAX's current replacement for the legacy `jax.pmap`). The compiled train
-step sees the global batch; XLA inserts the all-reduces for the gradients and for BatchNorm's
-batch statistics, so a step on N devices computes what one device would on the whole batch.
-
-Multi-host: every entry point (train, predict, ensemble) calls `initialize_distributed()` before
-any other JAX call (it reads the coordinator from the environment that the launcher sets, or
-from SLURM); each process then reads only its own rows of every training, validation and
-prediction batch, `put_batch` assembles the global array from the per-process pieces, results
-that every process needs are gathered (`local_rows`, `sum_over_processes`, replicated
-outputs), and process 0 alone writes files other than Orbax's (which saves collectively).
-On CPUs the collectives between processes run over gloo. If a process dies, the others stop
-when the coordination service misses its heartbeats (`DWISE_JAX_HEARTBEAT_S`, default 100 s).
+`jax.jit` over a `jax.make_mesh` mesh with `NamedSharding`s (not the legacy `jax.pmap`); XLA
+inserts the all-reduces. Several processes: `initialize_distributed` first, then each reads its
+own rows of every batch (docs/design.md#several-devices-and-hosts).
 """
 
 from __future__ import annotations
@@ -31,12 +21,8 @@ LAUNCH_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS
 
 
 def initialize_distributed() -> bool:
-    """Calls `jax.distributed.initialize()` when the launcher asked for several processes.
-
-    Recognised: `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID` (explicit),
-    or a SLURM job step with more than one task (JAX detects SLURM by itself). Returns whether it
-    initialised.
-    """
+    """Calls `jax.distributed.initialize()` when the launcher asked for several processes
+    (`LAUNCH_VARIABLES`, or a SLURM step of several tasks); returns whether it did."""
     explicit = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
     slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ
     if not (explicit or slurm):
@@ -100,12 +86,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a host batch on the mesh, sharded on the batch axis.
-
-    On one process `batch` is the global batch. On several processes it is this process's
-    share (rows process_index * B / P ... of the global batch), and the global array is
-    assembled from every process's share.
-    """
+    """Places a host batch on the mesh, sharded on the batch axis. With several processes
+    `batch` is this process's share (rows process_index * B / P ...) of the global batch."""
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return {k: jax.device_put(v, sharding) for k, v in batch.items()}

@@ -1,17 +1,8 @@
 """Stop requests (SIGTERM, Ctrl-C) for training: immediate before a fold's first step is done,
 graceful after it.
 
-A Python signal handler runs only when the main thread is back in the interpreter, so during
-XLA's compilation of the first step (minutes for the full model on a CPU) it would wait for the
-compile and the step. The C-level handler writes each signal to a wake-up pipe at once
-(`signal.set_wakeup_fd`); a watcher thread reads it and decides:
-
-* no step of the current fold finished in this process yet: nothing was saved that a stop
-  could keep, so it prints one line and ends the process at once (`os._exit`, status 128 +
-  the signal: 143 for SIGTERM, 130 for SIGINT); the last checkpoint, if any, is untouched
-  (Orbax writes a step under a temporary name and renames it complete);
-* afterwards, the first request asks the loop to finish its step, save and return (exit 0);
-  a second request ends the process at once, like the first case.
+A watcher thread reads the signals from a wake-up pipe, so a stop does not wait for XLA's
+compilation of the first step (docs/design.md#stop-requests).
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
-"""Competition submission files, exactly as the Sensorium 2023 servers take them
-(docs/original.md#submission).
+"""Competition submission files, exactly as the Sensorium 2023 servers take them.
 
-For each test split, one parquet file (brotli compression, no index) with a row per trial of the
-submitted (new) mice, mice in readout order then trial id ascending, and the columns
-
-    mouse          str                 the mouse folder name
-    trial_indices  int64               the trial id
-    prediction     list<list<double>>  (neurons, frames): prediction * precision, cut to
-                                       frames [50 : min(L, 300) - 1] (249 for L >= 300)
-    neuron_ids     list<int64>         meta/neurons/unit_ids.npy
-
-The precision is the organisers' normalisation (worth about +0.02 to the winner): from the mouse's
-`meta/statistics/responses/all/std.npy` (neurons, frames), threshold = 0.01 * nanmean of the whole
-array; precision = 1 / std where std > threshold, else 1 / threshold (NaN std included); sliced to
-the trial's length. Files are written under a temporary name and renamed.
+One brotli parquet file per test split, a row per trial of the submitted mice (mouse, trial id
+ascending): the prediction times the organisers' precision, cut to frames [50 : min(L, 300) - 1]
+(docs/original.md#submission). Files are written under a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -88,11 +77,8 @@ def write_parquet(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Pa
 
 def mouse_table(mouse: str, unit_ids: np.ndarray, std: np.ndarray,
                 predictions: Mapping[int, np.ndarray]):
-    """The rows of `mouse_rows` as a pyarrow Table, built from NumPy without Python floats.
-
-    A real mouse's test split is ~10^8 values: as nested Python lists (`mouse_rows`) that is
-    gigabytes of objects, here one float64 buffer.
-    """
+    """The rows of `mouse_rows` as a pyarrow Table, from one float64 buffer: a real mouse's
+    test split is ~10^8 values, gigabytes as nested Python lists."""
     import pyarrow as pa
 
     prec = precision(std)

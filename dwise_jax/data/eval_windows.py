@@ -1,14 +1,7 @@
 """Validation and prediction streams of fixed windows, and the mean blending of predictions.
 
-Batch formats are documented once, in `dwise_jax.data.pipeline`. Both streams are Grain
-datasets of whole batches: iterate them as often as needed (each pass reads the same batches);
-the last batch is padded to the batch size with `valid` False so that shapes stay static.
-
-Validation (docs/original.md#inputs-and-windows): non-overlapping windows, anchors 30 + 31 k
-(length // 31 per trial), over the validation fold of every mouse, in mouse order, trial id
-ascending. Prediction (docs/original.md#prediction): every anchor of a trial (stride 1 as the
-original, or a coarser stride that still covers every frame); `WindowBlender` sums each (16, N)
-output into its frames and divides by max(count, 1), the original's overlapping-window mean.
+Both are Grain datasets of whole batches, the same on every pass, the last batch padded with
+`valid` False; formats, anchors and blending: docs/data.md#windows-and-batches.
 """
 
 from __future__ import annotations
@@ -56,8 +49,7 @@ def prediction_windows(mouse: Mouse, trials: Iterable[int],
                        stride: int | Sequence[int] = 1) -> np.ndarray:
     """(windows, 3) int64 rows (mouse index, trial id, anchor): every anchor of each trial.
 
-    With several strides, the union of their anchors: one pass over these windows feeds a
-    `WindowBlender` per stride, each taking its own anchors.
+    With several strides, the union of their anchors (one pass feeds a `WindowBlender` each).
     """
     rows = [(mouse.index, int(t), int(a)) for t in trials
             for a in trial_anchors(int(mouse.lengths[t]), stride)]
@@ -129,7 +121,7 @@ class _ShardIndex:
 def validation_batches(dataset: SensoriumDataset, fold: int, batch_size: int = 32, *,
                        shard_index: int = 0, shard_count: int = 1, read_threads: int = 2,
                        read_buffer: int = 2) -> grain.IterDataset:
-    """Validation batches of every mouse's validation-fold windows (format: pipeline.py)."""
+    """Validation batches of every mouse's validation-fold windows (docs/data.md)."""
     rows = _pad_rows(validation_windows(dataset, fold), batch_size)
     records = WindowRecords(dataset.mice, rows, with_targets=True)
     return _batches(records, batch_size, shard_index, shard_count, read_threads, read_buffer)
@@ -139,10 +131,9 @@ def prediction_batches(mouse: Mouse, trials: Iterable[int], batch_size: int = 32
                        stride: int | Sequence[int] = 1, shard_index: int = 0,
                        shard_count: int = 1, read_threads: int = 2,
                        read_buffer: int = 2) -> grain.IterDataset:
-    """Prediction batches of one mouse's trials (format: pipeline.py); labels are not read.
+    """Prediction batches of one mouse's trials (docs/data.md); labels are not read.
 
-    `stride` is one anchor stride or several (the union of their windows, see
-    `prediction_windows`). With `shard_count` > 1, this process's rows of each global batch.
+    `stride`: one anchor stride or several (the union of their windows, `prediction_windows`).
     """
     rows = _pad_rows(prediction_windows(mouse, trials, stride), batch_size)
     records = WindowRecords([mouse], rows, with_targets=False)
@@ -153,12 +144,8 @@ class WindowBlender:
     """Accumulates window outputs into per-trial sums and counts; returns the mean blend."""
 
     def __init__(self, lengths: Mapping[int, int], num_neurons: int, stride: int | None = None):
-        """Args:
-          lengths: {trial id: valid length}.
-          num_neurons: the mouse's N.
-          stride: blend only the windows whose anchor is one of this anchor stride's
-            (`windows.prediction_anchors`) and skip the others; None blends every window given.
-        """
+        """`lengths`: {trial id: valid length}. `stride`: blend only the windows whose anchor is
+        one of this anchor stride's (`windows.prediction_anchors`); None blends every window."""
         self.num_neurons = num_neurons
         self.sums = {int(t): np.zeros((num_neurons, int(n)), np.float64)
                      for t, n in lengths.items()}

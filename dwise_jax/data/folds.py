@@ -1,17 +1,9 @@
 """The seven cross-validation folds, grouped by a perceptual hash of each trial's video.
 
-This module owns the video hash (imagehash's phash of five frames, XOR-ed), the rule that
-says which trials of a mouse get a fold, the fold of every trial of a mouse (computed once
-per run and cached in the user's cache folder, never in the dataset) and a fold-balance summary.
-
-Everything here must match the original bit for bit (docs/original.md#folds and
-#fold-hash-is-bit-exact): a different resize filter, frame choice or integer type reshuffles the
-folds, so models trained on the original's folds would be validated on their own training videos.
-
-The pure core (``frame_phash``, ``video_hash``, ``assign_folds``) works from arrays and a
-video loader; ``trial_folds`` and ``fold_tiers`` take a duck-typed mouse of
-``dwise_jax.data.sensorium`` (attributes ``name``, ``path``, ``num_trials``, ``tiers``,
-``is_real_old``, ``labeled_tiers`` and ``load("videos", trial_id) -> (36, 64, T)``).
+The hash, which trials get a fold, each mouse's folds (cached in the user's cache folder, never
+in the dataset) and a balance table. The hash must match the original bit for bit
+(docs/original.md#folds, #fold-hash-is-bit-exact), or folds reshuffle. A mouse is any object
+with `name`, `path`, `num_trials`, `tiers`, `is_real_old`, `labeled_tiers` and `load`.
 """
 
 from __future__ import annotations
@@ -46,15 +38,8 @@ VideoLoader = Callable[[int], np.ndarray]
 
 
 def frame_phash(frame: np.ndarray) -> int:
-    """The 64-bit perceptual hash of one video frame, as the original computes it.
-
-    Args:
-        frame: (height, width) grayscale frame, float values in 0..255.
-
-    Returns:
-        imagehash.phash (hash_size 8, highfreq_factor 4: LANCZOS resize to 32x32, 2-D DCT,
-        top-left 8x8 > its median) as an int, bits read row-major, most significant first.
-    """
+    """imagehash.phash of a (height, width) frame of floats in 0..255, as the original: an int,
+    bits read row-major, most significant first."""
     # astype truncates (not rounds) like the original; a pixel sitting on an integer can
     # therefore flip under tiny noise, which is why only exact copies are guaranteed to match.
     pixels = np.ascontiguousarray(np.asarray(frame).astype(np.uint8))
@@ -63,11 +48,7 @@ def frame_phash(frame: np.ndarray) -> int:
 
 
 def video_hash_frames(length: int) -> list[int]:
-    """The time indexes of the five frames hashed for a video of ``length`` valid frames.
-
-    step = length // 5 and the frames are range(step // 2, length, step)[:5]; for 300 frames
-    that is 30, 90, 150, 210, 270.
-    """
+    """The five frames hashed: range(step // 2, length, step)[:5], step = length // 5."""
     if length < HASHED_FRAMES:
         raise ValueError(f"a video needs at least {HASHED_FRAMES} frames to hash, got {length}")
     step = length // HASHED_FRAMES
@@ -80,14 +61,10 @@ def video_length(video: np.ndarray) -> int:
 
 
 def video_hash(video: np.ndarray) -> int:
-    """XOR of the phashes of the five chosen frames of a video.
+    """XOR of the phashes of the five chosen frames of a (height, width, time) video.
 
-    Args:
-        video: (height, width, time), time LAST, NaN-padded after the valid length.
-
-    Returns:
-        The hash as a Python int in [0, 2**64). Keep it a Python int or np.uint64: int64
-        overflows and float64 drops low bits, and either changes ``% 7``.
+    A Python int in [0, 2**64): keep it one, or np.uint64 (int64 overflows, float64 drops low
+    bits, and either changes ``% 7``).
     """
     result = 0
     for index in video_hash_frames(video_length(video)):
@@ -109,17 +86,8 @@ def fold_tier(fold: int) -> str:
 
 
 def tiers_with_folds(is_real_old: bool, labeled_tiers: Collection[str]) -> frozenset[str]:
-    """The tiers whose trials get a fold.
-
-    Args:
-        is_real_old: the mouse is one of the five real old mice. Every other mouse (the five
-            new ones and any mouse outside the real ten, e.g. simulated) is treated as new.
-        labeled_tiers: tiers whose responses are real labels (for old mice, the four test
-            tiers only once their labels were fetched; otherwise they hold dummy zeros).
-
-    Returns:
-        Old mice: every labeled tier except ``none``. New mice: ``train`` and ``oracle``.
-    """
+    """The tiers whose trials get a fold: for the five real old mice every labeled tier but
+    ``none``; for every other mouse (new, simulated) ``train`` and ``oracle``."""
     if is_real_old:
         return frozenset(labeled_tiers) - {IGNORED_TIER}
     return NEW_MOUSE_FOLD_TIERS
@@ -180,10 +148,7 @@ def assign_folds(
 ) -> FoldAssignment:
     """Hash the videos of the trials in ``folded_tiers`` and give each its fold.
 
-    Args:
-        tiers: (trials,) str, tiers.npy; the trial id is the row index.
-        load_video: trial id -> (36, 64, T) video, NaN-padded.
-        folded_tiers: the tiers that get folds (see ``tiers_with_folds``).
+    ``tiers``: (trials,) str, row = trial id; ``load_video``: trial id -> (36, 64, T) video.
     """
     tiers = np.asarray(tiers).astype(str)
     needs = _needs_fold(tiers, folded_tiers)
@@ -209,12 +174,8 @@ def _tiers_file(mouse: Any) -> Path:
 
 
 def cache_file(mouse: Any) -> Path:
-    """Where the hashes of ``mouse`` are cached: ``<cache>/folds/<mouse>-<digest>.npz``.
-
-    The digest is of the mouse folder's resolved path, so two datasets with the same mouse
-    names do not share a file. The dataset is never written to (it may be read-only, shared,
-    or a user's only copy of 148 GB).
-    """
+    """``<cache>/folds/<mouse>-<digest of its resolved path>.npz``: two datasets with the same
+    mouse names do not share a file. The dataset itself is never written to."""
     base = os.environ.get(CACHE_ENV) or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dwise_jax"
     folder = Path(mouse.path).resolve()
@@ -258,10 +219,9 @@ def _write_cache(path: Path, stamp: tuple[int, int], arrays: dict[str, np.ndarra
 def mouse_folds(mouse: Any) -> FoldAssignment:
     """The folds of a mouse's trials, computed once per run and cached (``cache_file``).
 
-    The cache holds every hash computed so far with the size and mtime of tiers.npy; it is
-    ignored when those changed or it cannot be read, and not written when its folder cannot
-    be. Trials hashed for one set of fold tiers are reused for another (e.g. after old mice's
-    test labels were downloaded).
+    The cache keeps every hash so far with the size and mtime of tiers.npy (stale or unreadable:
+    ignored; folder not writable: not written), so hashes carry over when the fold tiers change
+    (e.g. once old mice's test labels are downloaded).
     """
     tiers = np.asarray(mouse.tiers).astype(str)
     folded_tiers = tiers_with_folds(bool(mouse.is_real_old), mouse.labeled_tiers)

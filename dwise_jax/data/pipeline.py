@@ -1,36 +1,8 @@
 """Grain streams of model batches: the training stream (with CutMix) and its resumable state.
 
-Every stream ships compact host arrays; `device_inputs` builds the model input on the device,
-where the 64 x 64 x 5 planes cost nothing and the host moves about a tenth of the bytes.
-Windows are read by `window_reader.py`; validation and prediction live in `eval_windows.py`.
-
-Batch format (host-side dicts of NumPy arrays; B is this host's share of the global batch, N the
-largest neuron count of the dataset's mice; `device_inputs(batch)` -> (B, 16, 64, 64, 5) is
-exactly the original's model input, CutMix included):
-
-  training (`TrainStream`):
-    frames          (B, 16, 36, 64) float32  the window's raw video frames, as stored
-    traces          (B, 16, 4)      float32  pupil dilation, running speed, pupil centre x, y
-    partner_frames  (B, 16, 36, 64) float32  the CutMix partner's frames (zeros if no CutMix)
-    partner_traces  (B, 16, 4)      float32  the partner's traces (zeros if no CutMix)
-    box             (B, 4)          int32    [r1, c1, r2, c2] pasted from the partner, all zeros
-                                             when the sample is not CutMixed
-    mouse           (B,)            int32    readout index of the sample's mouse
-    targets         (B, 16, N)      float32  ReLU'd responses, already mixed (1 - a) y1 + a y2
-                                             with a = box area / 64**2; zero past the mouse's N
-    neuron_mask     (B, N)          bool     True for the mouse's own neurons
-  validation (`eval_windows.validation_batches`): frames, traces, mouse, targets and
-    neuron_mask as above, plus trial (B,) int32, anchor (B,) int32 and valid (B,) bool; the
-    last batch is padded to B with valid False (trial and anchor -1, zeros elsewhere).
-  prediction (`eval_windows.prediction_batches`, one mouse): frames, traces, trial, anchor,
-    valid; `eval_windows.WindowBlender` puts the (B, 16, N) outputs back in place.
-
-Training samples (docs/original.md#sampling-per-mouse and #cutmix-box): each epoch gives every
-mouse exactly epoch_size // num_mice samples in a shuffled order; a sample is a uniform trial of
-the mouse's training folds and a uniform anchor in [30, length - 1]; with probability p it is
-CutMixed with a fresh sample of the same mouse. Every draw comes from
-numpy `default_rng([seed, purpose, epoch, position])`, never from the clock, so a batch's
-content depends only on (seed, epoch, position) and not on workers, threads or hosts.
+Streams ship compact host arrays; `device_inputs` builds the original's model input on the
+device. Batch format and sampling: docs/data.md#windows-and-batches. Windows are read by
+`window_reader.py`; validation and prediction live in `eval_windows.py`.
 """
 
 from __future__ import annotations
@@ -214,18 +186,11 @@ def _as_dataset(dataset: SensoriumDataset | str | os.PathLike) -> SensoriumDatas
 
 
 class TrainStream:
-    """Training batches (format in the module docstring) with a resumable state.
+    """Training batches (docs/data.md#windows-and-batches) with a resumable state.
 
-    Usage::
-
-        stream = TrainStream(dataset, TrainStreamConfig(fold=0, num_workers=2))
-        batch = next(stream)                  # host arrays; device_inputs(batch) on device
-        state = stream.get_state()            # JSON-serialisable dict: save it with the model
-        stream.set_state(state)               # on a fresh stream: continue exactly there
-
-    The state is the number of batches consumed plus what fixes their content, so it is
-    independent of num_workers, threads and shard_count: a run may resume with other ones.
-    Close the stream (or use it as a context manager) to stop the worker processes.
+    `get_state()` (a JSON-serialisable dict: batches consumed and what fixes their content, not
+    workers, threads or shards) is saved with the model; `set_state` on a fresh stream continues
+    exactly there. Close it (or use it as a context manager) to stop the worker processes.
     """
 
     def __init__(self, dataset: SensoriumDataset | str | os.PathLike, config: TrainStreamConfig):

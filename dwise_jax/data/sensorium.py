@@ -1,21 +1,8 @@
 """The Sensorium 2023 dataset as it lies on disk: mice, tiers, trial lengths, labels.
 
-Layout (docs/original.md#data-layout), one folder per mouse under a root::
-
-    <root>/<mouse>/data/{videos,responses,behavior,pupil_center}/<trial id>.npy
-    <root>/<mouse>/meta/trials/tiers.npy
-    <root>/<mouse>/meta/neurons/{unit_ids,cell_motor_coordinates}.npy
-    <root>/<mouse>/meta/statistics/responses/all/std.npy
-
-Per trial: video (36, 64, T), responses (neurons, T), behavior (2, T) = [pupil dilation,
-running speed], pupil_center (2, T). Time is the last axis; a trial shorter than its arrays
-is NaN-padded at the tail. Every file is memory-mapped and never unpickled.
-
-Opening a dataset is cheap (the real one is 148 GB): it reads the meta files, lists the trial
-folders and reads row 0 of one or two arrays per trial for the lengths. `Mouse.load_trial`
-validates a whole trial; `python -m dwise_jax.data.sensorium ROOT --check` validates all, and
-names every trial file holding values that contradict the mouse's meta/statistics
-(`value_check`, which the loaders also apply to every window they read).
+Opening a root is cheap (the real one is 148 GB): the meta files, the trial folders and row 0
+of one or two arrays per trial for the lengths. Files are memory-mapped, never unpickled;
+`Mouse.load_trial` validates a whole trial. Layout: docs/original.md#data-layout.
 """
 
 from __future__ import annotations
@@ -30,53 +17,31 @@ from pathlib import Path
 import numpy as np
 
 from dwise_jax.data.layout import (
-    MODALITIES as MODALITIES,
+    MODALITIES,
+    MOUSE_NAME_PATTERN,
+    NEW_MICE,
+    OLD_MICE,
+    REAL_MICE,
+    TEST_TIERS,
+    TIERS,
+    VIDEO_HEIGHT,
+    VIDEO_WIDTH,
+    DatasetError,
+    check_float,
+    check_ndim,
+    check_trial_files,
+    first_nan,
+    load_npy,
+    read_tiers,
 )
-from dwise_jax.data.layout import (
-    MOUSE_NAME_PATTERN as MOUSE_NAME_PATTERN,
-)
-from dwise_jax.data.layout import (
-    NEW_MICE as NEW_MICE,
-)
-from dwise_jax.data.layout import (
-    OLD_MICE as OLD_MICE,
-)
-from dwise_jax.data.layout import (
-    REAL_MICE as REAL_MICE,
-)
-from dwise_jax.data.layout import (
-    TEST_TIERS as TEST_TIERS,
-)
-from dwise_jax.data.layout import (  # the layout's names, re-exported
-    TIERS as TIERS,
-)
-from dwise_jax.data.layout import (
-    VIDEO_HEIGHT as VIDEO_HEIGHT,
-)
-from dwise_jax.data.layout import (
-    VIDEO_WIDTH as VIDEO_WIDTH,
-)
-from dwise_jax.data.layout import (
-    DatasetError as DatasetError,
-)
-from dwise_jax.data.layout import (
-    check_float as check_float,
-)
-from dwise_jax.data.layout import (
-    check_ndim as check_ndim,
-)
-from dwise_jax.data.layout import (
-    check_trial_files as check_trial_files,
-)
-from dwise_jax.data.layout import (
-    first_nan as first_nan,
-)
-from dwise_jax.data.layout import (
-    load_npy as load_npy,
-)
-from dwise_jax.data.layout import (
-    read_tiers as read_tiers,
-)
+
+# The layout's names are re-exported: readers import them from here.
+__all__ = [
+    "MODALITIES", "MOUSE_NAME_PATTERN", "NEW_MICE", "OLD_MICE", "REAL_MICE", "TEST_TIERS",
+    "TIERS", "VIDEO_HEIGHT", "VIDEO_WIDTH", "DatasetError", "DummyLabelsWarning", "Mouse",
+    "SensoriumDataset", "Trial", "check_float", "check_ndim", "check_trial_files", "first_nan",
+    "load_npy", "main", "open_dataset", "read_tiers",
+]
 
 # Dummy-zero detection looks at this many trials of a tier and this many neurons of each:
 # enough to tell real deconvolved traces from zeros without reading gigabytes at open time.
@@ -182,8 +147,7 @@ class Mouse:
         return first_nan(self.load("videos", trial_id)[0, 0])
 
     def load_trial(self, trial_id: int) -> Trial:
-        """Loads and fully validates one trial: array lengths, valid lengths, finite values inside
-        the trial and NaN only as its tail."""
+        """One trial, validated: array lengths, valid lengths, finite inside, NaN only as tail."""
         arrays = {m: self.load(m, trial_id) for m in MODALITIES}
         labeled = self.is_labeled(trial_id)
         checked = [m for m in MODALITIES if labeled or m != "responses"]

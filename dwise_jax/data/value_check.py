@@ -1,27 +1,8 @@
 """Values that contradict the dataset's own statistics (`meta/statistics/<modality>/all`).
 
-A value is implausible when it lies more than `RANGE_WIDTHS` (10) recorded ranges beyond the
-range the dataset records for it:
-
-    allowed = [min_c - 10 * span, max_c + 10 * span],   span = max(max) - min(min)
-
-with min_c, max_c the recorded minimum and maximum of channel c (a neuron, a behaviour or pupil
-row; one range for all pixels of the video), taken over every frame position of `min.npy` and
-`max.npy`, and span the modality's whole recorded range (its widest channel or wider). Without
-`min.npy`/`max.npy` the recorded range is taken as mean +- `STD_WIDTHS` (10) std. A modality
-without statistics is not checked.
-
-Why so generous: the statistics of the real data are computed over the training trials, so
-test trials, the dummy-zero labels and the NaN tail (ignored) must pass, and a neuron that
-never fired in the recorded trials (span 0 on its own) must still be allowed an event as large
-as any neuron's. The faults meant are of another order: a file scaled by 1e6, a unit change,
-garbage bytes read as floats. Every simulated dataset (tests/test_value_check.py generates
-several) passes with orders of magnitude to spare, as do the real data's ranges (grey levels
-0..255, non-negative deconvolved responses, pupil and running traces within their records).
-
-Two uses: `scan_trial` reads whole trial files (`python -m dwise_jax.data.sensorium ROOT
---check`), and `check_window` the window a loader just read (min and max against the
-precomputed per-channel bounds: cheap; the statistics are read once per mouse and process).
+A value more than `RANGE_WIDTHS` recorded ranges outside its channel's recorded range is
+implausible (docs/data.md#values-the-datasets-statistics-rule-out). `scan_trial` reads whole
+trial files (`--check`); `check_window` tests the window a loader just read.
 """
 
 from __future__ import annotations
@@ -47,7 +28,6 @@ class Bounds:
     """Allowed values of one modality of one mouse.
 
     Attributes:
-      modality: one of CHECKED; folder: its statistics folder.
       low, high: (channels,) float64 allowed bounds, or (1,) for one bound for every channel.
       recorded_low, recorded_high: the recorded range they derive from, same shape.
       from_range: True when from min.npy/max.npy, False when from mean.npy +- 10 std.npy.
@@ -167,9 +147,8 @@ def mouse_bounds(mouse: Mouse) -> dict[str, Bounds]:
 
 def _first_violation(bounds: Bounds, array: np.ndarray, channel_axis: int | None,
                      ) -> tuple[tuple[int, ...], float] | None:
-    """(index, value) of the value of `array` farthest outside `bounds` (NaN ignored), or None.
-
-    `channel_axis` is the axis of the channels (None: one bound for every value)."""
+    """(index, value) of the value of `array` farthest outside `bounds` (NaN ignored), or None;
+    `channel_axis` None: one bound for every value."""
     array = np.asarray(array)
     if bounds.low.shape[0] > 1 and channel_axis is not None:
         shape = [1] * array.ndim
@@ -215,13 +194,11 @@ def check_window(bounds: dict[str, Bounds], mouse: Mouse, trial: int,
                  frame_indexes: np.ndarray, frames: np.ndarray, traces: np.ndarray,
                  target: np.ndarray | None) -> None:
     """Raises DatasetError naming the file, trial and frame when a loaded window holds a value
-    that contradicts the statistics.
+    that contradicts the statistics (`bounds` = `mouse_bounds(mouse)`).
 
-    Args:
-      bounds: `mouse_bounds(mouse)`.
-      frame_indexes: (16,) the window's frames in the trial; frames (16, 36, 64), traces (16, 4)
-      and target (16, neurons) as `window_reader.load_window` returns them (target ReLU'd: a
-      ReLU'd value is outside the bounds only if the file's value was).
+    frame_indexes (16,) are the window's frames in the trial; frames (16, 36, 64), traces
+    (16, 4) and target (16, neurons) as `window_reader.load_window` returns them (a ReLU'd
+    value is outside the bounds only if the file's value was).
     """
     parts = [("videos", frames, None), ("behavior", traces[:, :2], 1),
              ("pupil_center", traces[:, 2:], 1)]

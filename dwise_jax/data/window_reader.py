@@ -1,9 +1,7 @@
 """Reading windows from the trial files: kept-open memory maps, checks that name the file.
 
-The layer between `sensorium.py` (files, trials) and the Grain streams of `pipeline.py` and
-`eval_windows.py`: one window's compact inputs and targets (see `windows.py`), read from the
-memory-mapped trial arrays, with every way a file can be broken turned into a `DatasetError`
-that names it (raised in a Grain worker, it reaches the main process as it is).
+Between `sensorium.py` and the Grain streams of `pipeline.py` and `eval_windows.py`: every way a
+file can be broken becomes a `DatasetError` naming it, which reaches the main process as it is.
 """
 
 from __future__ import annotations
@@ -34,14 +32,9 @@ def open_array(mouse: Mouse, modality: str, trial: int) -> np.ndarray:
 
 
 class TrialArrays:
-    """Checked memory maps of trial files, opened once per process and kept (LRU).
-
-    Re-opening a file per window costs more than reading the window: parsing the .npy header,
-    mapping the file and faulting its pages in again made a sample twice as slow. Each process
-    (each Grain worker) fills its own cache; pickling sends an empty one. A file truncated
-    while its map is open makes reads past the new end fatal (SIGBUS), as with any memory map:
-    do not rewrite the dataset under a running stream.
-    """
+    """Checked memory maps of trial files, opened once per process and kept (LRU): re-opening
+    per window made a sample twice as slow (docs/data.md#windows-and-batches). Each process
+    (each Grain worker) fills its own cache; pickling sends an empty one."""
 
     def __init__(self, max_arrays: int = MAX_OPEN_ARRAYS):
         self.max_arrays = max_arrays
@@ -81,21 +74,12 @@ def _check_finite(mouse: Mouse, modality: str, trial: int, window: np.ndarray,
 def load_window(mouse: Mouse, trial: int, anchor: int, targets: bool = True,
                 arrays: TrialArrays | None = None,
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Compact inputs and target of one window, read from the memory-mapped trial files.
+    """Compact inputs and target of the window ending at `anchor` (>= 30) of a trial.
 
-    Args:
-        mouse: the mouse; trial: its trial id; anchor: the window's last frame (>= 30).
-        targets: also read the responses (labeled trials only).
-        arrays: a cache of open memory maps (default: open the files for this window only).
-
-    Returns:
-        frames (16, 36, 64) float32, traces (16, 4) float32, targets (16, neurons) float32
-        ReLU'd (None when `targets` is False).
-
-    Raises:
-        DatasetError: naming the file, when a file is missing, unreadable, too short, holds
-            NaN inside the trial or values that contradict the dataset's statistics
-            (`value_check`).
+    Returns frames (16, 36, 64) float32, traces (16, 4) float32 and targets (16, neurons)
+    float32 ReLU'd (None unless `targets`). `arrays`: a cache of open maps (default: none).
+    Raises DatasetError naming the file when it is missing, unreadable, too short, holds NaN
+    inside the trial or values the dataset's statistics rule out (`value_check`).
     """
     trial_arrays = {}
     for modality in ("videos", "behavior", "pupil_center") + (("responses",) if targets else ()):

@@ -1,21 +1,8 @@
 """Frame windows, the 5-channel model input, training targets and the CutMix box.
 
-Pure functions, NumPy on the host and (for the input planes and CutMix) jax.numpy on the device,
-so that the loader can ship compact arrays and the planes are built where they cost nothing.
-
-Windows (as the original's frame stack of size 16, step 2, anchored at the last frame): the
-window of anchor frame `a` holds frames a-30, a-28, ..., a (16 frames at 15 Hz, ~1 s). The model
-predicts one output per input frame; the target is the responses at the same 16 frames.
-
-Model input, channels-last `(time=16, height=64, width=64, channels=5)`:
-  channel 0: the raw video frame (0..255, no scaling), 36 x 64, placed in rows 14..49 of a
-             64 x 64 canvas of zeros (padded, not resized);
-  channels 1-2: behaviour (pupil dilation, running speed), each a constant 64 x 64 plane;
-  channels 3-4: pupil centre (x, y), constant planes. All values raw, as the original uses them.
-
-Compact form shipped by the loader (about a tenth of the bytes): `frames` (..., 16, 36, 64) and
-`traces` (..., 16, 4) = [behavior[0], behavior[1], pupil_center[0], pupil_center[1]];
-`expand_inputs` turns them into the planes above.
+Pure functions: NumPy on the host, jax.numpy on the device for the input planes and CutMix, so
+the loader ships compact `frames` and `traces` (docs/data.md#windows-and-batches). All values
+are raw, as the original uses them (docs/original.md#inputs-and-windows).
 """
 
 from __future__ import annotations
@@ -31,7 +18,6 @@ BEHIND = (WINDOW_FRAMES - 1) * FRAME_STEP  # 30: the first anchor with a full wi
 CANVAS = 64
 VIDEO_HEIGHT, VIDEO_WIDTH = 36, 64
 TOP = (CANVAS - VIDEO_HEIGHT) // 2  # 14: the video fills rows 14..49
-NUM_CHANNELS = 5
 
 
 def window_indexes(anchor: int | np.ndarray) -> np.ndarray:
@@ -48,10 +34,9 @@ def validation_anchors(length: int) -> np.ndarray:
 def prediction_anchors(length: int, stride: int = 1) -> np.ndarray:
     """Anchors of the sliding prediction windows of a trial of `length` frames.
 
-    With stride 1 (the original) every anchor in [30, length - 1], so frames are covered by up to
-    16 windows. A window steps by 2 frames, so it covers only frames of its anchor's parity: with
-    a stride s > 1 the anchors come in pairs (30 + k s, 31 + k s), plus the last two frames, so
-    that every frame stays covered (about 2 (length - 30) / s windows).
+    Stride 1 (the original): every anchor in [30, length - 1]. Stride s > 1: the pairs
+    (30 + k s, 31 + k s) and the last two frames, since a window covers only frames of its
+    anchor's parity; every frame stays covered.
     """
     if length < BEHIND + 1:
         raise ValueError(f"a trial of {length} frames is shorter than one window ({BEHIND + 1})")
@@ -79,10 +64,8 @@ def traces_of(behavior: np.ndarray, pupil_center: np.ndarray) -> np.ndarray:
 
 def compact_window(video: np.ndarray, behavior: np.ndarray, pupil_center: np.ndarray,
                    anchor: int) -> tuple[np.ndarray, np.ndarray]:
-    """Compact inputs of one window: frames (16, 36, 64) float32 and traces (16, 4) float32.
-
-    Reads only the 16 frames of the window from the (memory-mapped) trial arrays.
-    """
+    """Compact inputs of one window read from the trial arrays: frames (16, 36, 64) float32
+    and traces (16, 4) float32."""
     idx = window_indexes(anchor)
     frames = np.moveaxis(np.asarray(video[:, :, idx], dtype=np.float32), -1, 0)
     traces = np.stack([behavior[0, idx], behavior[1, idx],
@@ -93,9 +76,8 @@ def compact_window(video: np.ndarray, behavior: np.ndarray, pupil_center: np.nda
 def expand_inputs(frames, traces, xp=jnp):
     """Model inputs from compact arrays: (..., 16, 36, 64) and (..., 16, 4) -> (..., 16, 64, 64, 5).
 
-    `xp` is jax.numpy (on the device, the default) or numpy. The values are exactly the
-    original's: the frame in rows 14..49 of a zero canvas, then four constant planes.
-    """
+    The original's: the frame in rows 14..49 of a zero canvas, then four constant planes. `xp`
+    is jax.numpy (the default) or numpy."""
     frames = xp.asarray(frames, dtype=xp.float32)
     traces = xp.asarray(traces, dtype=xp.float32)
     lead = frames.shape[:-2]
@@ -151,16 +133,11 @@ def box_fraction(box, size: int = CANVAS, xp=np):
 
 
 def apply_cutmix(x1, y1, x2, y2, box, xp=jnp):
-    """Pastes x2's box into x1 and mixes the targets by the pasted fraction.
+    """(x1 with x2's box pasted, (1 - a) y1 + a y2), a the pasted fraction of the canvas.
 
-    Args:
-      x1, x2: inputs (..., time, height, width, channels).
-      y1, y2: targets (..., time, neurons) (any layout whose leading axes match the box's).
-      box: (..., 4) int [r1, c1, r2, c2]; an empty box leaves x1 and y1 as they are.
-      xp: jax.numpy (device, default) or numpy.
-
-    Returns:
-      (mixed inputs, mixed targets) = (x1 with the box from x2, (1 - a) y1 + a y2).
+    Inputs x1, x2 (..., time, height, width, channels); targets y1, y2 (..., time, neurons), or
+    any layout whose leading axes match the box's (..., 4) [r1, c1, r2, c2]; an empty box changes
+    nothing. `xp`: jax.numpy (the default) or numpy.
     """
     box = xp.asarray(box)
     height, width = x1.shape[-3], x1.shape[-2]

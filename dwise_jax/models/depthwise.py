@@ -1,14 +1,8 @@
 """Depthwise 3-D convolution, channels-last, behind one function (`depthwise_conv3d`).
 
-Two implementations: "taps", a sum over kernel taps of shifted, strided slices times per-channel
-weights with a hand-written VJP, and "lax", XLA's grouped convolution (feature_group_count =
-channels). "auto" picks one per backend (`jax.default_backend()`, when the model is traced):
-the tap sum on CPU, where XLA's grouped convolution is pathologically slow, above all in the
-backward pass (google/flax#4207; measured in benchmarks/RESULTS.md), and the grouped
-convolution on GPU and TPU, where XLA hands it to the vendor's convolution kernels (cuDNN on
-GPU), until a measurement there says otherwise: its backward pass has been reported slow on
-GPUs too (jax-ml/jax#13800), so `benchmarks/accelerator.py` times both. Nothing has been
-measured on an accelerator yet. `config.model.depthwise_impl` overrides the choice.
+"taps": a sum of shifted, strided slices times per-channel weights, with a hand-written VJP;
+"lax": XLA's grouped convolution. "auto" takes "taps" on CPU, where XLA's grouped convolution
+is very slow, and "lax" elsewhere (docs/design.md#depthwise-convolutions).
 """
 
 from __future__ import annotations

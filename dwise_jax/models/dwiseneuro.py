@@ -1,9 +1,8 @@
 """DwiseNeuro: the 3-D inverted-residual core, the shuffle cortex and the per-mouse readouts.
 
-Channels-last throughout. Input video windows are `(batch, time, height, width, channels)`;
-every readout returns `(batch, time, neurons)` float32, frame t aligned with input frame t.
-Numerics follow the original PyTorch model (lRomul/sensorium; docs/original.md#model and
-#pitfalls) so that its state dict maps one to one (see `torch_mapping.py`).
+Inputs `(batch, time, height, width, channels)`; every readout returns `(batch, time, neurons)`
+float32, frame t aligned with input frame t. Numerics follow the original PyTorch model
+(docs/original.md#model, #pitfalls), whose state dict maps one to one (`torch_mapping.py`).
 """
 
 from __future__ import annotations
@@ -32,11 +31,6 @@ from dwise_jax.models.layers import (
     softplus,
     tile_channels,
 )
-
-# XLA:CPU flag for training this model (set in XLA_FLAGS before JAX starts; it has no effect
-# as a per-jit compiler option): the concurrency-optimised scheduler about doubles peak memory
-# (17 GB instead of 8.6 GB of temporaries at batch 4, see benchmarks/RESULTS.md).
-CPU_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 class InvertedResidual3d(nnx.Module):
@@ -298,14 +292,11 @@ class DwiseNeuro(nnx.Module):
 
     def own_readouts(self, features: jax.Array, mouse: jax.Array) -> jax.Array:
         """Each sample's own readout only (grouped_readouts.py), `(batch, time, max_neurons)`
-        float32, zero past the sample's neuron count.
+        float32, zero past the sample's neuron count: row b equals
+        `self.readouts[mouse[b]](features)[b]`, dropout masks included (every readout draws its
+        mask for the whole batch, as when all of them run).
 
-        Row b equals `self.readouts[mouse[b]](features)[b]` (zero-padded), dropout masks
-        included: every readout draws its mask for the whole batch, as when all of them run.
-
-        Args:
-          features: `self.features(x)`, `(batch, time, channels)`.
-          mouse: `(batch,)` int, each sample's readout index.
+        `features` is `self.features(x)`, `(batch, time, channels)`; `mouse` `(batch,)` int.
         """
         readouts = list(self.readouts)
         dt = features.dtype

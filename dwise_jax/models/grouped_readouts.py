@@ -1,23 +1,9 @@
 """Each sample's own readout only: the readouts' matmuls over the samples of their own mouse.
 
-The original runs all ten readouts on every sample of a "true batch" and masks nine of them out of
-the loss (docs/original.md#training). Without distillation only the sample's own readout counts, and
-the readouts are 95% of the parameters and, at the real neuron counts, 5.2 of the 33.9 GFLOP of a
-sample's forward pass when all ten run. Here the samples are sorted by mouse and readout m
-multiplies only the rows of mouse m: one `lax.switch` per mouse picks a static row count (a bucket:
-1, 2, 3, 4, 6, 8, 12, 16, 24, ... up to the batch) at least the mouse's sample count, so the work is
-that of one readout per sample plus about 5% of padding rows at batch 32 over ten mice.
-
-Why not `jax.lax.ragged_dot`: in jax 0.10.2 it lowers on CPU (and on GPU unless a Pallas flag is
-set) to a dense product with every group masked, which is the cost of all readouts again.
-Why a custom VJP: autodiff of `lax.switch` keeps the residuals of every branch (zero-filled for
-the branches not taken), as much memory as running all readouts; here the backward pass keeps
-only the inputs and redoes the gathers.
-
-Shapes: features `(batch, time, channels)`, readout m's kernel `(groups, channels / groups,
-padded_m / groups)` and bias `(padded_m,)` (PyTorch's grouped 1x1 conv layout, see
-`layers.grouped_pointwise`); the result `(batch, time, max(neurons))` holds, for sample b, the
-first neurons[mouse[b]] pre-activations of its own readout and zeros after them.
+Samples are sorted by mouse; readout m multiplies only mouse m's rows, padded to a static
+bucket size chosen by `lax.switch`, with a custom VJP. The result holds, for sample b, the
+first neurons[mouse[b]] pre-activations of its readout, then zeros. Why this way (not
+`ragged_dot`, not plain autodiff): docs/design.md#only-the-readouts-a-batch-needs.
 """
 
 from __future__ import annotations
@@ -88,7 +74,8 @@ def grouped_readouts(features: jax.Array, mouse: jax.Array, kernels: Sequence[ja
     Args:
       features: `(batch, time, channels)` cortex output, in the compute dtype.
       mouse: `(batch,)` int, each sample's readout index.
-      kernels, biases: per readout, in the compute dtype (see the module docstring).
+      kernels, biases: per readout, `(groups, channels / groups, padded_m / groups)` and
+        `(padded_m,)`, in the compute dtype.
       masks: per readout, its Dropout1d keep mask `(batch, 1, channels)` (the one drawn for the
         whole batch, so a sample sees the mask it would see with all readouts), or None.
       neurons: per readout, its neuron count (outputs past it are padding, sliced off).
@@ -126,6 +113,8 @@ def _fwd(features, mouse, kernels, biases, masks, neurons, rate):
 
 
 def _bwd(neurons, rate, residuals, g):
+    # Keeps only the inputs and redoes the gathers: autodiff of lax.switch would keep every
+    # branch's residuals, as much memory as running all readouts.
     features, mouse, kernels, biases, masks = residuals
     batch, time, _ = features.shape
     sizes = bucket_sizes(batch)

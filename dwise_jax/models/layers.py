@@ -1,9 +1,9 @@
-"""Building blocks of DwiseNeuro: BatchNorm, depthwise and pointwise ops, positional encoding,
+"""Building blocks of DwiseNeuro: BatchNorm, pointwise ops, positional encoding,
 squeeze-excite, drop path, channel helpers and the fixed-beta softplus.
 
-Everything is channels-last: video features are `(batch, time, height, width, channels)`,
-cortex features `(batch, time, channels)`. Parameters are float32; activations run in the
-module's compute `dtype` (float32 or bfloat16); BatchNorm statistics and softplus are float32.
+Channels-last: video features `(batch, time, height, width, channels)`, cortex features
+`(batch, time, channels)`. Parameters are float32; activations run in the compute dtype;
+BatchNorm statistics and softplus are float32.
 """
 
 from __future__ import annotations
@@ -164,13 +164,10 @@ _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
 def grouped_pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Grouped 1x1 convolution, PyTorch `groups=g` layout, as a batched matmul.
+    """Grouped 1x1 convolution in PyTorch's `groups=g` layout, as a batched matmul.
 
-    Args:
-      x: `(..., c_in)`; group k reads channels `k*c_in/g .. (k+1)*c_in/g - 1`.
-      kernel: `(g, c_in/g, c_out/g)`; group k writes channels `k*c_out/g ..`.
-    Returns:
-      `(..., c_out)`.
+    `x` `(..., c_in)`: group k reads channels `k*c_in/g ..`; `kernel` `(g, c_in/g, c_out/g)`:
+    group k writes channels `k*c_out/g ..`; returns `(..., c_out)`.
     """
     groups, c_in_g, c_out_g = kernel.shape
     lead = x.shape[:-1]

@@ -1,22 +1,8 @@
 """The original PyTorch state dict <-> the NNX state of `DwiseNeuro`.
 
-Names and layouts of the original (lRomul/sensorium) state dict, as listed in the parity
-fixtures' README:
-
-- `core.stem.0` 1x1x1 Conv3d, `core.stem.1.bn` its BatchNorm3d;
-- `core.blocks.{2k}` the positional encoding before block k (buffer `inv_freq` only),
-  `core.blocks.{2k+1}` block k: `conv_pw`, `spat_covn_dw`, `temp_covn_dw`, `conv_pwl`
-  (`.0` conv, `.1.bn` BatchNorm), `se.conv_reduce`, `se.conv_expand`, `bn_sc.bn`;
-- `cortex.layers.{j}`: `conv` (grouped Conv1d), `bn.bn`, `bn_sc.bn`;
-- `readouts.{i}.layer.1`: grouped Conv1d with bias.
-
-PyTorch layouts: Conv3d `(out, in/groups, kT, kH, kW)`, Conv1d `(out, in/groups, 1)`. NNX
-layouts: pointwise `(in, out)`, spatial depthwise `(kh, kw, C)`, temporal depthwise `(kt, C)`,
-grouped `(groups, in/groups, out/groups)`.
-
-`num_batches_tracked` (no counter is kept here) and `inv_freq` (the encoding is recomputed;
-see `inv_freq_deviation`) are accepted and ignored. The same code maps gradients back
-(`state_to_torch`), which the parity tests use and `dwise_jax/convert.py` reuses.
+Names and layouts of both sides: docs/original.md#original-checkpoints. `num_batches_tracked`
+(no counter is kept here) and `inv_freq` (recomputed; see `inv_freq_deviation`) are accepted
+and ignored. `state_to_torch` maps states and gradients back (the parity tests use it).
 """
 
 from __future__ import annotations
@@ -122,16 +108,10 @@ def torch_name(path: tuple) -> tuple[str, str] | None:
 
 
 def state_from_torch(state_dict: Mapping[str, np.ndarray], target: nnx.State) -> nnx.State:
-    """Map a PyTorch state dict (name -> array) onto an NNX state of the same structure.
+    """Map a PyTorch state dict (name -> array) onto a new NNX state (float32 arrays).
 
-    Args:
-      state_dict: the original's `state_dict()` as arrays (torch tensors via `.numpy()`).
-      target: `nnx.state(model)` or its abstract version from `nnx.eval_shape`; gives the
-        structure, shapes and variable types. RNG variables are copied from it unchanged.
-    Returns:
-      A new `nnx.State` (float32 arrays) for `nnx.update(model, state)`.
-    Raises:
-      StateDictMismatch: listing missing, unexpected and mis-shaped keys.
+    `target` (`nnx.state(model)` or its `nnx.eval_shape` version) gives the structure, shapes
+    and variable types; RNG variables are copied from it. Raises StateDictMismatch.
     """
     used, missing, misshaped, flat = set(), [], [], []
     for path, var in nnx.to_flat_state(target):
@@ -159,11 +139,6 @@ def state_from_torch(state_dict: Mapping[str, np.ndarray], target: nnx.State) ->
             f"  mis-shaped ({len(misshaped)}): {misshaped}"
         )
     return nnx.from_flat_state(flat)
-
-
-def load_torch_state_dict(model: nnx.Module, state_dict: Mapping[str, np.ndarray]) -> None:
-    """In place: `nnx.update(model, state_from_torch(state_dict, nnx.state(model)))`."""
-    nnx.update(model, state_from_torch(state_dict, nnx.state(model)))
 
 
 def state_to_torch(state: nnx.State) -> dict[str, np.ndarray]:
