@@ -1,20 +1,17 @@
 """demo_distillation: the original's second experiment at the demo's size, on the simulated data.
 
-The demo model distilled from the `demo` experiment of the same fold (the teacher must be
-trained first, into the same workdir): the frozen teacher fills every (sample, mouse) pair
-without a label, so real labels hold 64% of the loss weight and its predictions 36%; then the
-two experiments are blended as the original blends true_batch_001 and distillation_001:
+The demo model distilled from the `demo` experiment of the same fold (train it first, into the
+same workdir), then both blended as the original blends its two experiments:
 
     python -m dwise_jax.train --config configs/demo.py
     python -m dwise_jax.train --config configs/demo_distillation.py
     python -m dwise_jax.predict --experiment demo --split folds --anchor_stride 8
     python -m dwise_jax.predict --experiment demo_distillation --split folds --anchor_stride 8
-    python -m dwise_jax.ensemble --experiments demo,demo_distillation --split folds
+    python -m dwise_jax.predict --experiment demo,demo_distillation --split folds --blend_only
 
-Cost: a step runs the teacher's forward pass and all readouts (about 1.2x a demo step);
-1400 steps of batch 8 took 7.9 minutes on a 2-core CPU. Fold 0 of the default simulated
-dataset: val_corr 0.1939 (the demo teacher: 0.1970); the README has both stages and their
-ensemble.
+Cost: a step runs the teacher and all readouts (about 1.2x a demo step); 1400 steps of batch 8
+took 7.9 minutes on a 2-core CPU. Fold 0 of the default simulated dataset: val_corr 0.1939 (the
+demo teacher: 0.1970); both stages and their ensemble: docs/prediction.md.
 """
 
 from __future__ import annotations

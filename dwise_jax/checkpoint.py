@@ -6,16 +6,19 @@ Layout of a fold folder:
                          constructor arguments, the mice (readout order) with their neuron
                          counts, and where the weights came from (trained here, or converted
                          from one of the original's .pth files)
-    checkpoints/<step>/  an Orbax composite checkpoint. Item `ema` is the EMA model state
-                         (parameters and BatchNorm statistics, as a nested dict of arrays), the
-                         weights that validation and prediction use, as in the original.
-                         Training adds its own items (optimizer state, step, loader state).
+    checkpoints/<step>/  an Orbax composite checkpoint. Item `ema` is the EMA weights,
+                         {"params": ..., "batch_stats": ...} as nested dicts of arrays (the
+                         train state's own layout), the weights validation and prediction
+                         use, as in the original. Training adds the rest of its train state
+                         (`state`: step, params, batch_stats, opt_state) and `loader`.
 
+One Orbax `CheckpointManager` per fold folder (`FoldCheckpoints`) keeps, by its preservation
+policy, the last two steps (resume; the one before is the fallback if the latest is damaged) and
+the step with the best validation correlation (saved as the step's Orbax metric `val_corr`).
 Orbax writes each step under a temporary name and renames it when complete, so a crash during a
-write leaves the previous step readable. Each complete step then gets `manifest.json` (the size
-and SHA-256 of every file in it, written atomically): a step whose files were truncated or
-changed afterwards is detected when it is restored, reported, and the newest step before it
-that verifies is used instead. `checkpoints/` keeps the last two steps for that reason.
+write leaves the previous step readable. Orbax does not notice files damaged after that, so each
+complete step also gets `manifest.json` (size and SHA-256 of every file, written atomically): a
+damaged step is reported when restored and the newest step before it that verifies is used.
 """
 
 from __future__ import annotations
@@ -32,13 +35,15 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers as cm
 
 from dwise_jax import atomic
 
 MODEL_SPEC_FILE = "model.json"
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_FILE = "manifest.json"
-# checkpoints/ keeps the latest step and the one before it (the fallback if the latest is bad).
+# checkpoints/ keeps the latest step and the one before it (the fallback if the latest is bad),
+# and the best validated step.
 KEEP_LATEST = 2
 MODEL_SPEC_FORMAT = "dwise_jax.model_spec/1"
 
@@ -110,37 +115,63 @@ def read_model_spec(directory: str | os.PathLike) -> ModelSpec:
         raise CheckpointError(f"{path}: missing field {e}") from None
 
 
-def _manager(directory: Path, max_to_keep: int | None, create: bool,
-             subdir: str = CHECKPOINTS_DIR) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
-    # Orbax refuses relative paths ("Checkpoint path should be absolute"), and the default
-    # workdir of every command is the relative "workdir".
-    return ocp.CheckpointManager((Path(directory) / subdir).absolute(), options=options)
+def _options(create: bool) -> ocp.CheckpointManagerOptions:
+    policy = cm.AnyPreservationPolicy([
+        cm.LatestN(n=KEEP_LATEST),
+        cm.BestN(get_metric_fn=_metric, n=1, keep_checkpoints_without_metrics=False)])
+    return ocp.CheckpointManagerOptions(create=create, preservation_policy=policy,
+                                        best_fn=_metric, best_mode="max",
+                                        enable_async_checkpointing=False)
+
+
+def _metric(metrics: dict) -> float:
+    return float(metrics["val_corr"])
+
+
+class FoldCheckpoints:
+    """The Orbax CheckpointManager of a fold folder's `checkpoints/`, for as long as it is held
+    (a training run holds one per fold). Use as a context manager, or call `close()`."""
+
+    def __init__(self, directory: str | os.PathLike, create: bool = True):
+        # Orbax refuses relative paths ("Checkpoint path should be absolute"), and the default
+        # workdir of every command is the relative "workdir".
+        self.path = (Path(directory) / CHECKPOINTS_DIR).absolute()
+        self.manager = ocp.CheckpointManager(self.path, options=_options(create))
+
+    def save(self, step: int, items: dict[str, Any], val_corr: float | None = None) -> None:
+        """Saves named pytrees (e.g. {"ema": ...}) as step `step`, synchronously, then the
+        step's manifest. `val_corr` (None or NaN: not validated) ranks the step as best."""
+        step_dir = self.path / str(step)
+        metrics = None if val_corr is None or val_corr != val_corr else {"val_corr": val_corr}
+        try:
+            args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+            self.manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
+                              force=True)
+            self.manager.wait_until_finished()
+        except Exception as e:
+            # Orbax/TensorStore report a full disk as a ValueError naming errno 28 in its text.
+            if "No space left on device" in str(e) or "os_error_code='28'" in str(e):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(step_dir)) from e
+            raise
+        if jax.process_index() == 0:  # Orbax saved collectively; one process writes this
+            atomic.write_json(step_dir / MANIFEST_FILE, _file_digests(step_dir))
+        _barrier(f"manifest_{step}")
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def __enter__(self) -> FoldCheckpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def save(directory: str | os.PathLike, step: int, items: dict[str, Any],
-         max_to_keep: int | None = KEEP_LATEST, subdir: str = CHECKPOINTS_DIR) -> None:
-    """Saves named pytrees (e.g. {"ema": ...}) as step `step` of a fold folder, synchronously,
-    then writes the step's manifest.
-
-    `subdir` selects the series: `checkpoints` (the latest, for resume and prediction) or
-    another, e.g. `best` (the best validation correlation).
-    """
-    step_dir = Path(directory) / subdir / str(step)
-    try:
-        mngr = _manager(Path(directory), max_to_keep, create=True, subdir=subdir)
-        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
-        mngr.save(step, args=ocp.args.Composite(**args), force=True)
-        mngr.wait_until_finished()
-        mngr.close()
-    except Exception as e:
-        # Orbax/TensorStore report a full disk as a ValueError naming errno 28 in its text.
-        if "No space left on device" in str(e) or "os_error_code='28'" in str(e):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(step_dir)) from e
-        raise
-    if jax.process_index() == 0:  # Orbax saved collectively; one process writes the manifest
-        atomic.write_json(step_dir / MANIFEST_FILE, _file_digests(step_dir))
-    _barrier(f"manifest_{subdir}_{step}")
+         val_corr: float | None = None) -> None:
+    """One step saved into a fold folder (see FoldCheckpoints.save)."""
+    with FoldCheckpoints(directory) as checkpoints:
+        checkpoints.save(step, items, val_corr)
 
 
 def _barrier(name: str) -> None:
@@ -161,10 +192,10 @@ def _file_digests(step_dir: Path) -> dict[str, list]:
     return digests
 
 
-def verify(directory: str | os.PathLike, step: int, subdir: str = CHECKPOINTS_DIR) -> str | None:
+def verify(directory: str | os.PathLike, step: int) -> str | None:
     """Checks a step against its manifest: None if it matches (or has no manifest, as steps
     written before manifests existed), else what is wrong, naming the file."""
-    step_dir = Path(directory) / subdir / str(step)
+    step_dir = Path(directory) / CHECKPOINTS_DIR / str(step)
     manifest = step_dir / MANIFEST_FILE
     if not manifest.is_file():
         return None
@@ -183,26 +214,39 @@ def verify(directory: str | os.PathLike, step: int, subdir: str = CHECKPOINTS_DI
     return None
 
 
-def all_steps(directory: str | os.PathLike, subdir: str = CHECKPOINTS_DIR) -> list[int]:
-    """The complete steps of a fold folder's series, newest first."""
-    path = Path(directory) / subdir
-    if not path.is_dir():
+def _reader(directory: str | os.PathLike) -> FoldCheckpoints | None:
+    if not (Path(directory) / CHECKPOINTS_DIR).is_dir():
+        return None
+    return FoldCheckpoints(directory, create=False)
+
+
+def all_steps(directory: str | os.PathLike) -> list[int]:
+    """The complete steps of a fold folder, newest first."""
+    reader = _reader(directory)
+    if reader is None:
         return []
-    mngr = _manager(Path(directory), None, create=False, subdir=subdir)
-    steps = sorted(mngr.all_steps(), reverse=True)
-    mngr.close()
-    return steps
+    with reader:
+        return sorted(reader.manager.all_steps(), reverse=True)
 
 
-def latest_step(directory: str | os.PathLike, subdir: str = CHECKPOINTS_DIR) -> int | None:
-    """The newest complete step of a fold folder's series, or None if it has none."""
-    steps = all_steps(directory, subdir)
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The newest complete step of a fold folder, or None if it has none."""
+    steps = all_steps(directory)
     return steps[0] if steps else None
+
+
+def best_step(directory: str | os.PathLike) -> int | None:
+    """The kept step with the best validation correlation, or None if none was validated."""
+    reader = _reader(directory)
+    if reader is None:
+        return None
+    with reader:
+        return reader.manager.best_step()
 
 
 def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
             step: int | None = None, targets: dict[str, Any] | None = None,
-            subdir: str = CHECKPOINTS_DIR) -> tuple[int, dict[str, Any]]:
+            ) -> tuple[int, dict[str, Any]]:
     """Restores named items of a fold folder's checkpoint.
 
     Args:
@@ -217,13 +261,14 @@ def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
       (step, {name: tree}).
     """
     directory = Path(directory)
-    steps = all_steps(directory, subdir) if step is None else [step]
+    subdir = CHECKPOINTS_DIR
+    steps = all_steps(directory) if step is None else [step]
     if not steps:
         raise CheckpointError(f"{directory / subdir}: no checkpoint found")
     problems = []
     for candidate in steps:
         try:
-            items = _restore_step(directory, candidate, names, targets or {}, subdir)
+            items = _restore_step(directory, candidate, names, targets or {})
         except CheckpointError as e:
             if step is not None:
                 raise
@@ -238,20 +283,17 @@ def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
 
 
 def _restore_step(directory: Path, step: int, names: tuple[str, ...], targets: dict[str, Any],
-                  subdir: str) -> dict[str, Any]:
-    problem = verify(directory, step, subdir)
+                  ) -> dict[str, Any]:
+    problem = verify(directory, step)
     if problem is not None:
         raise CheckpointError(problem)
-    mngr = _manager(directory, None, create=False, subdir=subdir)
     args = {name: ocp.args.StandardRestore(targets.get(name)) for name in names}
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(**args))
-    except (FileNotFoundError, KeyError, ValueError, OSError) as e:
-        raise CheckpointError(
-            f"{directory / subdir / str(step)}: cannot restore {list(names)} ({e})"
-        ) from None
-    finally:
-        mngr.close()
+    with FoldCheckpoints(directory, create=False) as reader:
+        try:
+            restored = reader.manager.restore(step, args=ocp.args.Composite(**args))
+        except (FileNotFoundError, KeyError, ValueError, OSError) as e:
+            raise CheckpointError(f"{reader.path / str(step)}: cannot restore {list(names)} "
+                                  f"({e})") from None
     return {name: restored[name] for name in names}
 
 
@@ -297,19 +339,33 @@ def load_ema_model(directory: str | os.PathLike, dtype: Any = None, step: int | 
 
     spec = read_model_spec(directory)
     model = DwiseNeuro(**spec.constructor, dtype=dtype or jnp.float32, rngs=nnx.Rngs(0))
-    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
+    states = {"params": nnx.state(model, nnx.Param),
+              "batch_stats": nnx.state(model, nnx.BatchStat)}
+    expected = {k: nnx.to_pure_dict(v) for k, v in states.items()}
     # Read as stored, then fitted here: restoring into the model's shapes would make a
     # mismatch look like a damaged step (and send restore() to an older one).
     step, items = restore(directory, ("ema",), step=step)
-    expected = nnx.to_pure_dict(state)
+    stored = items["ema"]
+    if set(stored) != set(expected):  # written before 2026-12-06: one merged tree
+        stored = {k: _subtree(stored, v) for k, v in expected.items()}
     try:
-        weights = _fit(expected, items["ema"])
+        weights = _fit(expected, stored)
     except ValueError as e:
         raise CheckpointError(
             f"{Path(directory) / CHECKPOINTS_DIR / str(step)}: its EMA weights do not fit the "
             f"architecture in {MODEL_SPEC_FILE} ({e})") from None
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda w, e: jnp.asarray(w, e.dtype),
-                                                 weights, expected))
-    nnx.update(model, state)
+    for name, state in states.items():
+        nnx.replace_by_pure_dict(state, jax.tree.map(lambda w, e: jnp.asarray(w, e.dtype),
+                                                     weights[name], expected[name]))
+        nnx.update(model, state)
     model.eval()
     return model, spec, step
+
+
+def _subtree(stored: dict, template: dict) -> dict:
+    """The part of `stored` with `template`'s keys (missing keys are left for _fit to name)."""
+    names = {str(k): k for k in stored}
+    return {k: (_subtree(stored[names[str(k)]], v)
+                if isinstance(v, dict) and isinstance(stored[names[str(k)]], dict)
+                else stored[names[str(k)]])
+            for k, v in template.items() if str(k) in names}

@@ -47,14 +47,21 @@ def usage(doc: str | None, define: Define) -> str:
 
 
 def call(define: Define, run: Run, args: Sequence[str], program: str = "dwise_jax",
-         doc: str | None = None, errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Parses `args` and runs the command; usage and user errors -> one line on stderr."""
+         doc: str | None = None, errors: tuple[type[BaseException], ...] = (),
+         check: Callable[[list[str]], None] | None = None) -> int:
+    """Parses `args` and runs the command; usage and user errors -> one line on stderr.
+
+    `check(args)`, if given, looks at the raw arguments before absl parses them (e.g. a missing
+    config file, which ml_collections would report as a traceback) and raises one of `errors`.
+    """
     if "--help" in args or "-h" in args or "--helpfull" in args:
         print(usage(doc, define))
         return 0
     if not flags.FLAGS.is_parsed():  # absl logging and Grain's workers read the global flags
         flags.FLAGS.mark_as_parsed()
     try:
+        if check is not None:
+            check(list(args))
         fv, positional = parse(define, args, program)
         return run(fv, positional)
     except (flags.Error, UsageError) as e:
@@ -66,6 +73,7 @@ def call(define: Define, run: Run, args: Sequence[str], program: str = "dwise_ja
 
 
 def main(doc: str | None, define: Define, run: Run,
-         errors: tuple[type[BaseException], ...] = ()) -> None:
+         errors: tuple[type[BaseException], ...] = (),
+         check: Callable[[list[str]], None] | None = None) -> None:
     """The `python -m` entry: parses sys.argv and exits with the command's status."""
-    sys.exit(call(define, run, sys.argv[1:], sys.argv[0], doc, errors))
+    sys.exit(call(define, run, sys.argv[1:], sys.argv[0], doc, errors, check))

@@ -16,25 +16,20 @@ torch is an optional dependency (CPU build is enough): `pip install torch==2.13.
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import flags
 
-from dwise_jax import checkpoint
+from dwise_jax import checkpoint, cli
+from dwise_jax import config as config_lib
 from dwise_jax.data.sensorium import REAL_MICE
 
 # The input pipeline the weights were trained with must be the one we implement.
 EXPECTED_FRAME_STACK = {"size": 16, "step": 2, "position": "last"}
 EXPECTED_INPUTS_PROCESSOR = ("stack_inputs", {"size": (64, 64), "pad_fill_value": 0.0})
-CONSTRUCTOR_KEYS = (
-    "readout_outputs", "in_channels", "core_features", "spatial_strides", "spatial_kernel",
-    "temporal_kernel", "expansion_ratio", "se_reduce_ratio", "cortex_features", "groups",
-    "softplus_beta", "drop_rate", "drop_path_rate",
-)
 FILE_NAME = re.compile(r"model-(?P<epoch>\d+)-(?P<score>-?\d+(?:\.\d+)?)\.pth$")
 
 
@@ -59,7 +54,8 @@ def load_original(path: str | Path) -> dict[str, Any]:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, EOFError)
-        raise ConversionError(f"{path}: not a readable torch checkpoint ({e})") from None
+        raise ConversionError(
+            f"{path}: not a readable torch checkpoint ({_load_failure(e)})") from None
     if not isinstance(raw, dict) or set(raw) != {"model_name", "params", "nn_state_dict"}:
         keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise ConversionError(
@@ -74,8 +70,17 @@ def load_original(path: str | Path) -> dict[str, Any]:
     return {"params": raw["params"], "state_dict": state_dict}
 
 
+def _load_failure(error: Exception) -> str:
+    """torch.load's reason in one line: its unpickler's first sentence, without the advice
+    around it (which suggests weights_only=False)."""
+    text = str(error) or type(error).__name__
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+    reason = match[1].split(". ")[0] if match else text
+    return " ".join(reason.split())
+
+
 def _as_plain(value: Any) -> Any:
-    """Tuples to lists, recursively, so constructor arguments compare and serialise as JSON."""
+    """Tuples to lists, recursively, so pipeline settings compare whatever sequences they hold."""
     if isinstance(value, (list, tuple)):
         return [_as_plain(v) for v in value]
     if isinstance(value, dict):
@@ -86,9 +91,14 @@ def _as_plain(value: Any) -> Any:
 def constructor_kwargs(params: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
     """The DwiseNeuro constructor arguments of an original checkpoint, checked.
 
+    The file's `nn_module` arguments are set on a locked `config.model`, the one list of the
+    model's settings: an argument it has no setting for, or a value of another type, is refused,
+    and the values are checked like a config's. `readout_outputs` (a list in the original files,
+    where the other sequences are tuples) comes from the data, not the config. The original's
+    files give every argument; one left out keeps the config's (true_batch_001) value, and an
+    architecture that differs from the file's then fails the state-dict mapping.
+
     Also checks the pipeline settings stored beside them (frame stack and input processor).
-    `readout_outputs` is a list in the original files while the other sequences are tuples;
-    both are accepted.
     """
     try:
         module_name, kwargs = params["nn_module"]
@@ -96,11 +106,34 @@ def constructor_kwargs(params: dict[str, Any], path: str | Path = "checkpoint") 
         raise ConversionError(f"{path}: params['nn_module'] is not (name, kwargs)") from None
     if module_name != "dwiseneuro":
         raise ConversionError(f"{path}: nn_module is {module_name!r}, not 'dwiseneuro'")
-    unknown = sorted(set(kwargs) - set(CONSTRUCTOR_KEYS))
+    if not isinstance(kwargs, dict):
+        raise ConversionError(f"{path}: nn_module arguments are not a dict")
+    kwargs = dict(kwargs)
+    readout_outputs = kwargs.pop("readout_outputs", None)
+    if not (isinstance(readout_outputs, (list, tuple)) and readout_outputs
+            and all(type(n) is int and n > 0 for n in readout_outputs)):
+        raise ConversionError(
+            f"{path}: nn_module readout_outputs must list each readout's neuron count, got "
+            f"{readout_outputs!r}")
+    config = config_lib.get_base_config()
+    config.lock()
+    unknown = sorted(set(kwargs) - set(config.model))
     if unknown:
         raise ConversionError(f"{path}: unknown DwiseNeuro arguments {unknown}")
-    if "readout_outputs" not in kwargs:
-        raise ConversionError(f"{path}: nn_module arguments have no readout_outputs")
+    for key, value in kwargs.items():
+        try:
+            setattr(config.model, key, value)
+        except TypeError as e:
+            raise ConversionError(f"{path}: nn_module argument {key}: {e}") from None
+    try:
+        config_lib.validate(config)
+    except config_lib.ConfigError as e:
+        raise ConversionError(f"{path}: nn_module arguments: {e}") from None
+    _check_pipeline(params, path)
+    return config_lib.model_kwargs(config, readout_outputs)
+
+
+def _check_pipeline(params: dict[str, Any], path: str | Path) -> None:
     frame_stack = params.get("frame_stack")
     if frame_stack is not None and dict(frame_stack) != EXPECTED_FRAME_STACK:
         raise ConversionError(
@@ -110,7 +143,6 @@ def constructor_kwargs(params: dict[str, Any], path: str | Path = "checkpoint") 
     if processor is not None and _as_plain(processor) != _as_plain(EXPECTED_INPUTS_PROCESSOR):
         raise ConversionError(
             f"{path}: inputs_processor {processor} differs from {EXPECTED_INPUTS_PROCESSOR}")
-    return {k: _as_plain(v) for k, v in kwargs.items()}
 
 
 def default_mice(readout_outputs: list[int]) -> list[str] | None:
@@ -181,9 +213,11 @@ def convert(pth_path: str | Path, workdir: str | Path, *, experiment: str, fold:
     except StateDictMismatch as e:
         raise ConversionError(f"{pth_path}: {e}") from None
     checkpoint.write_model_spec(target_dir, spec)
-    # Overwriting writes a newer step; Orbax then drops the old one (it keeps one step).
+    # Overwriting writes a newer step, which prediction then reads.
     step = 0 if existing is None else existing + 1
-    checkpoint.save(target_dir, step, {"ema": _to_numpy(nnx.to_pure_dict(state))})
+    params, batch_stats = nnx.split_state(state, nnx.Param, nnx.BatchStat)
+    checkpoint.save(target_dir, step, {"ema": _to_numpy({
+        "params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)})})
     return target_dir
 
 
@@ -193,46 +227,35 @@ def _to_numpy(tree: Any) -> Any:
     return jax.tree.map(lambda a: np.asarray(a, dtype=np.float32), tree)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dwise_jax.convert",
-        description="Convert one of the original DwiseNeuro .pth checkpoints into a dwise_jax "
-                    "fold folder that prediction can use.")
-    parser.add_argument("pth", help="the original's model-<epoch>-<val_corr>.pth")
-    parser.add_argument("workdir", help="dwise_jax work folder (OUT_DIR)")
-    parser.add_argument("--experiment", default=None,
-                        help="experiment name (default: the .pth's grandparent folder name, "
-                             "e.g. true_batch_001)")
-    parser.add_argument("--fold", type=int, default=None,
-                        help="fold index 0..6 (default: parsed from a fold_<k> parent folder)")
-    parser.add_argument("--mice", default=None,
-                        help="comma-separated mouse folder names in readout order "
-                             "(default: the real ten mice, original order)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing checkpoint of that fold")
-    args = parser.parse_args(argv)
-    pth = Path(args.pth)
-    experiment = args.experiment or pth.resolve().parent.parent.name
-    fold = args.fold
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("experiment", None, "Experiment name; unset: the .pth's grandparent "
+                        "folder (e.g. true_batch_001).", flag_values=fv)
+    flags.DEFINE_integer("fold", None, "Fold index 0..6; unset: k of the .pth's fold_<k> "
+                         "parent folder.", flag_values=fv)
+    flags.DEFINE_list("mice", None, "Mouse folder names in readout order; unset: the real ten "
+                      "mice, in the original's order.", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace an existing checkpoint of that fold.",
+                      flag_values=fv)
+
+
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+    if len(args) != 2:
+        raise cli.UsageError(f"expected ORIGINAL.pth OUT_DIR, got {args}")
+    pth, workdir = Path(args[0]), args[1]
+    experiment = fv.experiment or pth.resolve().parent.parent.name
+    fold = fv.fold
     if fold is None:
         match = re.fullmatch(r"fold_(\d+)", pth.resolve().parent.name)
         if match is None:
-            print(f"error: {pth}: cannot tell the fold from its folder; pass --fold K",
-                  file=sys.stderr)
-            return 2
+            raise cli.UsageError(f"{pth}: cannot tell the fold from its folder; pass --fold K")
         fold = int(match[1])
-    mice = args.mice.split(",") if args.mice else None
-    try:
-        out = convert(pth, args.workdir, experiment=experiment, fold=fold, mice=mice,
-                      overwrite=args.overwrite)
-    except (ConversionError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out = convert(pth, workdir, experiment=experiment, fold=fold, mice=fv.mice,
+                  overwrite=fv.overwrite)
     spec = checkpoint.read_model_spec(out)
     print(f"converted {pth} -> {out} (experiment {experiment}, fold {fold}, "
-          f"{len(spec.mice)} readouts, expansion {spec.constructor.get('expansion_ratio')})")
+          f"{len(spec.mice)} readouts, expansion {spec.constructor['expansion_ratio']})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.main(__doc__, define_flags, run, errors=(ConversionError, checkpoint.CheckpointError))

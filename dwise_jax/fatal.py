@@ -1,4 +1,5 @@
-"""A full disk (ENOSPC) as one error line naming the file, for every command's top level.
+"""How a command ends on a failure of its environment, not of its code: a full disk, or (with
+several processes) a peer process gone. One `error:` line, the last on stderr, exit status 1.
 
 Every writer of dwise_jax writes under a temporary name and renames (dwise_jax/atomic.py;
 Orbax for checkpoints), so a write that fails leaves the last complete file in place; the
@@ -12,6 +13,8 @@ import errno
 import os
 import sys
 from typing import NoReturn
+
+from dwise_jax import sharding
 
 
 def find(error: BaseException) -> OSError | None:
@@ -57,3 +60,12 @@ def exit_with_line(text: str) -> NoReturn:
     os.dup2(quiet, 2)
     os.write(saved, f"\nerror: {text}\n".encode())
     os._exit(1)
+
+
+def exit_if_fatal(error: BaseException, where: str) -> None:
+    """Ends the process with one line if `error` is a full disk or a dead peer process (the
+    collective failed); returns otherwise, for the caller to re-raise. `where`: the workdir."""
+    if (full := find(error)) is not None:
+        exit_with(full, where)
+    if sharding.peer_failure(error):
+        exit_with_line(sharding.peer_failure_line(error, where))

@@ -98,24 +98,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _merge(a: dict, b: dict) -> dict:
-    """Deep union of two nested dicts with disjoint leaves (params + batch_stats)."""
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and k in out else v
-    return out
-
-
-def _pick(merged: dict, template: dict) -> dict:
-    """The part of `merged` that has `template`'s structure."""
-    return {k: _pick(merged[k], v) if isinstance(v, dict) else merged[k]
-            for k, v in template.items()}
-
-
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype), tree)
-
-
 def validate(evaluate, weights, dataset: SensoriumDataset, fold: int, batch_size: int,
              mesh) -> dict[str, float]:
     """The original's val_corr and the validation loss, with the given (EMA) weights.
@@ -182,7 +164,9 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                        rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
     if config.model.readout_bias_init == "response_mean":
         readout_bias.set_readout_biases(model, dataset, config.model.softplus_beta)
-    extra = {"experiment": config.experiment, "fold": fold}
+    extra = {"experiment": config.experiment, "fold": fold,
+             "total_steps": (config.optim.warmup_epochs + config.optim.cosine_epochs)
+             * steps_per_epoch}
     teacher = None
     if config.distill.enabled:  # before anything is written: a missing teacher stops here
         teacher, extra["teacher"] = load_teacher(config, workdir, fold, dataset, dtype)
@@ -217,6 +201,7 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                       plot=config.log.plot)
     stream = pipeline.TrainStream(dataset, stream_config)
     resume_step = checkpoint.latest_step(directory)
+    checkpoints = checkpoint.FoldCheckpoints(directory)  # latest two steps and the best one
     if resume_step is not None:
         state, stream_state = _restore(directory, state)
         stream.set_state(stream_state)
@@ -248,14 +233,6 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
     # end-of-epoch validation just done with the same weights, so it is not repeated.
     validated_at = val_records[-1]["step"] if val_records else None
     score = val_history[-1] if val_history else math.nan
-    # The best score is the one best/ holds; a kill between the two saves of an epoch end
-    # leaves best/ behind, and the resumed epoch end is then saved there now.
-    best_step = checkpoint.latest_step(directory, "best")
-    corr_at = {r["step"]: r["corr"] for r in val_records}
-    best = corr_at.get(best_step, -math.inf)
-    if step > 0 and validated_at == step and step % steps_per_epoch == 0 and score > best:
-        checkpoint.save(directory, step, {"ema": _ema_tree(state)}, subdir="best")
-        best = score
     val_batch = d.val_batch_size
     if dump_hlo and is_main:
         first = sharding.put_batch(_first_batch(dataset, stream_config), mesh)
@@ -315,16 +292,14 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                 if is_main:
                     bar.write(f"fold {fold} step {step}: val_corr {val['corr']:.4f} "
                               f"val_loss {val['loss']:.2f}")
-                _save(directory, state, trainer, stream, step, val["corr"])
-                if val["corr"] > best:
-                    best = val["corr"]
-                    checkpoint.save(directory, step, {"ema": _ema_tree(state)}, subdir="best")
+                _save(checkpoints, state, stream, step, val["corr"])
                 logbook.plot()
         if stop.requested() and step % steps_per_epoch != 0:
-            _save(directory, state, trainer, stream, step, math.nan)
+            _save(checkpoints, state, stream, step, None)
             print(f"fold {fold}: stopped by request at step {step}; checkpoint saved")
     finally:
         stop.fold_ended()
+        checkpoints.close()
         bar.close()
         stream.close()
         logbook.close()
@@ -396,28 +371,21 @@ def _first_batch(dataset, stream_config) -> dict:
         return next(probe)
 
 
-def _ema_tree(state) -> dict:
-    """The EMA in the layout of `nnx.state(model, (Param, BatchStat))` (what prediction reads)."""
-    ema = jax.device_get(state["ema"])
-    return _merge(ema["params"], ema["batch_stats"])
-
-
-def _save(directory: Path, state, trainer, stream, step: int, val_corr: float) -> None:
-    host = jax.device_get({k: state[k] for k in ("step", "params", "batch_stats", "opt_state")})
-    checkpoint.save(directory, step, {
-        "state": host,
-        "ema": _ema_tree(state),
+def _save(checkpoints: checkpoint.FoldCheckpoints, state, stream, step: int,
+          val_corr: float | None) -> None:
+    """The train state as it is (the EMA as its own item, what prediction reads) and the
+    loader's position; `val_corr` ranks the step for the best-step policy."""
+    host = jax.device_get(state)
+    checkpoints.save(step, {
+        "state": {k: v for k, v in host.items() if k != "ema"},
+        "ema": host["ema"],
         "loader": {"state": pipeline.encode_state(stream.get_state())},
-        "meta": {"val_corr": np.float64(val_corr)},
-    })
+    }, val_corr)
 
 
 def _restore(directory: Path, template) -> tuple[dict, dict]:
-    train_part = {k: template[k] for k in ("step", "params", "batch_stats", "opt_state")}
-    ema_template = _merge(template["ema"]["params"], template["ema"]["batch_stats"])
+    abstract = jax.eval_shape(lambda t: t, template)
     _, items = checkpoint.restore(directory, ("state", "ema", "loader"), targets={
-        "state": _abstract(train_part), "ema": _abstract(ema_template)})
-    state = dict(items["state"])
-    state["ema"] = {"params": _pick(items["ema"], template["ema"]["params"]),
-                    "batch_stats": _pick(items["ema"], template["ema"]["batch_stats"])}
-    return state, pipeline.decode_state(items["loader"]["state"])
+        "state": {k: v for k, v in abstract.items() if k != "ema"}, "ema": abstract["ema"]})
+    return ({**items["state"], "ema": items["ema"]},
+            pipeline.decode_state(items["loader"]["state"]))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dwise_jax import checkpoint, predict
+from dwise_jax import checkpoint, experiment
 from dwise_jax.data import windows
 from dwise_jax.data.sensorium import Mouse, first_nan
 
@@ -154,17 +154,8 @@ class Ensemble:
 
     def readout_index(self, mouse: Mouse | str) -> int:
         """The readout of a mouse (a name, or a Mouse whose neuron count is checked)."""
-        name = mouse if isinstance(mouse, str) else mouse.name
         where = self.members[0]["directory"] if self.members else "ensemble"
-        if name not in self.spec.mice:
-            raise predict.PredictionError(f"{where}: has no readout for mouse {name}; its "
-                                          f"readouts are {self.spec.mice}")
-        index = self.spec.mice.index(name)
-        if not isinstance(mouse, str) and self.spec.num_neurons[index] != mouse.num_neurons:
-            raise predict.PredictionError(
-                f"{where}: readout {index} ({name}) has {self.spec.num_neurons[index]} neurons "
-                f"but {mouse.path} has {mouse.num_neurons}")
-        return index
+        return experiment.readout_index(self.spec, mouse, where)
 
     def predict(self, video, behavior, pupil_center, mouse: Mouse | str, *,
                 anchor_stride: int = 1, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
@@ -191,11 +182,11 @@ def stack(models: list[tuple[nnx.Module, checkpoint.ModelSpec, dict]]) -> Ensemb
     """An Ensemble of eval-mode models of one architecture; each with its spec and a member
     record (experiment, fold, step, directory)."""
     if not models:
-        raise predict.PredictionError("an ensemble needs at least one model")
+        raise experiment.PredictionError("an ensemble needs at least one model")
     first = models[0][1]
     for _, spec, member in models[1:]:
         if spec.constructor != first.constructor or spec.mice != first.mice:
-            raise predict.PredictionError(
+            raise experiment.PredictionError(
                 f"{member['directory']}: its architecture or mice differ from "
                 f"{models[0][2]['directory']}; an ensemble stacks models of one architecture")
     graphdef, _ = nnx.split(models[0][0])
@@ -209,10 +200,10 @@ def load_ensemble(workdir: str | Path, experiments: str | list[str],
     """The EMA models of every fold found (or `fold_ids`) of one or more experiments."""
     experiments = [experiments] if isinstance(experiments, str) else list(experiments)
     models = []
-    for experiment in experiments:
-        for k, directory in predict.fold_folders(workdir, experiment, fold_ids).items():
+    for name in experiments:
+        for k, directory in experiment.fold_folders(workdir, name, fold_ids).items():
             model, spec, step = checkpoint.load_ema_model(directory)
-            models.append((model, spec, {"experiment": experiment, "fold": k, "step": step,
+            models.append((model, spec, {"experiment": name, "fold": k, "step": step,
                                          "directory": str(directory)}))
     return stack(models)
 
@@ -220,4 +211,4 @@ def load_ensemble(workdir: str | Path, experiments: str | list[str],
 def data_root(workdir: str | Path, ensemble: Ensemble, given: str | None = None) -> str:
     """--data_root, else the folds' config.json (as predict)."""
     folders = {i: Path(m["directory"]) for i, m in enumerate(ensemble.members)}
-    return predict.resolve_data_root(folders, given)
+    return experiment.resolve_data_root(folders, given)

@@ -18,7 +18,6 @@ centre and, on a simulated dataset, its distance to the neuron's true receptive-
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 
-from dwise_jax import baseline, inference, insilico_report, predict
+from dwise_jax import baseline, cli, experiment, inference, insilico_report
 from dwise_jax.data import folds, synthetic, windows
 from dwise_jax.data.sensorium import Mouse, SensoriumDataset
 from dwise_jax.metrics import PearsonSums
@@ -125,7 +124,7 @@ def best_neurons(ens: inference.Ensemble, mouse: Mouse, count: int,
                                anchor_stride=8)
             sums = sums + PearsonSums.of(pred.T, mouse.load("responses", t)[:, :pred.shape[1]].T)
     if sums.n == 0:
-        raise predict.PredictionError(f"{mouse.path}: no labeled trials in folds "
+        raise experiment.PredictionError(f"{mouse.path}: no labeled trials in folds "
                                       f"{sorted(set(ens.folds))} to rank the neurons by")
     corr = sums.correlation()
     return [int(n) for n in np.argsort(-corr, kind="stable")[:count]], corr
@@ -138,7 +137,7 @@ def find_meis(ens: inference.Ensemble, mouse: Mouse, neurons: list[int],
     index = ens.readout_index(mouse)
     bad = [n for n in neurons if not 0 <= n < mouse.num_neurons]
     if bad:
-        raise predict.PredictionError(f"{mouse.path}: has neurons 0..{mouse.num_neurons - 1}, "
+        raise experiment.PredictionError(f"{mouse.path}: has neurons 0..{mouse.num_neurons - 1}, "
                                       f"not {bad}")
     frames, traces, median = training_windows(mouse, cfg.train_windows, cfg.seed)
     level = float(frames.mean()) if cfg.level < 0 else cfg.level
@@ -177,7 +176,7 @@ def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
     ens = inference.load_ensemble(workdir, experiments, fold_ids)
     dataset = SensoriumDataset.open(inference.data_root(workdir, ens, data_root))
     if mouse_name not in dataset.names:
-        raise predict.PredictionError(f"{dataset.root}: has no mouse {mouse_name}; its mice "
+        raise experiment.PredictionError(f"{dataset.root}: has no mouse {mouse_name}; its mice "
                                       f"are {dataset.names}")
     mouse = dataset.mouse(mouse_name)
     name = ",".join(sorted(experiments))
@@ -219,44 +218,40 @@ def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
     return {"directory": out, "rows": rows, "report": path}
 
 
-def define_flags() -> None:
-    flags.DEFINE_string("experiment", None, "Experiment name(s), comma-separated.")
-    flags.DEFINE_string("mouse", None, "Mouse folder name.")
-    flags.DEFINE_list("neurons", None, "Neuron indexes (0-based, readout order).")
+def define_flags(fv: flags.FlagValues) -> None:
+    for name, default, text in (
+            ("experiment", None, "Experiment name(s), comma-separated."),
+            ("mouse", None, "Mouse folder name."),
+            ("workdir", "workdir", "Work folder holding <experiment>/fold_<k>."),
+            ("data_root", None, "Dataset root (default: the folds' config.json)."),
+            ("out", None, "Output folder (default <workdir>/insilico/<experiment>/mei/<mouse>).")):
+        flags.DEFINE_string(name, default, text, flag_values=fv)
+    flags.DEFINE_list("neurons", None, "Neuron indexes (0-based, readout order).", flag_values=fv)
     flags.DEFINE_integer("best", 0, "Instead of --neurons: the N neurons best predicted on "
-                                    "held-out trials.")
-    flags.DEFINE_string("workdir", "workdir", "Work folder holding <experiment>/fold_<k>.")
-    flags.DEFINE_string("data_root", None, "Dataset root (default: the folds' config.json).")
-    flags.DEFINE_string("out", None, "Output folder (default <workdir>/insilico/<experiment>/"
-                                     "mei/<mouse>).")
-    flags.DEFINE_list("folds", None, "Fold models to use (default: every fold found).")
+                                    "held-out trials.", flag_values=fv)
+    flags.DEFINE_list("folds", None, "Fold models to use (default: every fold found).",
+                      flag_values=fv)
     for f in MeiConfig.__dataclass_fields__.values():
         define = flags.DEFINE_integer if f.type == "int" else flags.DEFINE_float
-        define(f.name, f.default, f"MeiConfig.{f.name}")
+        define(f.name, f.default, f"MeiConfig.{f.name}", flag_values=fv)
 
 
-def main(argv: list[str]) -> int:
-    f = flags.FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def run(f: flags.FlagValues, args: list[str]) -> int:
+    if args:
+        raise cli.UsageError(f"unexpected arguments: {args}")
     if not f.experiment or not f.mouse or bool(f.neurons) == (f.best > 0):
-        raise app.UsageError("--experiment, --mouse and one of --neurons or --best are required")
+        raise cli.UsageError("--experiment, --mouse and one of --neurons or --best are required")
     logging.set_verbosity(logging.WARNING)
     try:
         cfg = MeiConfig(**{k: f[k].value for k in MeiConfig.__dataclass_fields__})
         neurons = [int(n) for n in f.neurons] if f.neurons else None
         fold_ids = [int(k) for k in f.folds] if f.folds else None
     except ValueError as e:
-        raise app.UsageError(f"--neurons and --folds take integers ({e})") from None
-    try:
-        mei_command(f.workdir, f.experiment.split(","), f.mouse, neurons, best=f.best, cfg=cfg,
-                    fold_ids=fold_ids, data_root=f.data_root, out=f.out)
-    except (*predict.USER_ERRORS, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise cli.UsageError(f"--neurons and --folds take integers ({e})") from None
+    mei_command(f.workdir, f.experiment.split(","), f.mouse, neurons, best=f.best, cfg=cfg,
+                fold_ids=fold_ids, data_root=f.data_root, out=f.out)
     return 0
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.main(__doc__, define_flags, run, errors=(*experiment.USER_ERRORS, ValueError))

@@ -1,17 +1,15 @@
 """`python -m dwise_jax.predict --split SPLIT [--experiment A,B]`: predictions, submission, report.
 
 With no `--experiment`, every experiment of the workdir (each folder with trained fold_<k>
-folders) is predicted, and with several their mean is written too (dwise_jax/ensemble.py), as the
-winning submission was made: each experiment's folds averaged, then the experiments averaged.
+folders) is predicted, and with several their mean is written too (as the experiment `a,b`), as
+the winning submission was made: each experiment's folds averaged, then the experiments averaged.
+`--blend_only` averages predictions already written (e.g. by separate runs on several GPUs).
 
 As the original (docs/original.md#prediction): every fold model of the experiment (its EMA weights,
 trained here or converted from the original's .pth) predicts every trial of the split with sliding
 windows at every anchor (stride 1, as the original), batched on the device(s); the overlapping
 windows are mean-blended frame by frame, the folds averaged, and each trial written as float32
-(neurons, length) to
-
-    <workdir>/predictions/<experiment>/<split>/<mouse>/<trial>.npy
-    <workdir>/predictions/<experiment>/<split>/manifest.json      written last: folds, trials
+(neurons, length) under `<workdir>/predictions/<experiment>/<split>/` (dwise_jax/experiment.py).
 
 Splits: the four test tiers (the submitted mice only, and the competition's parquet file beside
 the arrays) and `folds`: out of fold, where fold k's model predicts the labeled trials of fold k
@@ -27,50 +25,40 @@ from the same windows (no extra model time).
 from __future__ import annotations
 
 import functools
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from dwise_jax import atomic, checkpoint, disk_full, preview, report, sharding, submission
+from dwise_jax import checkpoint, cli, fatal, preview, report, sharding
 from dwise_jax.data import eval_windows, folds, pipeline, windows
-from dwise_jax.data.sensorium import TEST_TIERS, DatasetError, Mouse, SensoriumDataset
+from dwise_jax.data.sensorium import Mouse, SensoriumDataset
+from dwise_jax.experiment import (
+    CHUNK_TRIALS,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    SPLITS,
+    USER_ERRORS,
+    PredictionError,
+    blend_experiments,
+    check_split,
+    experiments_in,
+    finish,
+    fold_folders,
+    load_fold,
+    predictions_dir,
+    readout_index,
+    resolve_data_root,
+    write_trial,
+)
 
-SPLITS = (*TEST_TIERS, "folds")
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "dwise_jax.predictions/1"
 DEFAULT_SWEEP = (1, 4, 8, 16, 30)
-CHUNK_TRIALS = 8  # trials blended at a time: bounds host memory (real trials: ~19 MB each)
-
-
-class PredictionError(RuntimeError):
-    """Prediction cannot run: missing folds or predictions, unknown split, mismatched model."""
-
-
-USER_ERRORS = (PredictionError, DatasetError, checkpoint.CheckpointError)
-
-
-def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise PredictionError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
-
-
-def predictions_dir(workdir: str | Path, experiment: str, split: str) -> Path:
-    """`<workdir>/predictions/<experiment>/<split>`."""
-    return Path(workdir) / "predictions" / experiment / split
-
-
-def predict_command(experiment: str, split: str, workdir: str | Path) -> str:
-    return f"python -m dwise_jax.predict --experiment {experiment} --split {split} " \
-           f"--workdir {workdir}"
 
 
 # --------------------------------------------------------------------------- fold models
@@ -102,79 +90,16 @@ class FoldModel:
 
     def readout_index(self, mouse: Mouse) -> int:
         """The readout of `mouse`, checked against the dataset's neuron count."""
-        path = self.directory / checkpoint.MODEL_SPEC_FILE
-        if mouse.name not in self.spec.mice:
-            raise PredictionError(f"{path}: has no readout for mouse {mouse.name} of "
-                                  f"{mouse.path.parent}; its readouts are {self.spec.mice}")
-        index = self.spec.mice.index(mouse.name)
-        if self.spec.num_neurons[index] != mouse.num_neurons:
-            raise PredictionError(
-                f"{path}: readout {index} ({mouse.name}) has {self.spec.num_neurons[index]} "
-                f"neurons but {mouse.path / 'meta/neurons/unit_ids.npy'} lists "
-                f"{mouse.num_neurons}; the checkpoint does not fit this dataset")
-        return index
-
-
-def fold_folders(workdir: str | Path, experiment: str,
-                 fold_ids: list[int] | None = None) -> dict[int, Path]:
-    """{fold: folder} of the requested folds, or of every `fold_<k>` folder found."""
-    root = Path(workdir) / experiment
-    if fold_ids is None:
-        fold_ids = [k for k in range(folds.NUM_FOLDS) if checkpoint.fold_dir(
-            workdir, experiment, k).is_dir()]
-        if not fold_ids:
-            raise PredictionError(
-                f"{root}: no fold folders (fold_0 .. fold_6); train them with `python -m "
-                f"dwise_jax.train --config ...` or convert the original's weights with "
-                f"`python -m dwise_jax.convert`")
-    out = {}
-    for k in fold_ids:
-        if not 0 <= k < folds.NUM_FOLDS:
-            raise PredictionError(f"folds must be in 0..{folds.NUM_FOLDS - 1}, got {k}")
-        directory = checkpoint.fold_dir(workdir, experiment, k)
-        if checkpoint.latest_step(directory) is None:
-            raise PredictionError(f"{directory / checkpoint.CHECKPOINTS_DIR}: fold {k} of "
-                                  f"{experiment} has no checkpoint")
-        out[k] = directory
-    return out
-
-
-def _training_steps(directory: Path) -> int | None:
-    """Steps of a finished training run, from the fold's config.json (None if converted)."""
-    path = directory / "config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text())
-    per_epoch = config["data"]["train_epoch_size"] // config["data"]["batch_size"]
-    return (config["optim"]["warmup_epochs"] + config["optim"]["cosine_epochs"]) * per_epoch
+        return readout_index(self.spec, mouse, self.directory / checkpoint.MODEL_SPEC_FILE)
 
 
 def load_fold_models(folders: dict[int, Path], mesh) -> list[FoldModel]:
     """Loads each fold's EMA weights (float32, eval mode), replicated over the mesh."""
     models = []
     for k, directory in folders.items():
-        model, spec, step = checkpoint.load_ema_model(directory)
-        total = _training_steps(directory)
-        if total is not None and step < total:
-            print(f"warning: fold {k} checkpoint is at step {step} of {total}: its training "
-                  "has not finished", file=sys.stderr)
+        model, spec, step = load_fold(directory, k)
         models.append(FoldModel.of(model, mesh, k, directory, spec, step))
     return models
-
-
-def resolve_data_root(folders: dict[int, Path], data_root: str | None) -> str:
-    """--data_root, else the data_root of the folds' config.json (which must agree)."""
-    if data_root:
-        return data_root
-    roots = {json.loads((d / "config.json").read_text())["data_root"]
-             for d in folders.values() if (d / "config.json").is_file()}
-    if not roots:
-        raise PredictionError(f"{next(iter(folders.values()))}: no config.json says which data "
-                              "the folds were trained on (converted weights?); pass --data_root")
-    if len(roots) > 1:
-        raise PredictionError(f"the folds were trained on different data roots {sorted(roots)}; "
-                              "pass --data_root")
-    return roots.pop()
 
 
 # --------------------------------------------------------------------------- windows
@@ -267,58 +192,6 @@ def trial_plan(dataset: SensoriumDataset, split: str, models: list[FoldModel],
     return plan
 
 
-# --------------------------------------------------------------------------- outputs
-
-
-def write_trial(directory: Path, mouse: str, trial: int, prediction: np.ndarray) -> None:
-    with atomic.atomic_path(directory / mouse / f"{trial}.npy", suffix=".npy") as tmp:
-        np.save(tmp, np.asarray(prediction, np.float32))
-
-
-def read_manifest(directory: Path, command: str) -> dict:
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise PredictionError(f"{path}: missing (no complete predictions there); make them "
-                              f"with `{command}`")
-    return json.loads(path.read_text())
-
-
-def write_submission(dataset: SensoriumDataset, split: str, directory: Path,
-                     trials: dict[str, list[int]]) -> Path | None:
-    """The split's competition file from the written arrays: submitted mice, one at a time."""
-    mice = [m for m in dataset.mice if m.submitted and trials.get(m.name)]
-    if split not in submission.SPLIT_FILES or not mice:
-        return None
-
-    def tables():
-        for mouse in mice:
-            std, ids = mouse.response_std(), mouse.unit_ids
-            chosen = sorted(trials[mouse.name])
-            for start in range(0, len(chosen), CHUNK_TRIALS):
-                preds = {t: np.load(directory / mouse.name / f"{t}.npy", allow_pickle=False)
-                         for t in chosen[start:start + CHUNK_TRIALS]}
-                yield submission.mouse_table(mouse.name, ids, std, preds)
-
-    return submission.write_tables(submission.split_file(directory, split), tables())
-
-
-def finish(dataset: SensoriumDataset, experiment: str, split: str, directory: Path,
-           manifest: dict, scorer: report.SplitScorer | None, workdir: str | Path) -> dict:
-    """Writes the manifest (marking the arrays complete), the submission and the report."""
-    atomic.write_json(directory / MANIFEST, manifest)
-    result = {"directory": directory, "manifest": manifest,
-              "submission": write_submission(dataset, split, directory, manifest["trials"])}
-    if result["submission"] is not None:
-        print(f"submission: {result['submission']}")
-    if scorer is not None:
-        result["scores"] = scorer.summary()
-        report.print_scores(result["scores"])
-        out = Path(workdir) / "reports" / experiment / split
-        result["report"] = report.write_report(out, result["scores"], scorer.examples, manifest)
-        print(f"report: {result['report']}")
-    return result
-
-
 # --------------------------------------------------------------------------- the split
 
 
@@ -396,87 +269,70 @@ def predict_split(workdir: str | Path, experiment: str, split: str, *,
     return finish(dataset, experiment, split, directory, manifest, scorer, workdir)
 
 
-def experiments_in(workdir: str | Path) -> list[str]:
-    """The experiments of a workdir: its folders with at least one fold_<k> that has a
-    checkpoint, sorted."""
-    root = Path(workdir)
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and any(
-        checkpoint.latest_step(checkpoint.fold_dir(root, p.name, k)) is not None
-        for k in range(folds.NUM_FOLDS))) if root.is_dir() else []
-    if not found:
-        raise PredictionError(f"{root}: holds no trained experiment (<experiment>/fold_<k> with "
-                              "a checkpoint); train one with `python -m dwise_jax.train --config "
-                              "...` or pass --workdir")
-    return found
+def predict_and_blend(workdir: str | Path, experiments: list[str] | None, split: str, *,
+                      blend_only: bool = False, **options) -> dict:
+    """Predicts `split` with each experiment (each one's folds blended) and, with several,
+    writes their mean as the experiment `a,b`, as the winning submission was made.
 
-
-def predict_and_blend(workdir: str | Path, experiments: list[str] | None, split: str,
-                      **options) -> dict:
-    """Predicts `split` with each experiment (each one's folds blended) and, with several, the
-    mean of the experiments (dwise_jax/ensemble.py), as the winning submission was made.
-    `experiments` None: every experiment of the workdir. Returns the last result written."""
-    from dwise_jax import ensemble  # it builds on this module
-
+    `experiments` None: every experiment of the workdir. `blend_only`: no model runs, the
+    experiments' predictions already written are averaged. Returns the last result written.
+    """
     check_split(split)
     names = sorted(set(experiments)) if experiments else experiments_in(workdir)
-    results = [predict_split(workdir, e, split, **options) for e in names]
+    if blend_only and len(names) < 2:
+        raise PredictionError(f"--blend_only needs two or more experiments, got {names}")
+    results = [] if blend_only else [predict_split(workdir, e, split, **options) for e in names]
     if len(names) == 1 or not sharding.is_main_process():
-        return results[0]
-    return ensemble.ensemble_split(workdir, names, split, data_root=options.get("data_root"))
+        return results[0] if results else {}
+    return blend_experiments(workdir, names, split, data_root=options.get("data_root"))
 
 
 # --------------------------------------------------------------------------- command line
 
-def define_flags() -> None:
-    """The command line's flags (defined only when run as a program, so that importing this
-    module next to another entry point defines nothing)."""
-    flags.DEFINE_string("experiment", None,
-                        "Experiment name(s), comma-separated (default: every experiment of the "
-                        "workdir); with several, their mean is written too.")
-    flags.DEFINE_string("split", None, f"One of {', '.join(SPLITS)}.")
-    flags.DEFINE_string("workdir", "workdir", "Work folder holding <experiment>/fold_<k>.")
-    flags.DEFINE_string("data_root", None,
-                        "Dataset root (default: the data_root of the folds' config.json).")
-    flags.DEFINE_string("folds", None, "Comma-separated folds (default: every fold found).")
-    flags.DEFINE_integer("anchor_stride", 1,
-                         "1 = every anchor, as the original; S > 1 runs ~2/S of the windows.")
-    flags.DEFINE_integer("batch_size", 32, "Windows per forward pass (all devices together).")
-    flags.DEFINE_string("stride_sweep", ",".join(map(str, DEFAULT_SWEEP)),
-                        "Strides whose correlation scored splits also report (blended from the "
-                        "stride-1 windows); '' for none.")
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_list("experiment", None, "Experiment name(s) (default: every experiment of "
+                      "the workdir); with several, their mean is written too.", flag_values=fv)
+    flags.DEFINE_string("split", None, f"One of {', '.join(SPLITS)}.", flag_values=fv)
+    flags.DEFINE_string("workdir", "workdir", "Work folder holding <experiment>/fold_<k>.",
+                        flag_values=fv)
+    flags.DEFINE_string("data_root", None, "Dataset root (default: the data_root of the folds' "
+                        "config.json).", flag_values=fv)
+    flags.DEFINE_list("folds", None, "Folds to use (default: every fold found).",
+                      flag_values=fv)
+    flags.DEFINE_integer("anchor_stride", 1, "1 = every anchor, as the original; S > 1 runs "
+                         "~2/S of the windows.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "Windows per forward pass (all devices together).",
+                         flag_values=fv)
+    flags.DEFINE_list("stride_sweep", list(map(str, DEFAULT_SWEEP)), "Strides whose correlation "
+                      "scored splits also report (blended from the stride-1 windows); '' for "
+                      "none.", flag_values=fv)
+    flags.DEFINE_bool("blend_only", False, "Average the experiments' predictions already "
+                      "written instead of predicting.", flag_values=fv)
 
 
-def main(argv: list[str]) -> int:
-    f = flags.FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not f.split:
-        raise app.UsageError(f"--split is required ({', '.join(SPLITS)})")
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+    if args:
+        raise cli.UsageError(f"unexpected arguments: {args}")
+    if not fv.split:
+        raise cli.UsageError(f"--split is required ({', '.join(SPLITS)})")
+    try:
+        fold_ids = [int(k) for k in fv.folds] if fv.folds else None
+        sweep = tuple(int(s) for s in fv.stride_sweep if s.strip())
+    except ValueError as e:
+        raise cli.UsageError(f"--folds and --stride_sweep take integers ({e})") from None
     sharding.initialize_distributed()  # before any other JAX call (several processes)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
     try:
-        fold_ids = [int(k) for k in f.folds.split(",")] if f.folds else None
-        sweep = tuple(int(s) for s in f.stride_sweep.split(",") if s.strip())
-    except ValueError as e:
-        raise app.UsageError(
-            f"--folds and --stride_sweep take comma-separated integers ({e})") from None
-    try:
-        experiments = [e for e in (f.experiment or "").split(",") if e.strip()] or None
-        predict_and_blend(f.workdir, experiments, f.split, data_root=f.data_root,
-                          fold_ids=fold_ids, anchor_stride=f.anchor_stride,
-                          batch_size=f.batch_size, stride_sweep=sweep)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:
-        if (full := disk_full.find(e)) is not None:
-            disk_full.exit_with(full, str(f.workdir))
-        if sharding.peer_failure(e):  # several processes: one died, so the collective failed
-            disk_full.exit_with_line(sharding.peer_failure_line(e, str(f.workdir)))
+        predict_and_blend(fv.workdir, fv.experiment or None, fv.split, blend_only=fv.blend_only,
+                          data_root=fv.data_root, fold_ids=fold_ids,
+                          anchor_stride=fv.anchor_stride, batch_size=fv.batch_size,
+                          stride_sweep=sweep)
+    except Exception as e:  # disk full, a dead peer process: one line, exit 1
+        fatal.exit_if_fatal(e, str(fv.workdir))
         raise
     return 0
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.main(__doc__, define_flags, run, errors=USER_ERRORS)

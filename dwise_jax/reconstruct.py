@@ -20,16 +20,15 @@ test splits: by all). Outputs and the report: docs/insilico.md.
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from dwise_jax import decoder, inference, insilico_report, losses, predict, report
+from dwise_jax import cli, decoder, experiment, inference, insilico_report, losses, report
 from dwise_jax.data import folds, windows
 from dwise_jax.data.sensorium import TEST_TIERS, Mouse, SensoriumDataset
 
@@ -246,13 +245,13 @@ def fit_decoder(dataset: SensoriumDataset, mouse: Mouse, held_folds: set[int] | 
 def trial_groups(ens: inference.Ensemble, dataset: SensoriumDataset, split: str,
                  mice: list[str] | None, trials: list[int] | None):
     """[(mouse, member indexes, trial ids)]: each trial with the models that never saw it."""
-    predict.check_split(split)
+    experiment.check_split(split)
     if split != "folds" and not report.is_scored(dataset, split):
-        raise predict.PredictionError(f"{dataset.root}: split {split} has no recorded "
+        raise experiment.PredictionError(f"{dataset.root}: split {split} has no recorded "
                                       "responses to reconstruct from (use --split folds)")
     unknown = sorted(set(mice or ()) - set(dataset.names))
     if unknown:
-        raise predict.PredictionError(f"{dataset.root}: has no mice {unknown}; its mice are "
+        raise experiment.PredictionError(f"{dataset.root}: has no mice {unknown}; its mice are "
                                       f"{dataset.names}")
     chosen = [dataset.mouse(m) for m in mice] if mice else list(dataset.mice)
     groups = []
@@ -270,7 +269,7 @@ def trial_groups(ens: inference.Ensemble, dataset: SensoriumDataset, split: str,
         groups = [(m, g, [t for t in ids if t in trials]) for m, g, ids in groups]
     groups = [g for g in groups if g[2]]
     if not groups:
-        raise predict.PredictionError(f"{dataset.root}: no trials of split {split} for mice "
+        raise experiment.PredictionError(f"{dataset.root}: no trials of split {split} for mice "
                                       f"{[m.name for m in chosen]}, trials {trials}, folds "
                                       f"{sorted(set(ens.folds))}")
     return groups
@@ -334,47 +333,45 @@ def reconstruct_split(workdir: str | Path, experiments: list[str], split: str, *
 # --------------------------------------------------------------------------- command line
 
 
-def define_flags() -> None:
-    flags.DEFINE_string("experiment", None, "Experiment name(s), comma-separated.")
-    flags.DEFINE_string("split", None, f"folds or a scored test split ({', '.join(TEST_TIERS)}).")
-    flags.DEFINE_string("workdir", "workdir", "Work folder holding <experiment>/fold_<k>.")
-    flags.DEFINE_string("data_root", None, "Dataset root (default: the folds' config.json).")
-    flags.DEFINE_string("out", None, "Output folder (default <workdir>/insilico/<experiment>/"
-                                     "reconstruct/<split>).")
-    flags.DEFINE_list("mice", None, "Mouse folder names (default: all).")
-    flags.DEFINE_list("trials", None, "Trial ids (default: all of the split).")
-    flags.DEFINE_list("folds", None, "Fold models to use (default: every fold found).")
-    flags.DEFINE_list("ensemble_sizes", ["1", "2", "4", "0"], "Ensemble sizes scored (0: all).")
+def define_flags(fv: flags.FlagValues) -> None:
+    for name, default, text in (
+            ("experiment", None, "Experiment name(s), comma-separated."),
+            ("split", None, f"folds or a scored test split ({', '.join(TEST_TIERS)})."),
+            ("workdir", "workdir", "Work folder holding <experiment>/fold_<k>."),
+            ("data_root", None, "Dataset root (default: the folds' config.json)."),
+            ("out", None, "Output folder (default <workdir>/insilico/<experiment>/reconstruct/"
+                          "<split>).")):
+        flags.DEFINE_string(name, default, text, flag_values=fv)
+    for name, default, text in (
+            ("mice", None, "Mouse folder names (default: all)."),
+            ("trials", None, "Trial ids (default: all of the split)."),
+            ("folds", None, "Fold models to use (default: every fold found)."),
+            ("ensemble_sizes", ["1", "2", "4", "0"], "Ensemble sizes scored (0: all).")):
+        flags.DEFINE_list(name, default, text, flag_values=fv)
     for f in ReconConfig.__dataclass_fields__.values():
         define = {"int": flags.DEFINE_integer, "str": flags.DEFINE_string}.get(
             f.type, flags.DEFINE_float)
-        define(f.name, f.default, f"ReconConfig.{f.name}")
+        define(f.name, f.default, f"ReconConfig.{f.name}", flag_values=fv)
 
 
-def main(argv: list[str]) -> int:
-    f = flags.FLAGS
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def run(f: flags.FlagValues, args: list[str]) -> int:
+    if args:
+        raise cli.UsageError(f"unexpected arguments: {args}")
     if not f.experiment or not f.split:
-        raise app.UsageError("--experiment and --split are required")
+        raise cli.UsageError("--experiment and --split are required")
     logging.set_verbosity(logging.WARNING)
     try:
         cfg = ReconConfig(**{k: f[k].value for k in ReconConfig.__dataclass_fields__})
         ints = {k: [int(v) for v in f[k].value] if f[k].value else None
                 for k in ("trials", "folds", "ensemble_sizes")}
     except ValueError as e:
-        raise app.UsageError(f"--trials, --folds, --ensemble_sizes take integers ({e})") from None
-    try:
-        reconstruct_split(f.workdir, f.experiment.split(","), f.split, cfg=cfg, mice=f.mice,
-                          trials=ints["trials"], fold_ids=ints["folds"],
-                          sizes=tuple(ints["ensemble_sizes"] or (0,)), data_root=f.data_root,
-                          out=f.out)
-    except (*predict.USER_ERRORS, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise cli.UsageError(f"--trials, --folds, --ensemble_sizes take integers ({e})") from None
+    reconstruct_split(f.workdir, f.experiment.split(","), f.split, cfg=cfg, mice=f.mice,
+                      trials=ints["trials"], fold_ids=ints["folds"],
+                      sizes=tuple(ints["ensemble_sizes"] or (0,)), data_root=f.data_root,
+                      out=f.out)
     return 0
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.main(__doc__, define_flags, run, errors=(*experiment.USER_ERRORS, ValueError))

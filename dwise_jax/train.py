@@ -6,9 +6,9 @@ with a per-iteration warm-up from 0 then a cosine, EMA after every step, validat
 weights before each of the two fits (warm-up, cosine) and after every epoch.
 
 Everything a fold writes lies under `<workdir>/<experiment>/fold_<k>/`: `config.json` (the
-resolved config), `model.json` (architecture and mice), `checkpoints/` (the last epoch: train
-state, EMA, loader state; what a restart resumes from and what prediction uses, as the
-original kept its last epoch), `best/` (the epoch with the best validation correlation),
+resolved config), `model.json` (architecture and mice), `checkpoints/` (train state, EMA,
+loader state of the last two epochs, what a restart resumes from and what prediction uses, as
+the original kept its last epoch, and of the epoch with the best validation correlation),
 `metrics.jsonl`, `tensorboard/` and `curves.png`. A run restarts from its latest checkpoint by
 itself. A stop request (SIGTERM, Ctrl-C) before a fold's first step is done ends the run at
 once (exit 143/130, nothing new saved); later it finishes the step, saves and exits 0.
@@ -21,24 +21,29 @@ optimised HLO of the train step to `<fold>/train_step.hlo.txt`.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from dwise_jax import cli, fatal, fold_run, process_env, sharding, stop
 from dwise_jax import config as config_lib
-from dwise_jax import disk_full, fold_run, process_env, sharding, stop
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/true_batch.py.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work folder (overrides config.workdir).")
-_DATA_ROOT = flags.DEFINE_string("data_root", None, "Dataset root (overrides config.data_root).")
-_FOLDS = flags.DEFINE_string("folds", None, "Comma-separated folds (overrides config.folds).")
-_PROFILE = flags.DEFINE_string("profile_steps", None, "START:END steps to trace.")
-_DUMP_HLO = flags.DEFINE_bool("dump_hlo", False, "Write the optimised HLO of the train step.")
-_MAX_STEPS = flags.DEFINE_integer(
-    "max_steps", None, "Stop each fold after this many steps (smoke runs; the schedule is kept).")
+
+def define_flags(fv: flags.FlagValues) -> None:
+    config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. "
+                                    "configs/true_batch.py.", flag_values=fv, lock_config=True)
+    flags.DEFINE_string("workdir", None, "Work folder (overrides config.workdir).",
+                        flag_values=fv)
+    flags.DEFINE_string("data_root", None, "Dataset root (overrides config.data_root).",
+                        flag_values=fv)
+    flags.DEFINE_string("folds", None, "Comma-separated folds (overrides config.folds).",
+                        flag_values=fv)
+    flags.DEFINE_string("profile_steps", None, "START:END steps to trace.", flag_values=fv)
+    flags.DEFINE_bool("dump_hlo", False, "Write the optimised HLO of the train step.",
+                      flag_values=fv)
+    flags.DEFINE_integer("max_steps", None, "Stop each fold after this many steps (smoke runs; "
+                         "the schedule is kept).", flag_values=fv)
 
 
 def train_and_evaluate(config, workdir: str | Path, *, folds: list[int] | None = None,
@@ -60,9 +65,9 @@ def _parse_profile(text: str | None) -> tuple[int, int] | None:
     try:
         start, end = (int(v) for v in text.split(":"))
     except ValueError:
-        raise app.UsageError(f"--profile_steps must be START:END, got {text!r}") from None
+        raise cli.UsageError(f"--profile_steps must be START:END, got {text!r}") from None
     if not 0 <= start < end:
-        raise app.UsageError(f"--profile_steps needs 0 <= START < END, got {text!r}")
+        raise cli.UsageError(f"--profile_steps needs 0 <= START < END, got {text!r}")
     return start, end
 
 
@@ -85,10 +90,10 @@ def check_workdir(workdir: str | Path) -> None:
         raise config_lib.ConfigError(f"workdir {path}: {existing} is not writable")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parser, but a missing --config file and a `--config.KEY=...` override of a
-    key that names no setting are one-line errors (ml_collections raises them as tracebacks)."""
-    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+def check_args(args: list[str]) -> None:
+    """A missing --config file and a `--config.KEY=...` override of a key that names no setting
+    are one-line errors (ml_collections raises them as tracebacks)."""
+    args = args[:args.index("--")] if "--" in args else args
     for i, arg in enumerate(args):
         name, _, value = arg.lstrip("-").partition("=")
         if not arg.startswith("-"):
@@ -97,54 +102,41 @@ def parse_flags(argv: list[str]) -> list[str]:
             value = value or (args[i + 1] if i + 1 < len(args) else "")
             file = value.split(":")[0]  # config_flags allows FILE:ARGUMENT
             if value and not Path(file).is_file():
-                _exit_with(f"--config {value}: no such config file")
+                raise config_lib.ConfigError(f"--config {value}: no such config file")
         elif name.startswith("config."):
             try:
                 config_lib.check_key(name[len("config."):])
             except config_lib.ConfigError as e:
-                _exit_with(f"--{name}: {e}")
-    return app.parse_flags_with_usage(argv)
+                raise config_lib.ConfigError(f"--{name}: {e}") from None
 
 
-def _exit_with(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+    if args:
+        raise cli.UsageError(f"unexpected arguments: {args}")
+    config = fv.config
+    if config is None:
+        raise cli.UsageError("--config is required, e.g. --config configs/true_batch.py")
     sharding.initialize_distributed()  # before any other JAX call (several processes)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/true_batch.py")
     stop.install()  # SIGTERM, Ctrl-C: see dwise_jax/stop.py
     try:
         with config.unlocked():
-            if _WORKDIR.value:
-                config.workdir = _WORKDIR.value
-            if _DATA_ROOT.value:
-                config.data_root = _DATA_ROOT.value
-            if _FOLDS.value:
-                config.folds = _parse_folds(_FOLDS.value)
+            if fv.workdir:
+                config.workdir = fv.workdir
+            if fv.data_root:
+                config.data_root = fv.data_root
+            if fv.folds:
+                config.folds = _parse_folds(fv.folds)
         config_lib.validate(config)
         check_workdir(config.workdir)
         if sharding.is_main_process():
             print(f"{config.experiment}: training fold(s) {list(config.folds)} one after the "
                   f"other into {Path(config.workdir) / config.experiment}", flush=True)
         results = train_and_evaluate(
-            config, config.workdir, profile_steps=_parse_profile(_PROFILE.value),
-            dump_hlo=_DUMP_HLO.value, max_steps=_MAX_STEPS.value)
-    except fold_run.USER_ERRORS as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:
-        if (full := disk_full.find(e)) is not None:
-            disk_full.exit_with(full, str(config.workdir))
-        if sharding.peer_failure(e):  # several processes: one died, so the collective failed
-            disk_full.exit_with_line(sharding.peer_failure_line(e, str(config.workdir)))
+            config, config.workdir, profile_steps=_parse_profile(fv.profile_steps),
+            dump_hlo=fv.dump_hlo, max_steps=fv.max_steps)
+    except Exception as e:  # disk full, a dead peer process: one line, exit 1
+        fatal.exit_if_fatal(e, str(config.workdir))
         raise
     if not sharding.is_main_process():
         return 0
@@ -171,4 +163,4 @@ def _compare_with_references(root: str, results: dict[int, float]) -> None:
 
 if __name__ == "__main__":
     process_env.reexec_with_cpu_settings("dwise_jax.train")
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
+    cli.main(__doc__, define_flags, run, errors=fold_run.USER_ERRORS, check=check_args)

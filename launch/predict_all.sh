@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Predict every split with every experiment, then ensemble the experiments on every split.
+# Predict every split with every experiment, then blend the experiments on every split.
 #
 #   launch/predict_all.sh --workdir DIR [--experiments distillation_001,true_batch_001] \
 #       [--splits live_test_main,live_test_bonus,final_test_main,final_test_bonus,folds] \
@@ -8,10 +8,10 @@
 # For each experiment and split: python -m dwise_jax.predict --experiment E --split S
 # --workdir DIR (each fold model of E predicts, the folds are averaged; `folds` is the
 # out-of-fold split, scored). Then, with two or more experiments, for each split:
-# python -m dwise_jax.ensemble --experiments E1,E2 --split S --workdir DIR (the mean of the
-# experiments, the original's last step). --data_root goes to both. Runs one after another on
+# python -m dwise_jax.predict --experiment E1,E2 --blend_only --split S --workdir DIR (the
+# mean of the experiments' predictions, the original's last step). --data_root goes to both. Runs one after another on
 # one GPU (--gpu, default as visible); stops at the first failure. Logs:
-# logs/predict_<experiment>_<split>.log and logs/ensemble_<split>.log. Extra flags go to every
+# logs/predict_<experiment>_<split>.log and logs/blend_<split>.log. Extra flags go to every
 # predict call (e.g. --anchor_stride=2). --dry-run prints the commands. PYTHON names the
 # interpreter (default: python), LOG_DIR the log folder (default: logs).
 set -euo pipefail
@@ -76,9 +76,9 @@ for experiment in "${experiment_list[@]}"; do
 done
 if [ "${#experiment_list[@]}" -ge 2 ]; then
   for split in "${split_list[@]}"; do
-    cmd=("${prefix[@]}" "$python" -m dwise_jax.ensemble --experiments "$experiments"
-         --split "$split" --workdir "$workdir")
+    cmd=("${prefix[@]}" "$python" -m dwise_jax.predict --experiment "$experiments"
+         --blend_only --split "$split" --workdir "$workdir")
     [ -z "$data_root" ] || cmd+=(--data_root "$data_root")
-    step "$logs/ensemble_${split}.log" "${cmd[@]}"
+    step "$logs/blend_${split}.log" "${cmd[@]}"
   done
 fi

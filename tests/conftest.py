@@ -1,16 +1,32 @@
 """Shared test set-up: absl flags for Grain, the fixtures of the original (tests/fixtures), a tiny
-simulated dataset, and the one measure for comparing gradients."""
+simulated dataset, the one measure for comparing gradients, and the helpers several test modules
+use (tiny training command lines, fold folders of random models, processes to kill)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
+from flax import nnx
+
+from dwise_jax import atomic, checkpoint, process_env
+from dwise_jax import config as config_lib
+from dwise_jax.data import windows
+from dwise_jax.models.dwiseneuro import DwiseNeuro
 
 # Grain's worker processes read absl flags; tests run without absl.app.run.
 flags.FLAGS.mark_as_parsed()
@@ -92,3 +108,213 @@ def gradient_errors(got, want) -> dict[str, float]:
         errors[jax.tree_util.keystr(key)] = float(np.max(diff, initial=0.0)) / max(
             peak[key], 1e-2 * scale)
     return errors
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+DEMO = str(REPO / "configs" / "demo.py")
+
+
+TINY = {
+    "model.core_features": (8, 8, 16), "model.spatial_strides": (2, 2, 2),
+    "model.expansion_ratio": 2, "model.se_reduce_ratio": 4, "model.cortex_features": (32, 64),
+    "data.batch_size": 4, "data.val_batch_size": 16, "data.train_epoch_size": 12,
+    "optim.warmup_epochs": 1, "optim.cosine_epochs": 2, "log.every_steps": 2,
+}
+
+
+CLI_TINY = [f"--config.{k}={v if not isinstance(v, tuple) else ','.join(map(str, v))}"
+            for k, v in TINY.items()]
+
+
+def checkpoint_leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from checkpoint_leaves(v, f"{prefix}/{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from checkpoint_leaves(v, f"{prefix}/{i}")
+    else:
+        yield prefix, np.asarray(tree)
+
+
+FOLD = 2
+
+
+def link_copy(src: Path, dst: Path) -> Path:
+    """A copy of a dataset root made of hard links (fast); without `simulation/`, so training
+    skips its baseline comparison. Rewrite a file only after `detach`ing it."""
+    shutil.copytree(src, dst, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("simulation"))
+    return dst
+
+
+def detach(path: Path) -> Path:
+    """Gives a hard-linked file its own inode, so changing it leaves the original alone."""
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data)
+    return path
+
+
+def train_command(root: Path, workdir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dwise_jax.train", "--config", DEMO, f"--data_root={root}",
+            f"--workdir={workdir}", f"--folds={FOLD}", *CLI_TINY, *extra]
+
+
+class Child:
+    """A process in its own session (SIGKILL reaches it and anything it started), its stdout
+    collected line by line."""
+
+    def __init__(self, command: list[str], env: dict[str, str], stderr: Path):
+        self._stderr = stderr.open("w")
+        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.finish()
+
+    def stop_inside_write(self, steps: Path) -> None:
+        """Freezes the process (SIGSTOP) at a moment when a checkpoint write is unfinished:
+        stop, look, and let it go on until a temporary step folder is there while it is frozen.
+        Whether a random kill lands inside a write depends on the machine's speed; this does
+        not."""
+        while True:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+            if any(not p.name.isdigit() for p in steps.iterdir()):
+                return
+            os.killpg(self.proc.pid, signal.SIGCONT)
+            time.sleep(0.001)
+
+    def finish(self) -> None:
+        self.proc.wait()
+        self._reader.join()
+        self._stderr.close()
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    flat_a, flat_b = dict(checkpoint_leaves(a)), dict(checkpoint_leaves(b))
+    assert flat_a.keys() == flat_b.keys()
+    for key, value in flat_a.items():
+        other = flat_b[key]
+        assert value.dtype == other.dtype and value.shape == other.shape, key
+        assert value.tobytes() == other.tobytes(), f"{key} differs"
+
+
+TEST_MODEL = dict(core_features=(4, 8), spatial_strides=(4, 2), expansion_ratio=1,
+                  se_reduce_ratio=2, cortex_features=(16, 32), drop_rate=0.0, drop_path_rate=0.0)
+
+
+def normwise(a, b) -> float:
+    """pipeline.npz's measure: max|a - b| / max|b|."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def save_fold(workdir: Path, experiment: str, fold: int, kwargs: dict, mice: list[str],
+              state, data_root: Path | None, step: int = 9) -> Path:
+    """A fold folder as training or conversion leaves it (config.json only when trained)."""
+    directory = checkpoint.fold_dir(workdir, experiment, fold)
+    checkpoint.write_model_spec(directory, checkpoint.ModelSpec(  # trained: 3 epochs of 3 steps
+        constructor=kwargs, mice=mice, source="test",
+        extra={} if data_root is None else {"total_steps": 9}))
+    checkpoint.save(directory, step, {"ema": jax.tree.map(np.asarray, nnx.to_pure_dict(state))})
+    if data_root is not None:  # 3 epochs of 3 steps: step 9 is a finished run
+        config = config_lib.load_config_file(str(REPO / "configs" / "demo.py"), {
+            "data_root": str(data_root), "data.train_epoch_size": 12, "data.batch_size": 4,
+            "optim.warmup_epochs": 1, "optim.cosine_epochs": 2})
+        atomic.write_json(directory / "config.json", config.to_dict())
+    return directory
+
+
+def random_fold(workdir, experiment, fold, dataset, seed, neurons=None, mice=None):
+    kwargs = dict(readout_outputs=neurons or dataset.num_neurons, **TEST_MODEL)
+    model = DwiseNeuro(**kwargs, rngs=nnx.Rngs(seed))
+    return save_fold(workdir, experiment, fold, kwargs, mice or dataset.names,
+                     nnx.state(model, (nnx.Param, nnx.BatchStat)), dataset.root)
+
+
+def direct_blend(fold_dirs, mouse, trial, stride=1) -> np.ndarray:
+    """Each fold model on every window of the trial (no batching code of ours), blended and
+    averaged with plain NumPy: the original's predict_trial written out."""
+    data = mouse.load_trial(trial)
+    length = data.length
+    anchors = windows.prediction_anchors(length, stride)
+    x = np.stack([windows.expand_inputs(*windows.compact_window(
+        data.video, data.behavior, data.pupil_center, a), xp=np) for a in anchors])
+    blends = []
+    for directory in fold_dirs:
+        model, spec, _ = checkpoint.load_ema_model(directory)
+        out = np.asarray(model(jnp.asarray(x), readout_index=spec.mice.index(mouse.name)))
+        sums, counts = np.zeros((mouse.num_neurons, length)), np.zeros(length)
+        for anchor, window in zip(anchors, out, strict=True):
+            frames = anchor - 30 + 2 * np.arange(16)
+            sums[:, frames] += window.T
+            counts[frames] += 1
+        assert counts.min() >= 1
+        blends.append(sums / counts)
+    return np.mean(blends, axis=0)
+
+
+def rel_err(a, b, scale: float = 0.0) -> float:
+    """The fixture README's err: max|a - b| / max(max|b|, 1e-2 * scale)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-2 * scale))
+
+
+def fixture_state_dict(arrays) -> dict[str, np.ndarray]:
+    sd = {k[len("param/"):]: arrays[k] for k in arrays.files if k.startswith("param/")}
+    sd.update({k[len("buffer/"):]: arrays[k] for k in arrays.files if k.startswith("buffer/")})
+    return sd
+
+
+def fixture_loss(outputs, targets, mice_weights):
+    """The fixture's loss in float32 (outputs and targets (batch, time, neurons))."""
+    w = mice_weights / jnp.sum(mice_weights)
+    loss = jnp.zeros((), jnp.float32)
+    for i, (pred, target) in enumerate(zip(outputs, targets, strict=True)):
+        per_sample = jnp.sum(pred - target * jnp.log(pred + 1e-8), axis=(1, 2))
+        loss = loss + jnp.sum(jnp.where(w[:, i] != 0, w[:, i] * per_sample, 0.0))
+    return loss
+
+
+def q(path: Path) -> str:
+    return re.escape(str(path))
+
+
+def mouse_folder(root: Path) -> Path:
+    return sorted(p for p in root.iterdir() if p.name.startswith("dynamic"))[0]
+
+
+def run_module(module: str, args: list[str], env: dict[str, str] | None = None):
+    env = {**process_env.cpu_environment(os.environ), **(env or {})}  # no re-exec: faster
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+
+
+def records(path: Path, skip: int = 0) -> list[dict]:
+    """metrics.jsonl after its first `skip` lines (a line being written is ignored)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines()[skip:]:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

@@ -11,15 +11,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HANG_TIMEOUT_S
-from test_reliability import link_copy
-from test_train import DEMO, REPO
+from conftest import DEMO, REPO, link_copy, mouse_folder, q, run_module
 
 from dwise_jax import atomic, checkpoint, process_env
 from dwise_jax import config as config_lib
@@ -27,10 +23,6 @@ from dwise_jax.data import sensorium
 from dwise_jax.data.sensorium import TIERS, DatasetError
 
 TRUE_BATCH = str(REPO / "configs" / "true_batch.py")
-
-
-def q(path: Path) -> str:
-    return re.escape(str(path))
 
 
 def rewrite(path: Path, change) -> None:
@@ -193,10 +185,6 @@ def root(sim_root, tmp_path) -> Path:
     return link_copy(sim_root, tmp_path / "root")
 
 
-def mouse_folder(root: Path) -> Path:
-    return sorted(p for p in root.iterdir() if p.name.startswith("dynamic"))[0]
-
-
 @pytest.mark.parametrize("damage", DATASET_CASES, ids=lambda f: f.__name__)
 def test_bad_dataset(root, damage, capsys):
     expected = damage(mouse_folder(root))
@@ -269,10 +257,6 @@ def test_bad_config(tmp_path, overrides, lines, devices, message):
 
 
 # ----------------------------------------------------------------------------- command lines
-def run_module(module: str, args: list[str], env: dict[str, str] | None = None):
-    env = {**process_env.cpu_environment(os.environ), **(env or {})}  # no re-exec: faster
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
 
 
 def truncated_root(root: Path) -> tuple[list[str], str]:
@@ -349,6 +333,52 @@ def test_dataset_command_line_on_a_missing_root(tmp_path, capsys):
     assert capsys.readouterr().err == expected
 
 
+def _full_folder(tmp: Path) -> Path:
+    (tmp / "out").mkdir()
+    (tmp / "out" / "mine.txt").write_text("keep")
+    return tmp / "out"
+
+
+# (name, command module, args of tmp_path, exit status, the one error line of tmp_path)
+DATA_CLI_CASES = [
+    ("synthetic_into_a_full_folder", "synthetic", lambda tmp: [str(_full_folder(tmp))], 1,
+     lambda tmp: f"{tmp / 'out'}: is not empty; generate writes into a fresh folder"),
+    ("synthetic_with_too_few_trials", "synthetic", lambda tmp: [str(tmp / "out"), "--trials=5"],
+     2, lambda tmp: "5 trials per mouse are too few for every tier; use >= 20 (see --help)"),
+    ("synthetic_without_a_folder", "synthetic", lambda tmp: ["--mice=1"], 2,
+     lambda tmp: "expected one argument, the output folder OUT_DIR (got 0) (see --help)"),
+    ("download_without_root", "download", lambda tmp: ["--base_url=http://127.0.0.1:9"], 2,
+     lambda tmp: "flag --root=None: Flag --root must have a value other than None. "
+                 "(see --help)"),
+    ("download_of_a_missing_manifest", "download",
+     lambda tmp: [f"--root={tmp / 'out'}", f"--manifest={tmp / 'm.json'}"], 1,
+     lambda tmp: f"{tmp / 'm.json'}: cannot read the manifest ([Errno 2] No such file or "
+                 f"directory: '{tmp / 'm.json'}')"),
+    ("download_of_an_unknown_mouse", "download",
+     lambda tmp: [f"--root={tmp / 'out'}", "--mice=dynamic1-1-1-Video-" + "0" * 32], 1,
+     lambda tmp: "no archive for ['dynamic1-1-1-Video-" + "0" * 32 + "']"),
+    ("dataset_without_a_root", "dataset_check", lambda tmp: ["--check"], 2,
+     lambda tmp: "expected one argument, the dataset ROOT (got 0) (see --help)"),
+]
+
+
+@pytest.mark.parametrize("module, args, status, message", [c[1:] for c in DATA_CLI_CASES],
+                         ids=[c[0] for c in DATA_CLI_CASES])
+def test_bad_data_command_line(tmp_path, capsys, module, args, status, message):
+    """The data commands (synthetic, download, sensorium) in process, as `python -m` runs them."""
+    import importlib
+
+    from dwise_jax import cli
+
+    command = importlib.import_module(f"dwise_jax.data.{module}")
+    argv = args(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert cli.call(command.define_flags, command.run, argv, errors=command.ERRORS) == status
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {message(tmp_path)}\n" and captured.out == ""
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def test_weights_of_another_architecture(tmp_path):
     import jax.numpy as jnp
@@ -359,7 +389,8 @@ def test_weights_of_another_architecture(tmp_path):
     small = {"core_features": [8], "spatial_strides": [2], "expansion_ratio": 2,
              "se_reduce_ratio": 4, "cortex_features": [16, 16]}
     trained = DwiseNeuro([5, 7], **small, rngs=nnx.Rngs(0))
-    ema = nnx.to_pure_dict(nnx.state(trained, (nnx.Param, nnx.BatchStat)))
+    ema = {"params": nnx.to_pure_dict(nnx.state(trained, nnx.Param)),
+           "batch_stats": nnx.to_pure_dict(nnx.state(trained, nnx.BatchStat))}
     checkpoint.save(tmp_path, 3, {"ema": ema})
     # model.json says another architecture: a wider readout for the second mouse.
     checkpoint.write_model_spec(tmp_path, checkpoint.ModelSpec(
@@ -368,20 +399,20 @@ def test_weights_of_another_architecture(tmp_path):
         checkpoint.load_ema_model(tmp_path, jnp.float32)
     assert str(err.value) == (
         f"{tmp_path / 'checkpoints' / '3'}: its EMA weights do not fit the architecture in "
-        "model.json (/readouts/1/bias has shape (8,), the architecture needs (10,))")
+        "model.json (/params/readouts/1/bias has shape (8,), the architecture needs (10,))")
 
 
 # ----------------------------------------------------------------------------- atomic outputs
 def test_a_prediction_that_fails_midway_leaves_nothing(tmp_path, monkeypatch):
-    from dwise_jax import predict
+    from dwise_jax import experiment
 
     def half_then_fail(file, array):
         Path(file).write_bytes(b"\x93NUMPY partial")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(predict.np, "save", half_then_fail)
+    monkeypatch.setattr(experiment.np, "save", half_then_fail)
     with pytest.raises(OSError, match="No space left"):
-        predict.write_trial(tmp_path, "mouse", 3, np.zeros((2, 5), np.float32))
+        experiment.write_trial(tmp_path, "mouse", 3, np.zeros((2, 5), np.float32))
     assert list((tmp_path / "mouse").iterdir()) == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -61,6 +62,25 @@ def test_save_restore_items_and_keep_latest(tmp_path):
     np.testing.assert_array_equal(items["ema"]["params"]["w"], trees[2]["params"]["w"])
     np.testing.assert_array_equal(items["ema"]["stats"]["mean"], trees[2]["stats"]["mean"])
     assert checkpoint.verify(tmp_path, 12) is None
+
+
+def test_one_manager_keeps_the_latest_two_and_the_best_step(tmp_path):
+    """Orbax's preservation policy, one manager held over many saves: the best validated step
+    stays whatever its age; unvalidated steps (a stop mid-epoch) are kept only while latest."""
+    corrs = {1: 0.10, 2: 0.50, 3: 0.20, 4: None, 5: 0.30, 6: float("nan"), 7: 0.25}
+    kept = {}
+    with checkpoint.FoldCheckpoints(tmp_path) as checkpoints:
+        for step, corr in corrs.items():
+            checkpoints.save(step, {"ema": {"w": np.full(2, step, np.float32)}}, corr)
+            kept[step] = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                                if p.name.isdigit())
+    # Latest two, plus the best validated step so far (by hand from `corrs`).
+    assert kept[1] == [1] and kept[2] == [1, 2] and kept[3] == [2, 3]
+    assert kept[4] == [2, 3, 4] and kept[5] == [2, 4, 5] and kept[7] == [2, 6, 7]
+    assert checkpoint.best_step(tmp_path) == 2 and checkpoint.latest_step(tmp_path) == 7
+    assert checkpoint.all_steps(tmp_path) == [7, 6, 2]
+    _, items = checkpoint.restore(tmp_path, step=2)
+    np.testing.assert_array_equal(items["ema"]["w"], [2, 2])
 
 
 def test_relative_fold_folder(tmp_path, monkeypatch):
@@ -124,3 +144,54 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
         raise RuntimeError("boom")
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+@pytest.mark.parametrize("layout", ["train_state", "merged_before_2026_12_06"])
+def test_load_ema_model_reads_the_train_states_layout_and_the_older_merged_one(tmp_path, layout):
+    """The EMA item is {"params", "batch_stats"}, as the train state holds it; checkpoints written
+    before 2026-12-06 hold one merged tree and still load, to the same weights."""
+    from flax import nnx
+
+    from dwise_jax.models.dwiseneuro import DwiseNeuro
+
+    arch = {"readout_outputs": [3, 4], "core_features": [8], "spatial_strides": [2],
+            "expansion_ratio": 2, "se_reduce_ratio": 4, "cortex_features": [16, 16]}
+    model = DwiseNeuro(**arch, rngs=nnx.Rngs(7))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    stats = jax.tree.map(lambda a: a + 1.0, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+    ema = ({"params": params, "batch_stats": stats} if layout == "train_state"
+           else nnx.to_pure_dict(nnx.state(model, (nnx.Param, nnx.BatchStat))))
+    if layout != "train_state":  # the merged tree with the same shifted statistics
+        ema = jax.tree.map(lambda a: a, ema)
+        for path, value in _leaves(stats):
+            _set(ema, path, value)
+    checkpoint.save(tmp_path, 4, {"ema": jax.tree.map(np.asarray, ema)})
+    checkpoint.write_model_spec(tmp_path, checkpoint.ModelSpec(arch, ["a", "b"], "test"))
+    loaded, _, step = checkpoint.load_ema_model(tmp_path)
+    assert step == 4
+    for path, value in _leaves(params):
+        np.testing.assert_array_equal(_get(nnx.to_pure_dict(nnx.state(loaded, nnx.Param)), path),
+                                      value)
+    for path, value in _leaves(stats):
+        np.testing.assert_array_equal(
+            _get(nnx.to_pure_dict(nnx.state(loaded, nnx.BatchStat)), path), value)
+
+
+def _leaves(tree, path=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, (*path, k))
+    else:
+        yield path, np.asarray(tree)
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return np.asarray(tree)
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree[k]
+    tree[path[-1]] = value

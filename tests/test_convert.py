@@ -5,11 +5,15 @@ reproduces the fixture's eval outputs."""
 from __future__ import annotations
 
 import collections
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from conftest import HANG_TIMEOUT_S
 
-from dwise_jax import checkpoint, convert
+from dwise_jax import checkpoint, cli, convert
+from dwise_jax import config as config_lib
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is installed by requirements-dev.txt")
 
@@ -55,12 +59,15 @@ def test_convert_end_to_end_reproduces_fixture(tmp_path, small_model_fixture):
     pth = write_original_pth(
         tmp_path / "orig" / "exp_001" / "fold_3" / "model-017-0.293169.pth", arrays, meta)
     workdir = tmp_path / "work"
-    rc = convert.main([str(pth), str(workdir), "--mice", "mouse_a,mouse_b"])
+    rc = cli.call(convert.define_flags, convert.run, [str(pth), str(workdir), "--mice",
+                                                     "mouse_a,mouse_b"])
     assert rc == 0
     fold = checkpoint.fold_dir(workdir, "exp_001", 3)
     spec = checkpoint.read_model_spec(fold)
     assert spec.mice == ["mouse_a", "mouse_b"]
-    assert spec.num_neurons == list(meta["constructor_kwargs"]["readout_outputs"])
+    # Every setting of config.model that the model takes is written out, the file's values over
+    # the config's.
+    assert spec.constructor == {**meta["constructor_kwargs"], "depthwise_impl": "auto"}
     assert spec.extra["original"] == {"epoch": 17, "val_corr": 0.293169}
 
     model, _, step = checkpoint.load_ema_model(fold)
@@ -98,6 +105,29 @@ def test_convert_rejects_mismatched_files(tmp_path, small_model_fixture, change,
     assert checkpoint.latest_step(checkpoint.fold_dir(tmp_path / "w", "e", 0)) is None
 
 
+def _params(**changes):
+    kwargs = {"readout_outputs": [7, 11], "expansion_ratio": 3, **changes}
+    return {"nn_module": ("dwiseneuro", {k: v for k, v in kwargs.items() if v is not None})}
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(width_multiplier=2), r"unknown DwiseNeuro arguments \['width_multiplier'\]"),
+    (dict(in_channels=5.0), "nn_module argument in_channels: .*cannot be casted"),
+    (dict(core_features=(64, 64), spatial_strides=(2,)),
+     "model.core_features and model.spatial_strides must have the same length"),
+    (dict(readout_outputs=None), "readout_outputs must list each readout's neuron count"),
+])
+def test_constructor_arguments_are_checked_as_config_model(changes, message):
+    with pytest.raises(convert.ConversionError, match=f"^x.pth: .*{message}"):
+        convert.constructor_kwargs(_params(**changes), "x.pth")
+
+
+def test_constructor_arguments_fill_config_model():
+    config = config_lib.get_base_config()
+    config.model.expansion_ratio = 3
+    assert convert.constructor_kwargs(_params()) == config_lib.model_kwargs(config, [7, 11])
+
+
 def test_convert_needs_mice_for_unknown_readouts(tmp_path, small_model_fixture):
     arrays, meta = small_model_fixture
     pth = write_original_pth(tmp_path / "model-000-0.1.pth", arrays, meta)
@@ -115,6 +145,41 @@ def test_convert_rejects_non_checkpoints(tmp_path):
         convert.load_original(tmp_path / "other.pth")
 
 
+def test_bad_command_lines_give_one_error_line(tmp_path, capsys, small_model_fixture):
+    arrays, meta = small_model_fixture
+    bad = tmp_path / "fold_0" / "model-000-0.1.pth"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a torch file")
+    good = write_original_pth(tmp_path / "model-000-0.1.pth", arrays, meta)
+    work = tmp_path / "w"
+    cases = [
+        ([str(bad), str(work)], 1, f"error: {bad}: not a readable torch checkpoint ("),
+        ([str(good), str(work), "--mice", "a,b"], 2,
+         f"error: {good}: cannot tell the fold from its folder; pass --fold K (see --help)"),
+        ([str(good)], 2, "error: expected ORIGINAL.pth OUT_DIR, got ["),
+        ([str(good), str(work), "--fold", "x"], 2, "error: flag --fold=x: invalid literal"),
+    ]
+    for args, status, message in cases:
+        errors = (convert.ConversionError, checkpoint.CheckpointError)  # as __main__ names
+        assert cli.call(convert.define_flags, convert.run, args, errors=errors) == status
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        lines = captured.err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), (args, lines)
+    assert not work.exists()
+
+
+def test_the_module_runs_as_a_command(tmp_path, small_model_fixture):
+    arrays, meta = small_model_fixture
+    pth = write_original_pth(tmp_path / "model-000-0.1.pth", arrays, meta)
+    done = subprocess.run(
+        [sys.executable, "-m", "dwise_jax.convert", str(pth), str(tmp_path / "w"),
+         "--experiment", "e", "--fold", "2", "--mice=a,b", "--overwrite"],
+        capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"converted {pth} -> {tmp_path / 'w' / 'e' / 'fold_2'}")
+
+
 def test_convert_never_unpickles_arbitrary_objects(tmp_path):
     class Evil:
         def __reduce__(self):
@@ -122,7 +187,9 @@ def test_convert_never_unpickles_arbitrary_objects(tmp_path):
 
     torch.save({"model_name": "MouseModel", "params": Evil(), "nn_state_dict": {}},
                tmp_path / "evil.pth")
-    with pytest.raises(convert.ConversionError, match="not a readable torch checkpoint"):
+    # torch's reason, in one line and without its advice to load with weights_only=False.
+    with pytest.raises(convert.ConversionError,
+                       match=r"not a readable torch checkpoint \([^\n]*GLOBAL print[^\n]*\)$"):
         convert.load_original(tmp_path / "evil.pth")
 
 

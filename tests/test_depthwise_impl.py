@@ -7,9 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import gradient_errors
+from conftest import fixture_loss, fixture_state_dict, gradient_errors, rel_err
 from flax import nnx
-from test_model_parity import fixture_loss, fixture_state_dict, rel_err
 
 from dwise_jax import checkpoint
 from dwise_jax import config as config_lib

@@ -13,7 +13,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dwise_jax import checkpoint, ensemble, fold_run, losses, predict, train_step
+from dwise_jax import checkpoint, experiment, fold_run, losses, predict, train_step
 from dwise_jax import config as config_lib
 from dwise_jax.data import pipeline
 from dwise_jax.data.sensorium import SensoriumDataset
@@ -162,13 +162,13 @@ def test_stage_one_then_distillation(sim_root, tmp_path):
     results = {e: predict.predict_split(tmp_path, e, "folds", anchor_stride=8, batch_size=16,
                                         stride_sweep=())
                for e in ("true_batch_001", "distillation_001")}
-    ensembled = ensemble.ensemble_split(tmp_path, list(results), "folds")
+    ensembled = experiment.blend_experiments(tmp_path, list(results), "folds")
     name = "distillation_001,true_batch_001"
     trials = results["true_batch_001"]["manifest"]["trials"]
     assert trials and ensembled["manifest"]["trials"] == trials
     for mouse, ids in trials.items():
         for t in ids:
-            arrays = [np.load(predict.predictions_dir(tmp_path, e, "folds") / mouse / f"{t}.npy")
+            arrays = [np.load(experiment.predictions_dir(tmp_path, e, "folds") / mouse / f"{t}.npy")
                       for e in (*results, name)]
             np.testing.assert_allclose(arrays[2], (arrays[0] + arrays[1]) / 2, rtol=1e-6)
     for result in (*results.values(), ensembled):

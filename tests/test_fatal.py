@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HANG_TIMEOUT_S
-from test_reliability import assert_bit_identical, link_copy, train_command
+from conftest import HANG_TIMEOUT_S, assert_bit_identical, link_copy, train_command
 
-from dwise_jax import atomic, checkpoint, disk_full, process_env
+from dwise_jax import atomic, checkpoint, fatal, process_env
 
 
 @pytest.fixture
@@ -40,7 +39,6 @@ def _namespaces_work(tmp_path: Path) -> bool:
     return out.returncode == 0
 
 
-@pytest.mark.slow
 def test_training_on_a_full_tmpfs_stops_with_one_line_and_resumes(sim_root, run_env, tmp_path):
     if not _namespaces_work(tmp_path):
         pytest.skip("this machine allows no user/mount namespace for a small tmpfs "
@@ -49,7 +47,7 @@ def test_training_on_a_full_tmpfs_stops_with_one_line_and_resumes(sim_root, run_
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     command = " ".join(f"'{a}'" for a in train_command(root, mnt / "w"))
-    # 900 KiB: room for the first epoch's checkpoint and best/, not for the second checkpoint.
+    # 900 KiB: room for the first epoch's checkpoint, not for the second one.
     script = f"""
 mount -t tmpfs -o size=900k tmpfs {mnt} || exit 99
 {command} > {tmp_path}/a.out 2> {tmp_path}/a.err; echo $? > {tmp_path}/a.rc
@@ -96,9 +94,9 @@ def test_enospc_in_an_atomic_write_names_the_file_and_keeps_the_previous_one(tmp
     assert target.read_text() == "previous\n" and sorted(tmp_path.iterdir()) == [target]
     wrapped = RuntimeError("writer failed")
     wrapped.__cause__ = caught.value
-    assert disk_full.find(wrapped) is caught.value
-    assert disk_full.message(caught.value).startswith(f"{target}: the disk is full")
-    assert disk_full.find(RuntimeError("other")) is None
+    assert fatal.find(wrapped) is caught.value
+    assert fatal.message(caught.value).startswith(f"{target}: the disk is full")
+    assert fatal.find(RuntimeError("other")) is None
 
 
 def test_the_error_line_is_the_last_even_while_other_threads_write_to_stderr(tmp_path):
@@ -106,7 +104,7 @@ def test_the_error_line_is_the_last_even_while_other_threads_write_to_stderr(tmp
     after `exit_with`, whose line is the last of stderr, and the status is 1."""
     script = f"""
 import errno, sys, threading, time
-from dwise_jax import disk_full
+from dwise_jax import fatal
 
 def noisy():
     while True:
@@ -116,11 +114,11 @@ def noisy():
 
 threading.Thread(target=noisy, daemon=True).start()
 time.sleep(0.2)
-disk_full.exit_with(OSError(errno.ENOSPC, "No space left on device", {str(tmp_path / 'f')!r}))
+fatal.exit_with(OSError(errno.ENOSPC, "No space left on device", {str(tmp_path / 'f')!r}))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=HANG_TIMEOUT_S)
     assert out.returncode == 1
     assert "Event loop is closed" in out.stderr  # the thread did write before the end
     last = out.stderr.strip().splitlines()[-1]
-    assert last == "error: " + disk_full.message(OSError(errno.ENOSPC, "x", str(tmp_path / "f")))
+    assert last == "error: " + fatal.message(OSError(errno.ENOSPC, "x", str(tmp_path / "f")))

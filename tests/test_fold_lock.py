@@ -19,16 +19,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HANG_TIMEOUT_S
-from test_reliability import (
+from conftest import (
+    DEMO,
     FOLD,
+    HANG_TIMEOUT_S,
+    REPO,
     Child,
     assert_bit_identical,
     link_copy,
     records,
     train_command,
 )
-from test_train import REPO
 
 from dwise_jax import checkpoint, fold_lock, fold_run, process_env
 from dwise_jax.fold_lock import FoldLockedError
@@ -160,7 +161,6 @@ def test_only_process_0_of_a_multi_process_run_takes_the_lock(tmp_path):
 
 
 def test_train_fold_takes_the_lock_before_anything_else(tmp_path, sleeper):
-    from test_train import DEMO
 
     from dwise_jax import config as config_lib
 
@@ -216,7 +216,6 @@ def freeze_when(child: Child, ready) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.slow
 def test_a_second_training_of_the_same_fold_is_refused_and_changes_nothing(
         plain_root, train_env, tmp_path):
     from dwise_jax import predict
@@ -268,7 +267,7 @@ def test_a_second_training_of_the_same_fold_is_refused_and_changes_nothing(
     assert_bit_identical(a, b)
     assert sorted(os.listdir(fold / "checkpoints")) == sorted(
         os.listdir(alone_fold / "checkpoints"))
-    assert checkpoint.latest_step(fold, "best") == checkpoint.latest_step(alone_fold, "best")
+    assert checkpoint.best_step(fold) == checkpoint.best_step(alone_fold)
     assert without_timing(records(fold / "metrics.jsonl")) == without_timing(
         records(alone_fold / "metrics.jsonl"))
     events = sorted((fold / "tensorboard").iterdir())

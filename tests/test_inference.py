@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_predict import direct_blend, random_fold
+from conftest import direct_blend, random_fold
 
-from dwise_jax import inference, predict
+from dwise_jax import experiment, inference
 from dwise_jax.data.sensorium import SensoriumDataset
 
 
@@ -57,9 +57,9 @@ def test_video_function_is_differentiable_and_per_model(two_folds):
 def test_clear_errors(two_folds, tmp_path):
     work, dataset, _ = two_folds
     ens = inference.load_ensemble(work, "exp")
-    with pytest.raises(predict.PredictionError, match="no readout for mouse nobody"):
+    with pytest.raises(experiment.PredictionError, match="no readout for mouse nobody"):
         ens.readout_index("nobody")
-    with pytest.raises(predict.PredictionError, match="no fold folders"):
+    with pytest.raises(experiment.PredictionError, match="no fold folders"):
         inference.load_ensemble(tmp_path, "exp")
     trial = dataset.mice[0].load_trial(0)
     with pytest.raises(ValueError, match=r"\(36, 64, T\)"):

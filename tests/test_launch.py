@@ -122,9 +122,10 @@ def test_predict_all_predicts_every_split_then_ensembles_every_split(tmp_path):
                        f"logs/predict_{experiment}_{split}.log", "2>&1"]
     for cmd, split in zip(ensembles, SPLITS, strict=True):
         assert cmd == ["env", "CUDA_VISIBLE_DEVICES=1", "/no/such/python", "-m",
-                       "dwise_jax.ensemble", "--experiments", "distillation_001,true_batch_001",
-                       "--split", split, "--workdir", "/w", "--data_root", "/d", ">",
-                       f"logs/ensemble_{split}.log", "2>&1"]
+                       "dwise_jax.predict", "--experiment", "distillation_001,true_batch_001",
+                       "--blend_only", "--split", split, "--workdir", "/w", "--data_root", "/d",
+                       ">",
+                       f"logs/blend_{split}.log", "2>&1"]
     one = dry_run("predict_all.sh", "--workdir", "/w", "--experiments", "true_batch_001",
                   "--splits", "folds,live_test_main", cwd=tmp_path)
     assert [c[2:3] + c[-7:-3] for c in one] == [

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HANG_TIMEOUT_S
-from test_predict import random_fold
+from conftest import HANG_TIMEOUT_S, random_fold
 
-from dwise_jax import inference, mei, predict
+from dwise_jax import experiment, inference, mei
 from dwise_jax.data import folds
 from dwise_jax.data.sensorium import SensoriumDataset
 
@@ -51,7 +50,7 @@ def test_meis_respect_the_budget_and_beat_the_training_windows(setup):
     again = np.asarray(mei._responses(ens.graphdef, ens.states, meis, held, 0))
     np.testing.assert_allclose(again[[0, 1, 2], [0, 3, 5]], found["response"], rtol=1e-4)
     assert (found["response"] > found["best_train"]).all()
-    with pytest.raises(predict.PredictionError, match="not \\[99\\]"):
+    with pytest.raises(experiment.PredictionError, match="not \\[99\\]"):
         mei.find_meis(ens, mouse, [99], cfg)
 
 

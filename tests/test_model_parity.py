@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import fixture_loss, fixture_state_dict, rel_err
 from flax import nnx
 
 from dwise_jax.models.dwiseneuro import DwiseNeuro
@@ -22,31 +23,9 @@ from dwise_jax.models.torch_mapping import (
 )
 
 
-def rel_err(a, b, scale: float = 0.0) -> float:
-    """The fixture README's err: max|a - b| / max(max|b|, 1e-2 * scale)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-2 * scale))
-
-
-def fixture_state_dict(arrays) -> dict[str, np.ndarray]:
-    sd = {k[len("param/"):]: arrays[k] for k in arrays.files if k.startswith("param/")}
-    sd.update({k[len("buffer/"):]: arrays[k] for k in arrays.files if k.startswith("buffer/")})
-    return sd
-
-
 def build_model(meta) -> DwiseNeuro:
     kwargs = dict(meta["constructor_kwargs"])
     return DwiseNeuro(kwargs.pop("readout_outputs"), **kwargs, rngs=nnx.Rngs(0))
-
-
-def fixture_loss(outputs, targets, mice_weights):
-    """The fixture's loss in float32 (outputs and targets (batch, time, neurons))."""
-    w = mice_weights / jnp.sum(mice_weights)
-    loss = jnp.zeros((), jnp.float32)
-    for i, (pred, target) in enumerate(zip(outputs, targets, strict=True)):
-        per_sample = jnp.sum(pred - target * jnp.log(pred + 1e-8), axis=(1, 2))
-        loss = loss + jnp.sum(jnp.where(w[:, i] != 0, w[:, i] * per_sample, 0.0))
-    return loss
 
 
 def parity_errors(arrays, meta) -> dict[str, tuple[float, str]]:
@@ -124,7 +103,6 @@ def test_parity_small(small_model_fixture):
     check_parity(small_model_fixture)
 
 
-@pytest.mark.slow
 def test_parity_full_core(full_core_fixture):
     check_parity(full_core_fixture)
 

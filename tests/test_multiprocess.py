@@ -20,9 +20,7 @@ import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import HANG_TIMEOUT_S
-from test_reliability import link_copy, train_command
-from test_train import CLI_TINY, DEMO, REPO
+from conftest import CLI_TINY, DEMO, HANG_TIMEOUT_S, REPO, link_copy, train_command
 
 from dwise_jax import checkpoint, process_env, submission
 
@@ -78,7 +76,6 @@ def _predict(split: str, workdir: Path) -> list[str]:
             f"--workdir={workdir}", "--batch_size=8", "--stride_sweep="]
 
 
-@pytest.mark.slow
 def test_two_processes_train_and_predict_as_one_process_with_two_devices(sim_root, tmp_path):
     root = link_copy(sim_root, tmp_path / "root")
     cache, logs = tmp_path / "cache", tmp_path / "logs"
@@ -131,7 +128,6 @@ def test_two_processes_train_and_predict_as_one_process_with_two_devices(sim_roo
     assert ma["trials"] == mb["trials"]
 
 
-@pytest.mark.slow
 def test_when_one_process_dies_the_other_stops_with_one_line(sim_root, tmp_path):
     root = link_copy(sim_root, tmp_path / "root")
     logs = tmp_path / "logs"

@@ -10,16 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import HANG_TIMEOUT_S
+from conftest import HANG_TIMEOUT_S, TEST_MODEL, direct_blend, normwise, random_fold, save_fold
 from flax import nnx
 
-from dwise_jax import atomic, checkpoint, ensemble, metrics, predict, sharding, submission
-from dwise_jax import config as config_lib
+from dwise_jax import atomic, checkpoint, experiment, metrics, predict, sharding, submission
 from dwise_jax.data import eval_windows, folds, synthetic, windows
 from dwise_jax.data.sensorium import SensoriumDataset
 from dwise_jax.models.dwiseneuro import DwiseNeuro
@@ -28,58 +25,6 @@ from dwise_jax.models.torch_mapping import state_from_torch
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = "live_test_main"
 # A small, fast network: prediction does not care what the weights are.
-TEST_MODEL = dict(core_features=(4, 8), spatial_strides=(4, 2), expansion_ratio=1,
-                  se_reduce_ratio=2, cortex_features=(16, 32), drop_rate=0.0, drop_path_rate=0.0)
-
-
-def normwise(a, b) -> float:
-    """pipeline.npz's measure: max|a - b| / max|b|."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def save_fold(workdir: Path, experiment: str, fold: int, kwargs: dict, mice: list[str],
-              state, data_root: Path | None, step: int = 9) -> Path:
-    """A fold folder as training or conversion leaves it (config.json only when trained)."""
-    directory = checkpoint.fold_dir(workdir, experiment, fold)
-    checkpoint.write_model_spec(directory, checkpoint.ModelSpec(
-        constructor=kwargs, mice=mice, source="test"))
-    checkpoint.save(directory, step, {"ema": jax.tree.map(np.asarray, nnx.to_pure_dict(state))})
-    if data_root is not None:  # 3 epochs of 3 steps: step 9 is a finished run
-        config = config_lib.load_config_file(str(REPO / "configs" / "demo.py"), {
-            "data_root": str(data_root), "data.train_epoch_size": 12, "data.batch_size": 4,
-            "optim.warmup_epochs": 1, "optim.cosine_epochs": 2})
-        atomic.write_json(directory / "config.json", config.to_dict())
-    return directory
-
-
-def random_fold(workdir, experiment, fold, dataset, seed, neurons=None, mice=None):
-    kwargs = dict(readout_outputs=neurons or dataset.num_neurons, **TEST_MODEL)
-    model = DwiseNeuro(**kwargs, rngs=nnx.Rngs(seed))
-    return save_fold(workdir, experiment, fold, kwargs, mice or dataset.names,
-                     nnx.state(model, (nnx.Param, nnx.BatchStat)), dataset.root)
-
-
-def direct_blend(fold_dirs, mouse, trial, stride=1) -> np.ndarray:
-    """Each fold model on every window of the trial (no batching code of ours), blended and
-    averaged with plain NumPy: the original's predict_trial written out."""
-    data = mouse.load_trial(trial)
-    length = data.length
-    anchors = windows.prediction_anchors(length, stride)
-    x = np.stack([windows.expand_inputs(*windows.compact_window(
-        data.video, data.behavior, data.pupil_center, a), xp=np) for a in anchors])
-    blends = []
-    for directory in fold_dirs:
-        model, spec, _ = checkpoint.load_ema_model(directory)
-        out = np.asarray(model(jnp.asarray(x), readout_index=spec.mice.index(mouse.name)))
-        sums, counts = np.zeros((mouse.num_neurons, length)), np.zeros(length)
-        for anchor, window in zip(anchors, out, strict=True):
-            frames = anchor - 30 + 2 * np.arange(16)
-            sums[:, frames] += window.T
-            counts[frames] += 1
-        assert counts.min() >= 1
-        blends.append(sums / counts)
-    return np.mean(blends, axis=0)
 
 
 # --------------------------------------------------------------------------- pipeline.npz item 4
@@ -130,7 +75,7 @@ def test_predictions_equal_the_original_predictor(fixture_setup, pipeline_fixtur
     monkeypatch.setattr(eval_windows, "WindowBlender", Recorded)
     # 270 windows per trial: batches of 90 need no padding.
     result = predict.predict_split(workdir, "fixture", SPLIT, data_root=str(root), batch_size=90)
-    out = predict.predictions_dir(workdir, "fixture", SPLIT)
+    out = experiment.predictions_dir(workdir, "fixture", SPLIT)
     assert result["directory"] == out and "scores" not in result  # real data: not scored
     for i, name in enumerate(names):
         pred = np.load(out / name / "0.npy")
@@ -146,13 +91,13 @@ def test_predictions_equal_the_original_predictor(fixture_setup, pipeline_fixtur
     for i, row in enumerate(table):
         expected = f[f"predict/readout/{i}"][:, 50:299] / 2.0
         assert normwise(np.array(row["prediction"]), expected) < 1e-4
-    assert json.loads((out / predict.MANIFEST).read_text())["trials"] == {n: [0] for n in names}
+    assert json.loads((out / experiment.MANIFEST).read_text())["trials"] == {n: [0] for n in names}
 
 
 def test_raw_windows_equal_fixture(fixture_setup, pipeline_fixture):
     f, _ = pipeline_fixture
     workdir, root, _ = fixture_setup
-    (model,) = predict.load_fold_models(predict.fold_folders(workdir, "fixture"),
+    (model,) = predict.load_fold_models(experiment.fold_folders(workdir, "fixture"),
                                         sharding.make_mesh())
     dataset = SensoriumDataset.open(root)
     # The jitted forward of a batch of windows against the original's raw window outputs.
@@ -167,9 +112,9 @@ def test_raw_windows_equal_fixture(fixture_setup, pipeline_fixture):
 
 def test_converted_folds_need_a_data_root_and_a_split_with_trials(fixture_setup):
     workdir, root, _ = fixture_setup
-    with pytest.raises(predict.PredictionError, match="pass --data_root"):
+    with pytest.raises(experiment.PredictionError, match="pass --data_root"):
         predict.predict_split(workdir, "fixture", SPLIT)
-    with pytest.raises(predict.PredictionError, match="has no final_test_main trials"):
+    with pytest.raises(experiment.PredictionError, match="has no final_test_main trials"):
         predict.predict_split(workdir, "fixture", "final_test_main", data_root=str(root))
 
 
@@ -194,9 +139,9 @@ def oof_folds(sim) -> list[int]:
 def work(tmp_path_factory, sim, oof_folds) -> Path:
     """Experiments a and b, each with the two folds, different random weights."""
     workdir = tmp_path_factory.mktemp("predict_work")
-    for experiment, seed in (("a", 0), ("b", 10)):
+    for name, seed in (("a", 0), ("b", 10)):
         for fold in oof_folds:
-            random_fold(workdir, experiment, fold, sim, seed + fold)
+            random_fold(workdir, name, fold, sim, seed + fold)
     return workdir
 
 
@@ -264,12 +209,12 @@ def test_anchor_stride_command_line_equals_the_sweep(sim, work, predicted, oof_f
          f"--workdir={tmp_path}", "--anchor_stride=4", "--batch_size=16"],
         capture_output=True, text=True, cwd=REPO, timeout=HANG_TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-3000:]
-    manifest = json.loads((predict.predictions_dir(tmp_path, "a", SPLIT) / "manifest.json")
+    manifest = json.loads((experiment.predictions_dir(tmp_path, "a", SPLIT) / "manifest.json")
                           .read_text())
     assert manifest["anchor_stride"] == 4
     mouse = sim.mice[0]
     trial = manifest["trials"][mouse.name][0]
-    pred = np.load(predict.predictions_dir(tmp_path, "a", SPLIT) / mouse.name / f"{trial}.npy")
+    pred = np.load(experiment.predictions_dir(tmp_path, "a", SPLIT) / mouse.name / f"{trial}.npy")
     fold_dirs = [checkpoint.fold_dir(work, "a", k) for k in oof_folds]
     assert normwise(pred, direct_blend(fold_dirs, mouse, trial, stride=4)) < 1e-5
     scores = json.loads((tmp_path / "reports" / "a" / SPLIT / "scores.json").read_text())
@@ -301,9 +246,9 @@ def test_out_of_fold_predictions_use_their_own_fold(sim, work, predicted, oof_fo
     assert (work / "reports" / "a" / "folds" / "report.md").is_file()
 
 
-def test_ensemble_is_the_mean_of_the_experiments(sim, work, predicted):
-    result = ensemble.ensemble_split(work, ["b", "a"], SPLIT)
-    assert result["directory"] == predict.predictions_dir(work, "a,b", SPLIT)
+def test_blend_is_the_mean_of_the_experiments(sim, work, predicted):
+    result = experiment.blend_experiments(work, ["b", "a"], SPLIT)
+    assert result["directory"] == experiment.predictions_dir(work, "a,b", SPLIT)
     trials = predicted["a"]["manifest"]["trials"]
     assert result["manifest"]["trials"] == trials
     a = _files(predicted["a"]["directory"], trials)
@@ -320,42 +265,56 @@ def test_ensemble_is_the_mean_of_the_experiments(sim, work, predicted):
     np.testing.assert_allclose(np.array(rows[-1]["prediction"]),
                                expected[:, 50: min(mouse.lengths[trial], 300) - 1], rtol=1e-6)
     assert (work / "reports" / "a,b" / SPLIT / "report.md").is_file()
-    with pytest.raises(predict.PredictionError,
+    with pytest.raises(experiment.PredictionError,
                        match="python -m dwise_jax.predict --experiment c --split live_test_main"):
-        ensemble.ensemble_split(work, ["a", "c"], SPLIT)
+        experiment.blend_experiments(work, ["a", "c"], SPLIT)
     # b's out-of-fold predictions of no trials (as if made with other folds).
-    atomic.write_json(predict.predictions_dir(work, "b", "folds") / predict.MANIFEST,
+    atomic.write_json(experiment.predictions_dir(work, "b", "folds") / experiment.MANIFEST,
                       {**predicted["folds"]["manifest"], "trials": {}})
-    with pytest.raises(predict.PredictionError, match="predicts other trials"):
-        ensemble.ensemble_split(work, ["a", "b"], "folds")
+    with pytest.raises(experiment.PredictionError, match="predicts other trials"):
+        experiment.blend_experiments(work, ["a", "b"], "folds")
 
 
 # --------------------------------------------------------------------------- errors
 
 
+def test_an_unfinished_fold_is_named_in_a_warning(sim, tmp_path, capsys):
+    directory = random_fold(tmp_path, "e", 3, sim, 0)  # its model.json: a run of 9 steps
+    experiment.load_fold(directory, 3)
+    assert "has not finished" not in capsys.readouterr().err  # saved at step 9
+    model = DwiseNeuro(readout_outputs=sim.num_neurons, **TEST_MODEL, rngs=nnx.Rngs(0))
+    save_fold(tmp_path, "e", 4, dict(readout_outputs=sim.num_neurons, **TEST_MODEL), sim.names,
+              nnx.state(model, (nnx.Param, nnx.BatchStat)), sim.root, step=5)
+    experiment.load_fold(checkpoint.fold_dir(tmp_path, "e", 4), 4)
+    assert "warning: fold 4 checkpoint is at step 5 of 9: its training has not finished" in \
+        capsys.readouterr().err
+
+
 def test_clear_errors(sim, work, oof_folds):
     missing = next(k for k in range(7) if k not in oof_folds)
-    with pytest.raises(predict.PredictionError, match=f"fold_{missing}.*no checkpoint"):
+    with pytest.raises(experiment.PredictionError, match=f"fold_{missing}.*no checkpoint"):
         predict.predict_split(work, "a", SPLIT, fold_ids=[oof_folds[0], missing])
-    with pytest.raises(predict.PredictionError, match="no fold folders"):
+    with pytest.raises(experiment.PredictionError, match="no fold folders"):
         predict.predict_split(work, "nothing", SPLIT)
-    with pytest.raises(predict.PredictionError, match="unknown split 'oracle'"):
+    with pytest.raises(experiment.PredictionError, match="unknown split 'oracle'"):
         predict.predict_split(work, "a", "oracle")
-    with pytest.raises(predict.PredictionError, match="anchor strides must be in 1..30"):
+    with pytest.raises(experiment.PredictionError, match="anchor strides must be in 1..30"):
         predict.predict_split(work, "a", SPLIT, anchor_stride=31)
     counts = [n + 1 for n in sim.num_neurons]
     random_fold(work, "wrong_neurons", 0, sim, 0, neurons=counts)
-    with pytest.raises(predict.PredictionError, match=r"readout 0 .* has 7 neurons but .*lists 6"):
+    with pytest.raises(experiment.PredictionError,
+                       match=r"readout 0 .* has 7 neurons but .*lists 6"):
         predict.predict_split(work, "wrong_neurons", SPLIT)
     random_fold(work, "wrong_mice", 0, sim, 0, mice=["x", "y"])
-    with pytest.raises(predict.PredictionError, match="has no readout for mouse"):
+    with pytest.raises(experiment.PredictionError, match="has no readout for mouse"):
         predict.predict_split(work, "wrong_mice", SPLIT)
 
 
 def test_command_line_errors_are_one_line(work):
     for module, args, message in (
             ("predict", ["--experiment=a", "--split=oracle"], "unknown split 'oracle'"),
-            ("ensemble", ["--experiments=a,c", f"--split={SPLIT}"], "make them with")):
+            ("predict", ["--experiment=a,c", f"--split={SPLIT}", "--blend_only"],
+             "make them with")):
         out = subprocess.run([sys.executable, "-m", f"dwise_jax.{module}", *args,
                               f"--workdir={work}"], capture_output=True, text=True, cwd=REPO,
                              timeout=HANG_TIMEOUT_S)
@@ -373,7 +332,7 @@ def test_predict_with_only_a_split_blends_every_experiment(sim, work, predicted,
                           f"--workdir={tmp_path}", "--stride_sweep="],
                          capture_output=True, text=True, cwd=REPO, timeout=HANG_TIMEOUT_S)
     assert out.returncode == 0, out.stderr[-3000:]
-    mean_dir = predict.predictions_dir(tmp_path, "a,b", SPLIT)
+    mean_dir = experiment.predictions_dir(tmp_path, "a,b", SPLIT)
     manifest = json.loads((mean_dir / "manifest.json").read_text())
     assert manifest["experiments"] == ["a", "b"]
     mouse = sim.mice[0]
@@ -382,5 +341,5 @@ def test_predict_with_only_a_split_blends_every_experiment(sim, work, predicted,
     got = np.load(mean_dir / mouse.name / f"{trial}.npy")
     np.testing.assert_allclose(got, (own[0].astype(np.float64) + own[1]) / 2, atol=1e-5)
     assert (tmp_path / "predictions" / "a,b" / SPLIT).is_dir()
-    with pytest.raises(predict.PredictionError, match="holds no trained experiment"):
-        predict.experiments_in(tmp_path / "notes")
+    with pytest.raises(experiment.PredictionError, match="holds no trained experiment"):
+        experiment.experiments_in(tmp_path / "notes")

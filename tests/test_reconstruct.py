@@ -13,10 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import HANG_TIMEOUT_S
-from test_predict import random_fold
+from conftest import HANG_TIMEOUT_S, random_fold
 
-from dwise_jax import checkpoint, inference, losses, predict, reconstruct
+from dwise_jax import checkpoint, experiment, inference, losses, reconstruct
 from dwise_jax.data import folds, windows
 from dwise_jax.data.sensorium import SensoriumDataset
 
@@ -152,9 +151,9 @@ def test_command_end_to_end(setup, tmp_path):
     assert row["linear"]["lags"] == 8 and -1 <= row["linear"]["corr"] <= 1
     assert "| linear decoder" in (out / "report.md").read_text()
 
-    with pytest.raises(predict.PredictionError, match=r"has no mice \['nobody'\]"):
+    with pytest.raises(experiment.PredictionError, match=r"has no mice \['nobody'\]"):
         reconstruct.reconstruct_split(work, ["a"], "folds", mice=["nobody"], out=tmp_path / "x")
-    with pytest.raises(predict.PredictionError, match="no trials of split folds"):
+    with pytest.raises(experiment.PredictionError, match="no trials of split folds"):
         reconstruct.reconstruct_split(work, ["a"], "folds", trials=[10**6], out=tmp_path / "x")
     assert not (tmp_path / "x").exists()
 

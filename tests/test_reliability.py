@@ -13,47 +13,36 @@ one JAX compilation cache: only the first run compiles, the restarts load the pr
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HANG_TIMEOUT_S
-from test_train import CLI_TINY, DEMO, REPO, TINY, checkpoint_leaves
+from conftest import (
+    FOLD,
+    HANG_TIMEOUT_S,
+    REPO,
+    TINY,
+    Child,
+    assert_bit_identical,
+    detach,
+    link_copy,
+    records,
+    train_command,
+)
 
 from dwise_jax import checkpoint, process_env
 from dwise_jax.logbook import Logbook
 
 KILLS = int(os.environ.get("DWISE_JAX_KILLS", "5"))
 KILL_SEED = int(os.environ.get("DWISE_JAX_KILL_SEED", "0"))
-FOLD = 2
 STEPS_PER_EPOCH = TINY["data.train_epoch_size"] // TINY["data.batch_size"]
 TOTAL_STEPS = STEPS_PER_EPOCH * (TINY["optim.warmup_epochs"] + TINY["optim.cosine_epochs"])
 WRITER = REPO / "tests" / "scripts" / "checkpoint_writer.py"
-
-
-def link_copy(src: Path, dst: Path) -> Path:
-    """A copy of a dataset root made of hard links (fast); without `simulation/`, so training
-    skips its baseline comparison. Rewrite a file only after `detach`ing it."""
-    shutil.copytree(src, dst, copy_function=os.link,
-                    ignore=shutil.ignore_patterns("simulation"))
-    return dst
-
-
-def detach(path: Path) -> Path:
-    """Gives a hard-linked file its own inode, so changing it leaves the original alone."""
-    data = path.read_bytes()
-    path.unlink()
-    path.write_bytes(data)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -73,80 +62,11 @@ def train_env(tmp_path_factory) -> dict[str, str]:
     return env
 
 
-def train_command(root: Path, workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dwise_jax.train", "--config", DEMO, f"--data_root={root}",
-            f"--workdir={workdir}", f"--folds={FOLD}", *CLI_TINY, *extra]
-
-
-class Child:
-    """A process in its own session (SIGKILL reaches it and anything it started), its stdout
-    collected line by line."""
-
-    def __init__(self, command: list[str], env: dict[str, str], stderr: Path):
-        self._stderr = stderr.open("w")
-        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, text=True, start_new_session=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.finish()
-
-    def stop_inside_write(self, steps: Path) -> None:
-        """Freezes the process (SIGSTOP) at a moment when a checkpoint write is unfinished:
-        stop, look, and let it go on until a temporary step folder is there while it is frozen.
-        Whether a random kill lands inside a write depends on the machine's speed; this does
-        not."""
-        while True:
-            os.killpg(self.proc.pid, signal.SIGSTOP)
-            if any(not p.name.isdigit() for p in steps.iterdir()):
-                return
-            os.killpg(self.proc.pid, signal.SIGCONT)
-            time.sleep(0.001)
-
-    def finish(self) -> None:
-        self.proc.wait()
-        self._reader.join()
-        self._stderr.close()
-
-
-def records(path: Path, skip: int = 0) -> list[dict]:
-    """metrics.jsonl after its first `skip` lines (a line being written is ignored)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines()[skip:]:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
-
-
-def assert_bit_identical(a: dict, b: dict) -> None:
-    flat_a, flat_b = dict(checkpoint_leaves(a)), dict(checkpoint_leaves(b))
-    assert flat_a.keys() == flat_b.keys()
-    for key, value in flat_a.items():
-        other = flat_b[key]
-        assert value.dtype == other.dtype and value.shape == other.shape, key
-        assert value.tobytes() == other.tobytes(), f"{key} differs"
-
-
 def train_losses(fold: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(fold / "metrics.jsonl") if r["kind"] == "train"}
 
 
 # ----------------------------------------------------------------------------- crashes
-@pytest.mark.slow
 def test_random_sigkills_resume_to_the_same_state_bit_for_bit(plain_root, train_env, tmp_path):
     extra = ("--config.log.every_steps=1",)  # one metrics.jsonl record per step: the step counter
     straight = subprocess.run(train_command(plain_root, tmp_path / "straight", *extra), cwd=REPO,
@@ -247,7 +167,6 @@ def test_sigkill_during_checkpoint_writes_keeps_the_last_complete_step(tmp_path)
 
 
 # ----------------------------------------------------------------------------- numerical faults
-@pytest.mark.slow
 @pytest.mark.parametrize("every, first_steps, detected", [
     (2, 3, 4),
     # Logged every 4 steps, 3 steps per epoch: step 5 goes bad, the epoch end at step 6 checks

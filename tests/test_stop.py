@@ -15,8 +15,7 @@ import signal
 import time
 
 import pytest
-from conftest import HANG_TIMEOUT_S
-from test_reliability import Child, link_copy, train_command
+from conftest import HANG_TIMEOUT_S, Child, link_copy, train_command
 
 from dwise_jax import checkpoint, preview, process_env
 

@@ -13,22 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HANG_TIMEOUT_S
+from conftest import CLI_TINY, DEMO, HANG_TIMEOUT_S, REPO, TINY, checkpoint_leaves
 
 from dwise_jax import checkpoint, fold_run
 from dwise_jax import config as config_lib
 from dwise_jax.train import train_and_evaluate
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs" / "demo.py")
-TINY = {
-    "model.core_features": (8, 8, 16), "model.spatial_strides": (2, 2, 2),
-    "model.expansion_ratio": 2, "model.se_reduce_ratio": 4, "model.cortex_features": (32, 64),
-    "data.batch_size": 4, "data.val_batch_size": 16, "data.train_epoch_size": 12,
-    "optim.warmup_epochs": 1, "optim.cosine_epochs": 2, "log.every_steps": 2,
-}
-CLI_TINY = [f"--config.{k}={v if not isinstance(v, tuple) else ','.join(map(str, v))}"
-            for k, v in TINY.items()]
 
 
 def _run(args, **kwargs):
@@ -50,7 +39,7 @@ def test_tiny_training_writes_everything(sim_root, tmp_path):
     assert np.isfinite(scores[1])
     for name in ("config.json", "model.json", "metrics.jsonl", "curves.png"):
         assert (fold / name).is_file(), name
-    assert checkpoint.latest_step(fold) == 9 and checkpoint.latest_step(fold, "best") is not None
+    assert checkpoint.latest_step(fold) == 9 and checkpoint.best_step(fold) is not None
     assert any((fold / "tensorboard").iterdir())
     records = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
     val_steps = [r["step"] for r in records if r["kind"] == "val"]
@@ -80,7 +69,6 @@ def test_refuses_another_architecture_or_config(sim_root, tmp_path):
         train_and_evaluate(config, tmp_path, folds=[0])
 
 
-@pytest.mark.slow
 def test_sigkill_and_restart_ends_bit_identical(sim_root, tmp_path):
     args = [f"--data_root={sim_root}", "--folds=2", *CLI_TINY]
     straight = _run([*args, f"--workdir={tmp_path / 'a'}"], timeout=HANG_TIMEOUT_S)
@@ -108,17 +96,6 @@ def test_sigkill_and_restart_ends_bit_identical(sim_root, tmp_path):
     assert flat_a.keys() == flat_b.keys()
     for key, value in flat_a.items():
         np.testing.assert_array_equal(value, flat_b[key], err_msg=key)
-
-
-def checkpoint_leaves(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from checkpoint_leaves(v, f"{prefix}/{k}")
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from checkpoint_leaves(v, f"{prefix}/{i}")
-    else:
-        yield prefix, np.asarray(tree)
 
 
 def test_one_step_on_four_devices_equals_one_device(sim_root):
@@ -163,7 +140,6 @@ def test_profile_and_hlo_dump(sim_root, tmp_path):
     assert checkpoint.latest_step(fold) == 2  # --max_steps stops with a checkpoint
 
 
-@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(sim_root, tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(

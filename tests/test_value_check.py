@@ -11,9 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_bad_inputs import mouse_folder, q, run_module
-from test_reliability import FOLD, detach, link_copy
-from test_train import CLI_TINY, DEMO
+from conftest import CLI_TINY, DEMO, FOLD, detach, link_copy, mouse_folder, q, run_module
 
 from dwise_jax import checkpoint
 from dwise_jax.data import dataset_check, folds, sensorium, synthetic, value_check, windows
@@ -185,7 +183,6 @@ def test_the_loader_names_the_file_trial_and_frame(root):
         "records at most ")
 
 
-@pytest.mark.slow
 def test_training_stops_at_the_first_offending_window_before_any_step(root, tmp_path):
     # Every training trial of one mouse scaled by 1e6: the first batch holds one.
     mouse = SensoriumDataset.open(root).mice[1]
