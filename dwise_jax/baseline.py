@@ -1,15 +1,6 @@
 """Reference scores for a validation fold: a ridge-regression baseline and, on simulated data,
-the noise ceiling. Both are scored with the original's val_corr on the same validation windows
-that training validates on, so the three numbers compare directly.
-
-Ridge baseline: each neuron's response at frame t is a linear function of the video (averaged
-over 4 x 4 pixel blocks, 9 x 16) at frames t, t-2, ..., t-8 (the simulated temporal kernels peak
-at 80-160 ms) and of the four behaviour and pupil traces at frame t, fitted on the same
-training trials as the network (the other six folds), the penalty chosen on a held-out part of
-them.
-
-Noise ceiling (simulated data only): the val_corr of the simulation's noiseless rate, i.e. what a
-perfect model of the simulated neurons would score against the noisy responses.
+the noise ceiling, scored with the original's val_corr on training's validation windows so they
+compare directly with training's (docs/training.md#the-demo-on-the-simulated-dataset).
 
     python -m dwise_jax.baseline --root data/simulated --fold 0
 """
@@ -26,7 +17,7 @@ from dwise_jax.data import eval_windows, folds, windows
 from dwise_jax.data.sensorium import DatasetError, Mouse, SensoriumDataset
 from dwise_jax.metrics import PearsonSums
 
-LAGS = (0, 2, 4, 6, 8)
+LAGS = (0, 2, 4, 6, 8)  # frames back; the simulated temporal kernels peak at 80-160 ms
 BLOCK = 4
 PENALTIES = (1e-1, 1e1, 1e3, 1e5)
 

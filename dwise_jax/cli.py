@@ -1,16 +1,9 @@
 """Every command line of dwise_jax, one way: absl flags on a `FlagValues` of the command's own.
 
-A command module defines `define_flags(fv)` and `run(fv, args) -> int` (args: the positional
-arguments) and ends with
-
-    if __name__ == "__main__":
-        cli.main(__doc__, define_flags, run, errors=(SomeDataError,))
-
-Tests call the same command in-process with `cli.call(define_flags, run, ["--flag", "v"])`:
-each call parses into a fresh `FlagValues`, so commands never collide over absl's global flags
-and can be called many times in one process. Errors the user can fix end as one `error:` line:
-exit 2 for usage (unknown or malformed flags, `UsageError`), 1 for the errors the command names
-as its users' to fix (bad data, a missing checkpoint: its `errors`).
+A command module defines `define_flags(fv)` and `run(fv, args) -> int` and ends with
+`cli.main(__doc__, define_flags, run, errors=(...))`; tests run it in-process with `cli.call`.
+Usage errors exit 2, the command's `errors` exit 1, one `error:` line each
+(docs/design.md#command-lines).
 """
 
 from __future__ import annotations
@@ -50,10 +43,7 @@ def call(define: Define, run: Run, args: Sequence[str], program: str = "dwise_ja
          doc: str | None = None, errors: tuple[type[BaseException], ...] = (),
          check: Callable[[list[str]], None] | None = None) -> int:
     """Parses `args` and runs the command; usage and user errors -> one line on stderr.
-
-    `check(args)`, if given, looks at the raw arguments before absl parses them (e.g. a missing
-    config file, which ml_collections would report as a traceback) and raises one of `errors`.
-    """
+    `check(args)` may raise one of `errors` from the raw arguments, before absl parses them."""
     if "--help" in args or "-h" in args or "--helpfull" in args:
         print(usage(doc, define))
         return 0

@@ -1,13 +1,7 @@
-"""A trained experiment on disk: its fold folders, their models, and the predictions written
-for it. The public ground shared by `predict`, `inference`, `reconstruct` and `mei`.
-
-    <workdir>/<experiment>/fold_<k>/                  model.json, config.json, checkpoints/
-    <workdir>/predictions/<experiment>/<split>/<mouse>/<trial>.npy   (neurons, length) float32
-    <workdir>/predictions/<experiment>/<split>/manifest.json         written last: complete
-    <workdir>/reports/<experiment>/<split>/                          scored splits
-
-Several experiments blended are written as the experiment named by their sorted names joined
-with commas (`a,b`, the original's naming), as the winning submission was made.
+"""A trained experiment on disk: its fold folders (`<workdir>/<experiment>/fold_<k>/`), their
+models, and the predictions written for it (`<workdir>/predictions/<experiment>/<split>/`,
+complete once manifest.json is written; docs/prediction.md). The public ground shared by
+`predict`, `inference`, `reconstruct` and `mei`. A blend is the experiment `a,b`.
 """
 
 from __future__ import annotations
@@ -125,7 +119,6 @@ def readout_index(spec: checkpoint.ModelSpec, mouse: Mouse | str, where: Path | 
 
 
 def predictions_dir(workdir: str | Path, experiment: str, split: str) -> Path:
-    """`<workdir>/predictions/<experiment>/<split>`."""
     return Path(workdir) / "predictions" / experiment / split
 
 
@@ -169,11 +162,9 @@ def write_submission(dataset: SensoriumDataset, split: str, directory: Path,
 
 def finish(dataset: SensoriumDataset, experiment: str, split: str, directory: Path,
            manifest: dict, scorer: report.SplitScorer | None, workdir: str | Path) -> dict:
-    """Writes the manifest (marking the arrays complete), the submission and the report.
-
-    Returns {"directory", "manifest", "submission" (path or None), and on scored splits
-    "scores" (report.SplitScorer.summary) and "report" (the Markdown file)}.
-    """
+    """Writes the manifest (marking the arrays complete), the submission and the report; returns
+    {"directory", "manifest", "submission" (path or None), on scored splits "scores" and
+    "report" (the Markdown file)}."""
     atomic.write_json(directory / MANIFEST, manifest)
     result = {"directory": directory, "manifest": manifest,
               "submission": write_submission(dataset, split, directory, manifest["trials"])}

@@ -1,11 +1,6 @@
-"""How a command ends on a failure of its environment, not of its code: a full disk, or (with
-several processes) a peer process gone. One `error:` line, the last on stderr, exit status 1.
-
-Every writer of dwise_jax writes under a temporary name and renames (dwise_jax/atomic.py;
-Orbax for checkpoints), so a write that fails leaves the last complete file in place; the
-command then stops with `error: <file>: the disk is full ...`, exit status 1, and the same
-command resumes as after an interruption once space is freed.
-"""
+"""How a command ends on a failure of its environment (a full disk, a dead peer process): one
+`error:` line, the last on stderr, exit 1. Writes are atomic, so the same command resumes once
+space is freed (docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -43,12 +38,9 @@ def exit_with(error: OSError, where: str = "") -> NoReturn:
 def exit_with_line(text: str) -> NoReturn:
     """Print `error: <text>` as the last line of stderr and exit 1, at once.
 
-    Orbax's writer threads (and its asyncio loop), or JAX's distributed runtime, may still print
-    tracebacks of the same failure while the process ends. So stderr is pointed at /dev/null
-    for everything else before our line goes out through a saved descriptor, and the process
-    ends without running the interpreter's shutdown (everything of ours is closed: the
-    `finally` blocks ran). The line starts on a fresh line in case a thread left one
-    half-written.
+    Orbax's writer threads or JAX's distributed runtime may still print tracebacks of the same
+    failure, so stderr goes to /dev/null before our line leaves through a saved descriptor
+    (on a fresh line), and `os._exit` skips the interpreter's shutdown (our `finally`s ran).
     """
     for stream in (sys.stdout, sys.stderr):
         try:

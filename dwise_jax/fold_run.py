@@ -1,17 +1,12 @@
-"""`train_fold`: one fold of one experiment, from set-up to the last epoch, resumable.
-
-Sections in the order things happen: devices and mesh, data, model, optimiser, fold folder and
-restore, the epoch loop (validate, train, validate, save), clean-up. Helpers beside it:
-`validate` (the original's val_corr with the EMA weights) and the compatibility check of an
-existing fold folder.
-"""
+"""`train_fold`: one fold of one experiment, from set-up to the last epoch, resumable, in
+sections in the order things happen; beside it `validate` (the original's val_corr with the
+EMA weights) and the check that an existing fold folder fits the run."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -50,12 +45,6 @@ USER_ERRORS = (TrainingError, DatasetError, checkpoint.CheckpointError, config_l
 # Config fields that may change between a run and its restart (they do not change results).
 _RESTART_FREE = ("workdir", "data_root", "folds", "log", "data.num_workers",
                  "data.prefetch_buffer_size")
-
-
-def request_stop(signum: int = 0, frame: Any = None) -> None:
-    """A stop request (see dwise_jax/stop.py): at once before the fold's first step is done,
-    else finish the current step, save a checkpoint, and return."""
-    stop.request(signum or signal.SIGTERM)
 
 
 def _comparable(config_dict: dict) -> dict:
@@ -100,12 +89,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def validate(evaluate, weights, dataset: SensoriumDataset, fold: int, batch_size: int,
              mesh) -> dict[str, float]:
-    """The original's val_corr and the validation loss, with the given (EMA) weights.
-
-    val_corr: per mouse, the per-neuron Pearson r over all (window, frame) rows of its
-    validation windows, averaged over neurons; then averaged over mice
-    (docs/original.md#training).
-    """
+    """The original's val_corr (docs/original.md#training) and the validation loss, with the
+    given (EMA) weights."""
     sums = [PearsonSums.zeros(n) for n in dataset.num_neurons]
     loss_sum, count = 0.0, 0
     # Each process reads and scores its own rows of every batch; the sums are then added up.
@@ -308,15 +293,10 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
 
 def load_teacher(config, workdir: Path, fold: int, dataset: SensoriumDataset,
                  dtype) -> tuple[nnx.Module, dict[str, Any]]:
-    """The distillation teacher: the EMA model of `distill.teacher_experiment`'s same fold.
-
-    Rebuilt with its own constructor arguments (model.json; the original's teacher has
-    expansion 7, the student 6), in eval mode, computing in `dtype`. Raises TrainingError,
-    naming the folder, when it is missing, unreadable, or made for other mice or neuron counts.
-
-    Returns:
-      (teacher, provenance for the student's model.json).
-    """
+    """(teacher, its provenance for the student's model.json): the eval-mode EMA model of the
+    same fold of `distill.teacher_experiment`, built from its own model.json (expansion 7 in
+    the original, the student 6), computing in `dtype`. TrainingError naming the folder when it
+    is missing, unreadable, or made for other mice or neuron counts."""
     directory = checkpoint.fold_dir(workdir, config.distill.teacher_experiment, fold)
     if config.distill.teacher_experiment == config.experiment:
         raise TrainingError(f"{directory}: distill.teacher_experiment is this experiment; "

@@ -1,18 +1,10 @@
 """`python -m dwise_jax.mei --experiment NAME --mouse M --neurons 3,17`: most exciting inputs.
 
-For each chosen neuron, the window of frames (16 frames, the model's window) that maximises the
-ensemble-mean predicted response (the mean over the window's 16 output frames) under a fixed
-contrast budget: the video is `level + delta` with ||delta||_2 <= `norm`, projected after every
-Adam step and kept in 0..255. Behaviour and pupil are held at the mouse's median over its
-training trials. Neurons are optimised together, as one batch of windows, through all models
-at once (`vmap`). The default `norm` and `level` are the median contrast norm and the mean pixel
-of the mouse's training windows, so that an MEI has the contrast of a typical stimulus.
-
-Outputs under `<workdir>/insilico/<experiment>/mei/<mouse>/`: `<neuron>.npy` (36, 64, 16) in the
-dataset's video layout, `<neuron>.png`, and report.md / report.json with the response each MEI
-reaches against the most driving of the sampled training windows (with the same held
-behaviour), each MEI's spatial energy
-centre and, on a simulated dataset, its distance to the neuron's true receptive-field centre.
+For each chosen neuron, the 16-frame window that maximises its ensemble-mean predicted response
+within a contrast budget (`level + delta`, ||delta||_2 <= `norm`, pixels in 0..255; by default
+those of a typical training window), behaviour and pupil held at the mouse's median. Outputs
+under `<workdir>/insilico/<experiment>/mei/<mouse>/`; method and report:
+docs/insilico.md#most-exciting-inputs.
 """
 
 from __future__ import annotations
@@ -111,10 +103,8 @@ def energy_centre(mei: np.ndarray, level: float) -> tuple[float, float]:
 
 def best_neurons(ens: inference.Ensemble, mouse: Mouse, count: int,
                  max_trials: int = 16) -> tuple[list[int], np.ndarray]:
-    """The `count` neurons whose held-out predictions follow their responses best, and every
-    neuron's correlation: each labeled trial of a fold the ensemble has a model for (at most
-    `max_trials` per fold), predicted only by that fold's models (which never trained on it),
-    the correlation over all those frames."""
+    """The `count` neurons best predicted on held-out trials (each fold's, at most `max_trials`,
+    by that fold's models only), and every neuron's correlation over those frames."""
     sums = PearsonSums.zeros(mouse.num_neurons)
     for k in sorted(set(ens.folds)):
         sub = ens.subset([i for i, f in enumerate(ens.folds) if f == k])

@@ -1,20 +1,10 @@
 """`python -m dwise_jax.reconstruct --experiment NAME --split SPLIT`: movies from responses.
 
-The published method (Bauer, Margrie & Clopath, eLife 2026) rebuilt on the project's ensemble
-(dwise_jax/inference.py): the video of a trial, from mid-grey, is optimised so that the models'
-predictions match the recorded responses, behaviour and pupil staying as recorded. Per iteration:
-
-  1. the Poisson NLL of each model on each prediction window, its gradient on the window's
-     frames divided by its L2 norm;
-  2. these averaged over the windows covering each frame and over the models, times the
-     population mask, clipped at +-`grad_clip`;
-  3. Adam's first moment with bias correction (no second moment), the learning rate (0..255
-     pixel scale) warmed up linearly over `warmup` iterations, the video clipped to 0..255.
-
-One jitted function runs steps 1-3 for all windows (scanned in chunks: memory is bounded by the
-chunk, not the trial) and all models. Each trial is reconstructed only by models that never
-trained on it (split `folds`: fold k's trials by the fold-k models of every experiment given;
-test splits: by all). Outputs and the report: docs/insilico.md.
+The published method (Bauer, Margrie & Clopath, eLife 2026) on the project's ensemble: from
+mid-grey, a trial's video is optimised so that the models' predictions match the recorded
+responses (normalised window gradients of the Poisson NLL, averaged over windows and models,
+masked, clipped, Adam's first moment), one jitted function per iteration. Each trial only by
+models that never trained on it. Method, outputs, report: docs/insilico.md#movie-reconstruction.
 """
 
 from __future__ import annotations
@@ -190,13 +180,9 @@ def top_share(energy: np.ndarray, share: float) -> np.ndarray:
 
 def population_mask(ens: inference.Ensemble, mouse: Mouse, trials: list[int],
                     cfg: ReconConfig, seed: int = 0) -> dict:
-    """The screen area that drives the mouse's predicted population activity.
-
-    The squared gradient of the summed predicted activity (all neurons, models and frames) on
-    each pixel, summed over `cfg.mask_windows` windows of `trials` (their recorded video and
-    behaviour; no responses). Returns {"energy" (36, 64) normalised to max 1, "update",
-    "score"}: the pixels holding `update_fraction` and `score_fraction` of the energy.
-    """
+    """The screen area that drives the mouse's predicted population activity, from
+    `cfg.mask_windows` windows of `trials` (docs/insilico.md#movie-reconstruction): {"energy"
+    (36, 64), max 1; "update", "score": the pixels holding those fractions of the energy}."""
     rng = np.random.default_rng(seed)
     rows = [(t, a) for t in trials for a in windows.prediction_anchors(int(mouse.lengths[t]), 8)]
     pick = rng.choice(len(rows), min(cfg.mask_windows, len(rows)), replace=False)

@@ -1,21 +1,10 @@
 """`python -m dwise_jax.train --config CONFIG [--folds 0,3] [--workdir DIR]`: train the folds.
 
-Each fold k trains on the other six folds and validates on fold k, with the original's recipe
-(docs/original.md#training): all mice in every batch, the mouse-weighted Poisson loss, CutMix, AdamW
-with a per-iteration warm-up from 0 then a cosine, EMA after every step, validation with the EMA
-weights before each of the two fits (warm-up, cosine) and after every epoch.
-
-Everything a fold writes lies under `<workdir>/<experiment>/fold_<k>/`: `config.json` (the
-resolved config), `model.json` (architecture and mice), `checkpoints/` (train state, EMA,
-loader state of the last two epochs, what a restart resumes from and what prediction uses, as
-the original kept its last epoch, and of the epoch with the best validation correlation),
-`metrics.jsonl`, `tensorboard/` and `curves.png`. A run restarts from its latest checkpoint by
-itself. A stop request (SIGTERM, Ctrl-C) before a fold's first step is done ends the run at
-once (exit 143/130, nothing new saved); later it finishes the step, saves and exits 0.
-
-Profiling: `--profile_steps=10:20` writes a jax.profiler trace of those steps to
-`<fold>/profile/` (TensorBoard's profile plugin or Perfetto open it); `--dump_hlo` writes the
-optimised HLO of the train step to `<fold>/train_step.hlo.txt`.
+Each fold k trains on the other six and validates on k with the original's recipe
+(docs/original.md#training), writing under `<workdir>/<experiment>/fold_<k>/`. A run resumes
+from its latest checkpoint by itself; a stop request (SIGTERM, Ctrl-C) ends it at once before
+the first step, later after saving. Fold folders, stopping, `--profile_steps`, `--dump_hlo`:
+docs/training.md.
 """
 
 from __future__ import annotations
@@ -48,11 +37,8 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def train_and_evaluate(config, workdir: str | Path, *, folds: list[int] | None = None,
                        **options) -> dict[int, float]:
-    """Trains the given folds (default: config.folds) one after the other.
-
-    Returns:
-      {fold: validation correlation of its last epoch's EMA weights}.
-    """
+    """Trains the given folds (default: config.folds) one after the other; returns {fold:
+    val_corr of its last epoch's EMA weights}."""
     results = {}
     for fold in folds if folds is not None else list(config.folds):
         results[fold] = fold_run.train_fold(config, Path(workdir), fold, **options)
