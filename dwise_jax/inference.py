@@ -1,16 +1,9 @@
 """A trained ensemble as one object: fold models stacked for `vmap`, whole-trial prediction and
-differentiable functions of the video for in-silico experiments (reconstruction, MEIs).
+differentiable functions of the video for in-silico experiments (docs/insilico.md).
 
-    from dwise_jax import inference
-    ens = inference.load_ensemble("workdir", "demo")            # every fold found, stacked
-    trial = dataset.mouse(name).load_trial(7)
-    pred = ens.predict(trial.video, trial.behavior, trial.pupil_center, name)   # (N, L)
-
-The same sliding windows and mean blend as `python -m dwise_jax.predict` (every anchor at
-stride 1), but all windows of a trial and all models run in one jitted function, the windows
-scanned in chunks so that memory stays bounded whatever the trial's length. Arrays are in the
-dataset's layout: video (36, 64, T), behavior and pupil_center (2, T); frames past the trial's
-valid length (NaN) are ignored.
+Predict's sliding windows and mean blend, but all windows of a trial (scanned in chunks, so
+memory is bounded by the chunk) and all models in one jitted function. Arrays in the dataset's
+layout: video (36, 64, T), behavior and pupil_center (2, T); the NaN tail is ignored.
 """
 
 from __future__ import annotations
@@ -25,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dwise_jax import checkpoint, experiment
+from dwise_jax import checkpoint, experiment, forward
 from dwise_jax.data import windows
 from dwise_jax.data.sensorium import Mouse, first_nan
 
@@ -55,8 +48,7 @@ class WindowPlan:
 
 def _apply(graphdef, state, frames, traces, readout_index: int):
     """One model on (C, 16, 36, 64) frames and (C, 16, 4) traces -> (C, 16, N) float32."""
-    x = windows.expand_inputs(frames, traces)
-    return nnx.merge(graphdef, state)(x, readout_index=readout_index)
+    return forward.apply(graphdef, (state,), frames, traces, readout_index)
 
 
 def over_models(fn, states, model_axis: str = "map"):
@@ -76,13 +68,9 @@ def models_apply(graphdef, states, frames, traces, readout_index: int, model_axi
 
 
 def trial_outputs(graphdef, states, video, traces, plan: WindowPlan, readout_index: int):
-    """Each model's blended prediction of a trial, a differentiable function of the video.
-
-    Args:
-      video: (L, 36, 64) float32, frames first; traces: (L, 4) (`windows.traces_of(...)`).
-    Returns:
-      (M, L, N) float32: for every model, each frame's mean over the windows covering it.
-    """
+    """Each model's blended prediction of a trial, differentiable in the video: video
+    (L, 36, 64) float32 and traces (L, 4) -> (M, L, N) float32, each frame's mean over the
+    windows covering it."""
     def body(sums, chunk):
         idx, valid = chunk
         out = models_apply(graphdef, states, video[idx], traces[idx], readout_index)

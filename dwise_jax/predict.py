@@ -1,30 +1,15 @@
 """`python -m dwise_jax.predict --split SPLIT [--experiment A,B]`: predictions, submission, report.
 
-With no `--experiment`, every experiment of the workdir (each folder with trained fold_<k>
-folders) is predicted, and with several their mean is written too (as the experiment `a,b`), as
-the winning submission was made: each experiment's folds averaged, then the experiments averaged.
-`--blend_only` averages predictions already written (e.g. by separate runs on several GPUs).
-
-As the original (docs/original.md#prediction): every fold model of the experiment (its EMA weights,
-trained here or converted from the original's .pth) predicts every trial of the split with sliding
-windows at every anchor (stride 1, as the original), batched on the device(s); the overlapping
-windows are mean-blended frame by frame, the folds averaged, and each trial written as float32
-(neurons, length) under `<workdir>/predictions/<experiment>/<split>/` (dwise_jax/experiment.py).
-
-Splits: the four test tiers (the submitted mice only, and the competition's parquet file beside
-the arrays) and `folds`: out of fold, where fold k's model predicts the labeled trials of fold k
-(of every mouse) and the competition correlation is printed and reported under
-`<workdir>/reports/<experiment>/folds/`. On a simulated dataset the test splits are scored too,
-against the responses the simulator keeps aside, next to its noise ceiling.
-
-`--anchor_stride S` runs about 2/S of the windows (every frame stays covered). On scored splits
-with stride 1 the report also gives the correlation at the strides of `--stride_sweep`, blended
-from the same windows (no extra model time).
+As the original (docs/original.md#prediction), every fold model's EMA weights predict every
+trial of the split with sliding windows at every anchor, mean-blended frame by frame, and the
+folds are averaged; with no `--experiment` every experiment of the workdir, and with several
+their mean as the experiment `a,b`. `--blend_only` averages predictions already written.
+Splits: the four test tiers (with the competition's file) and `folds` (out of fold, scored).
+Outputs, scores and anchor strides: docs/prediction.md.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +22,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from dwise_jax import checkpoint, cli, fatal, preview, report, sharding
-from dwise_jax.data import eval_windows, folds, pipeline, windows
+from dwise_jax import forward as fwd
+from dwise_jax.data import eval_windows, folds, windows
 from dwise_jax.data.sensorium import Mouse, SensoriumDataset
 from dwise_jax.experiment import (
     CHUNK_TRIALS,
@@ -72,21 +58,18 @@ class FoldModel:
     directory: Path
     spec: checkpoint.ModelSpec
     step: int
-    graphdef: Any  # the whole model
+    graphdef: Any  # the whole model, eval mode
     state: Any
-    readout_graphdefs: list[Any]  # readout i's state is state["readouts"][i]
 
     @classmethod
     def of(cls, model: nnx.Module, mesh, fold: int = 0, directory: Path = Path("."),
            spec: checkpoint.ModelSpec | None = None, step: int = 0) -> FoldModel:
         """Wraps an eval-mode DwiseNeuro; its state is replicated over the mesh."""
         graphdef, state = nnx.split(model)
-        readouts = [nnx.split(r)[0] for r in model.readouts]
         spec = spec or checkpoint.ModelSpec(
             constructor={"readout_outputs": list(model.readout_outputs)},
-            mice=[f"readout_{i}" for i in range(len(readouts))], source="in memory")
-        return cls(fold, directory, spec, step, graphdef, sharding.replicate(state, mesh),
-                   readouts)
+            mice=[f"readout_{i}" for i in range(len(model.readouts))], source="in memory")
+        return cls(fold, directory, spec, step, graphdef, sharding.replicate(state, mesh))
 
     def readout_index(self, mouse: Mouse) -> int:
         """The readout of `mouse`, checked against the dataset's neuron count."""
@@ -105,35 +88,20 @@ def load_fold_models(folders: dict[int, Path], mesh) -> list[FoldModel]:
 # --------------------------------------------------------------------------- windows
 
 
-# Core and cortex compile once for all mice; each readout (its own N) is a small program.
-@functools.partial(jax.jit, static_argnums=0)
-def _features(graphdef, state, frames, traces):
-    """(B, 16, 36, 64) frames, (B, 16, 4) traces -> (B, 16, cortex features)."""
-    x = pipeline.device_inputs({"frames": frames, "traces": traces})
-    return nnx.merge(graphdef, state).features(x)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _readout(graphdef, state, features):
-    """(B, 16, cortex features) -> (B, 16, N) float32, one readout."""
-    return nnx.merge(graphdef, state)(features)
-
-
 def forward(model: FoldModel, frames, traces, readout_index: int):
-    """`model(inputs, readout_index)` of a prediction batch: (B, 16, N) float32."""
-    features = _features(model.graphdef, model.state, frames, traces)
-    return _readout(model.readout_graphdefs[readout_index],
-                    model.state["readouts"][readout_index], features)
+    """Every window of a batch (placed on the mesh, or host arrays) by one readout: (B, 16, N)
+    float32. One program for every mouse (dwise_jax/forward.py), sliced to the mouse's N."""
+    mouse = jax.device_put(np.full(np.shape(frames)[0], readout_index, np.int32),
+                           getattr(frames, "sharding", None))
+    out = fwd.jitted(model.graphdef, (model.state,), frames, traces, mouse)
+    return out[..., :model.spec.num_neurons[readout_index]]
 
 
 def blend_trials(model: FoldModel, mouse: Mouse, trials: list[int], strides: tuple[int, ...],
                  batch_size: int, mesh, progress: tqdm | None = None,
                  ) -> dict[int, eval_windows.WindowBlender]:
-    """One fold model's blended predictions of a mouse's trials, for each anchor stride.
-
-    The model runs once over the union of the strides' windows, in batches of `batch_size`
-    sharded over the mesh; each stride's blender takes its own windows from them.
-    """
+    """One fold model's blended predictions of a mouse's trials, for each anchor stride: the
+    model runs once over the union of the strides' windows; each blender takes its own."""
     index = model.readout_index(mouse)
     lengths = {t: int(mouse.lengths[t]) for t in trials}
     blenders = {s: eval_windows.WindowBlender(lengths, mouse.num_neurons, stride=s)
@@ -166,11 +134,8 @@ def blend_trials(model: FoldModel, mouse: Mouse, trials: list[int], strides: tup
 
 def trial_plan(dataset: SensoriumDataset, split: str, models: list[FoldModel],
                ) -> list[tuple[Mouse, tuple[int, ...], list[int]]]:
-    """(mouse, indexes into `models` that predict them, trial ids) groups of the split.
-
-    Test splits: every trial of that tier of the submitted mice, by every fold. `folds`: the
-    labeled trials of each fold that has a model, by that fold's model only.
-    """
+    """(mouse, indexes into `models` that predict them, trial ids) groups of the split: test
+    tiers by every fold; `folds`: each fold's labeled trials by that fold's model only."""
     plan = []
     for mouse in dataset.mice:
         if split == "folds":
@@ -200,11 +165,7 @@ def predict_split(workdir: str | Path, experiment: str, split: str, *,
                   anchor_stride: int = 1, batch_size: int = 32,
                   stride_sweep: tuple[int, ...] = DEFAULT_SWEEP) -> dict:
     """Predicts a split with every fold of an experiment; writes arrays, submission, report.
-
-    Returns:
-      {"directory", "manifest", "submission" (path or None), and on scored splits "scores"
-      (see report.SplitScorer.summary) and "report" (the Markdown file)}.
-    """
+    Returns `experiment.finish`'s dict (on processes other than 0: no scores, no report)."""
     check_split(split)
     for s in (anchor_stride, *stride_sweep):
         if not 1 <= s <= windows.BEHIND:
@@ -271,12 +232,9 @@ def predict_split(workdir: str | Path, experiment: str, split: str, *,
 
 def predict_and_blend(workdir: str | Path, experiments: list[str] | None, split: str, *,
                       blend_only: bool = False, **options) -> dict:
-    """Predicts `split` with each experiment (each one's folds blended) and, with several,
-    writes their mean as the experiment `a,b`, as the winning submission was made.
-
-    `experiments` None: every experiment of the workdir. `blend_only`: no model runs, the
-    experiments' predictions already written are averaged. Returns the last result written.
-    """
+    """Predicts `split` with each experiment (None: every one of the workdir) and, with several,
+    writes their mean as the experiment `a,b`, as the winning submission was made. `blend_only`:
+    only that mean, of predictions already written. Returns the last result written."""
     check_split(split)
     names = sorted(set(experiments)) if experiments else experiments_in(workdir)
     if blend_only and len(names) < 2:

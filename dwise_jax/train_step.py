@@ -1,31 +1,6 @@
-"""The jit-compiled train and eval steps, and the train state they carry.
-
-The train state is a plain pytree of nested dicts of arrays (what Orbax saves as it is):
-
-    step         ()  int32    optimiser steps taken
-    params       the model's nnx.Param values (float32)
-    batch_stats  the BatchNorm running statistics (float32)
-    opt_state    the AdamW state (optax)
-    ema          {"params": ..., "batch_stats": ...}: the EMA of both, decay 0.999 after
-                 every step, BatchNorm statistics included (docs/original.md#training);
-                 validation, checkpoints and prediction use it.
-
-The model's structure (its nnx graph) is kept apart, once for training (dropout, drop path and
-batch statistics on) and once for evaluation (running statistics, no dropout). Dropout keys
-derive from (seed, step) in every step, so a resumed run draws the same masks.
-
-Readouts: without distillation each sample is labeled for its own mouse only, so the step runs
-only each sample's own readout (`DwiseNeuro.own_readouts`), the same loss and gradients as the
-original's ten readouts with nine masked, at a tenth of the readouts' cost (`readouts="all"`
-runs all ten, for comparison). With a teacher (distillation) the step runs all readouts: the
-frozen teacher, in eval mode with its EMA weights, predicts every readout on the same CutMixed
-input, and its predictions are the targets of the (sample, mouse) pairs without a label
-(`losses.distillation_loss`). The teacher's weights are an argument of the step, outside the
-train state: never differentiated, never updated, never saved with the student.
-
-Data parallelism: the step is one `jax.jit` over the global batch. With the batch sharded on the
-mesh's `data` axis and the state replicated (dwise_jax.sharding), XLA inserts the gradient
-all-reduce and the cross-device BatchNorm statistics, so N devices compute what one would.
+"""The jit-compiled train and eval steps, and the train state they carry: a pytree of dicts
+{step, params, batch_stats, opt_state, ema} that Orbax saves as it is. The state layout, the
+readouts a step runs, the frozen teacher and data parallelism: docs/design.md#the-train-step.
 """
 
 from __future__ import annotations
@@ -39,7 +14,7 @@ import optax
 from flax import nnx
 from jax import lax
 
-from dwise_jax import losses, optim
+from dwise_jax import forward, losses, optim
 from dwise_jax.data.pipeline import device_inputs
 
 Batch = Mapping[str, jax.Array]
@@ -50,17 +25,15 @@ class Trainer:
     """Builds the initial state and the jitted steps of one model.
 
     Args:
-      model: a freshly initialised DwiseNeuro (built with `nnx.Rngs(params=..., dropout=...)`).
+      model: a fresh DwiseNeuro (built with `nnx.Rngs(params=..., dropout=...)`).
       tx: the optax optimiser (dwise_jax.optim.adamw with the schedule).
-      ema_decay: EMA decay per step.
-      iter_size: gradient accumulation; the batch is split into this many chunks (the original's
-        iter_size), the gradients averaged, BatchNorm statistics updated chunk after chunk.
+      iter_size: the original's gradient accumulation: the batch split into this many chunks,
+        gradients averaged, BatchNorm statistics updated chunk after chunk.
       seed: dropout keys derive from (seed, step, chunk).
-      readouts: without a teacher, "needed" (each sample's own readout only) or "all" (every
-        readout on every sample, the others masked out of the loss); the same loss and
-        gradients.
-      teacher: for distillation, the teacher model (e.g. `checkpoint.load_ema_model`); its
-        weights go to `train_step` as `teacher_weights` (see `self.teacher_weights`).
+      readouts: without a teacher, "needed" (each sample's own readout) or "all" (every
+        readout, the others masked out of the loss): the same loss and gradients.
+      teacher: for distillation, the teacher model; its weights go to `train_step` as
+        `teacher_weights` (`self.teacher_weights`).
       distill_ratio: the teacher's share of the loss weight (the original: 0.36).
     """
 
@@ -139,11 +112,8 @@ class Trainer:
     def train_step(self, state: TrainState, batch: Batch,
                    teacher_weights: Mapping[str, Any] | None = None,
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
-        """One optimiser step on a training batch (format: dwise_jax.data.pipeline).
-
-        `teacher_weights` ({"params", "batch_stats"} of the teacher, `self.teacher_weights`) is
-        required when distilling and must be None otherwise.
-        """
+        """One optimiser step on a training batch (dwise_jax.data.pipeline); `teacher_weights`
+        (`self.teacher_weights`) exactly when distilling."""
         if (teacher_weights is None) == self.distills:
             raise ValueError("teacher_weights must be given exactly when the Trainer distills")
         data = {"x": device_inputs(batch), "targets": batch["targets"], "mouse": batch["mouse"],
@@ -185,20 +155,12 @@ class Trainer:
     # ------------------------------------------------------------------------------- eval
 
     def eval_step(self, weights: Mapping[str, Any], batch: Batch) -> dict[str, jax.Array]:
-        """Eval-mode predictions of each sample's own readout, float32.
-
-        Args:
-          weights: {"params", "batch_stats"} (the EMA, or the raw model's).
-          batch: a validation batch (frames, traces, mouse, targets, neuron_mask, valid).
-
-        Returns:
-          preds (B, 16, N) zero past the mouse's neurons, and the per-sample Poisson loss (B,)
-          summed over neurons and time.
-        """
-        model = nnx.merge(self.eval_def, weights["params"], weights["batch_stats"],
-                          self.rng_state)
-        x = device_inputs(batch)
-        preds = model.own_readouts(model.features(x), batch["mouse"])
+        """Eval-mode predictions of each sample's own readout with `weights` ({"params",
+        "batch_stats"}: the EMA's or the raw model's): "preds" (B, 16, N) float32, zero past the
+        mouse's neurons, and "loss" (B,): the Poisson loss summed over neurons and time."""
+        preds = forward.apply(self.eval_def, (weights["params"], weights["batch_stats"],
+                                              self.rng_state),
+                              batch["frames"], batch["traces"], batch["mouse"])
         mask = batch["neuron_mask"][:, None, :]
         preds = jnp.where(mask, preds, 0.0)
         nll = jnp.where(mask, losses.poisson_nll(preds, batch["targets"]), 0.0)
@@ -207,11 +169,8 @@ class Trainer:
 
 def jit_steps(trainer: Trainer, state_sharding: Any = None,
               batch_sharding: Any = None) -> tuple[Callable, Callable]:
-    """The jitted train step (state donated) and eval step, with optional shardings.
-
-    A distilling trainer's train step takes the teacher's weights as a third argument
-    (`train(state, batch, trainer.teacher_weights)`), replicated like the state.
-    """
+    """The jitted train step (state donated) and eval step, with optional shardings. A
+    distilling train step takes the teacher's weights third, replicated like the state."""
     kwargs = {}
     if state_sharding is not None:
         shardings = (state_sharding, batch_sharding)
