@@ -1,91 +1,62 @@
 """Training-stream speed: samples per second with 0, 1 and 2 Grain workers.
 
-Measures `TrainStream` batches (CutMix p = 0.5, so about half the samples also read a partner)
-on a simulated dataset with real-size windows: 300-frame trials and 8000 neurons per mouse, so
-that reading and padding the targets costs what it costs on the real data. The files are read
-from the page cache after the warm-up (the real 148 GB may not be; see RESULTS.md).
-
-    python benchmarks/loader_speed.py                   # generates /tmp/dwise_loader_bench once
+    python benchmarks/loader_speed.py --repeats 5      # generates /tmp/dwise_loader_bench once
     python benchmarks/loader_speed.py --root DIR --workers 0,2 --repeats 5 --device_put
 
-Each row is the median of `--repeats` timed runs of `--batches` batches after `--warmup`
-batches (worker start-up excluded); the spread is the min-max over the runs.
+`TrainStream` batches (CutMix p = 0.5) of simulated real-size windows (2 mice x 30 trials of 300
+frames, 8000 neurons each), from the page cache after the warm-up. Each row: median and range of
+`--repeats` timed runs of `--batches` batches after `--warmup` (worker start-up excluded).
 """
 
-from __future__ import annotations
-
 import statistics
-import time
 from pathlib import Path
 
+import common
 import jax
-from absl import app, flags
+from absl import flags
 
 from dwise_jax.data import pipeline, synthetic
 from dwise_jax.data.sensorium import SensoriumDataset
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("root", "/tmp/dwise_loader_bench", "dataset root; generated when missing")
-flags.DEFINE_integer("mice", 2, "simulated mice (when generating)")
-flags.DEFINE_integer("trials", 30, "simulated trials per mouse (when generating)")
-flags.DEFINE_integer("neurons", 8000, "simulated neurons per mouse (when generating)")
-flags.DEFINE_integer("frames", 300, "simulated trial length (when generating)")
-flags.DEFINE_integer("batch_size", 32, "batch size")
-flags.DEFINE_list("workers", ["0", "1", "2"], "worker counts to measure")
-flags.DEFINE_integer("read_threads", 2, "Grain read threads per process")
-flags.DEFINE_integer("warmup", 10, "batches before timing")
-flags.DEFINE_integer("batches", 100, "timed batches per run")
-flags.DEFINE_integer("repeats", 3, "timed runs per worker count")
-flags.DEFINE_bool("device_put", False, "also move each batch to the default device")
+
+def _seconds(stream: pipeline.TrainStream, count: int, device_put: bool) -> float:
+    put = jax.device_put if device_put else lambda batch: batch
+    return sum(common.times(lambda: jax.block_until_ready(put(next(stream))), 0, count))
 
 
-def _dataset() -> SensoriumDataset:
-    root = Path(FLAGS.root)
-    if not root.exists():
-        print(f"generating {root} ...", flush=True)
-        synthetic.generate(root, mice=FLAGS.mice, neurons=FLAGS.neurons, trials=FLAGS.trials,
-                           frames=FLAGS.frames, seed=0)
-    return SensoriumDataset.open(root)
+def define_flags(fv: flags.FlagValues) -> None:
+    f = {"flag_values": fv}
+    flags.DEFINE_string("root", "/tmp/dwise_loader_bench", "dataset; simulated if missing", **f)
+    flags.DEFINE_integer("batch_size", 32, "batch size", **f)
+    flags.DEFINE_list("workers", ["0", "1", "2"], "worker counts to measure", **f)
+    flags.DEFINE_integer("read_threads", 2, "Grain read threads per process", **f)
+    flags.DEFINE_integer("warmup", 10, "batches before timing", **f)
+    flags.DEFINE_integer("batches", 100, "timed batches per run", **f)
+    flags.DEFINE_integer("repeats", 3, "timed runs per worker count", **f)
+    flags.DEFINE_bool("device_put", False, "also move each batch to the default device", **f)
 
 
-def _run(stream: pipeline.TrainStream, count: int) -> float:
-    """Seconds for `count` batches."""
-    start = time.perf_counter()
-    for _ in range(count):
-        batch = next(stream)
-        if FLAGS.device_put:
-            jax.block_until_ready(jax.device_put(batch))
-    return time.perf_counter() - start
-
-
-def measure(dataset: SensoriumDataset, workers: int) -> list[float]:
-    """Samples per second of each timed run."""
-    config = pipeline.TrainStreamConfig(fold=0, batch_size=FLAGS.batch_size, num_workers=workers,
-                                        read_threads=FLAGS.read_threads)
-    rates = []
-    with pipeline.TrainStream(dataset, config) as stream:
-        _run(stream, FLAGS.warmup)
-        for _ in range(FLAGS.repeats):
-            rates.append(FLAGS.batches * FLAGS.batch_size / _run(stream, FLAGS.batches))
-    return rates
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    dataset = _dataset()
-    bytes_per_batch = sum(v.nbytes for v in next(pipeline.TrainStream(
-        dataset, pipeline.TrainStreamConfig(fold=0, batch_size=FLAGS.batch_size))).values())
+def run(fv: flags.FlagValues) -> int:
+    if not Path(fv.root).exists():
+        print(f"generating {fv.root} ...", flush=True)
+        synthetic.generate(fv.root, mice=2, neurons=8000, trials=30, frames=300, seed=0)
+    dataset = SensoriumDataset.open(fv.root)
+    config = lambda workers: pipeline.TrainStreamConfig(
+        fold=0, batch_size=fv.batch_size, num_workers=workers, read_threads=fv.read_threads)
+    size = sum(v.nbytes for v in next(pipeline.TrainStream(dataset, config(0))).values())
     print(f"{len(dataset.mice)} mice x {dataset.mice[0].num_neurons} neurons, batch "
-          f"{FLAGS.batch_size} ({bytes_per_batch / 2**20:.1f} MiB on the host), "
-          f"read_threads {FLAGS.read_threads}, device_put {FLAGS.device_put} "
-          f"({jax.devices()[0].platform})")
-    print("| workers | samples/s (median) | min - max | runs |")
-    print("| --- | --- | --- | --- |")
-    for workers in (int(w) for w in FLAGS.workers):
-        rates = measure(dataset, workers)
+          f"{fv.batch_size} ({size / 2**20:.1f} MiB on the host), read_threads "
+          f"{fv.read_threads}, device_put {fv.device_put} ({jax.devices()[0].platform})")
+    print("| workers | samples/s (median) | min - max | runs |\n| --- | --- | --- | --- |")
+    for workers in map(int, fv.workers):
+        with pipeline.TrainStream(dataset, config(workers)) as stream:
+            _seconds(stream, fv.warmup, fv.device_put)
+            rates = [fv.batches * fv.batch_size / _seconds(stream, fv.batches, fv.device_put)
+                     for _ in range(fv.repeats)]
         print(f"| {workers} | {statistics.median(rates):.0f} | {min(rates):.0f} - "
-              f"{max(rates):.0f} | {len(rates)} x {FLAGS.batches} batches |", flush=True)
+              f"{max(rates):.0f} | {len(rates)} x {fv.batches} batches |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.main(__doc__, define_flags, run)
