@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO, REPO, link_copy, mouse_folder, q, run_module
+from conftest import DEMO, REPO, link_copy, model_kwargs, mouse_folder, q, run_module
 
 from dwise_jax import atomic, checkpoint, process_env
 from dwise_jax import config as config_lib
-from dwise_jax.data import sensorium
+from dwise_jax.data import dataset_check, sensorium
 from dwise_jax.data.sensorium import TIERS, DatasetError
 
 TRUE_BATCH = str(REPO / "configs" / "true_batch.py")
@@ -188,7 +188,7 @@ def root(sim_root, tmp_path) -> Path:
 @pytest.mark.parametrize("damage", DATASET_CASES, ids=lambda f: f.__name__)
 def test_bad_dataset(root, damage, capsys):
     expected = damage(mouse_folder(root))
-    assert sensorium.main([str(root), "--check"]) == 1
+    assert dataset_check.main([str(root), "--check"]) == 1
     err = capsys.readouterr().err
     assert re.fullmatch(f"error: {expected}\n", err), err
 
@@ -328,7 +328,7 @@ def test_prediction_of_a_missing_experiment(tmp_path):
 
 
 def test_dataset_command_line_on_a_missing_root(tmp_path, capsys):
-    assert sensorium.main([str(tmp_path / "nope")]) == 1
+    assert dataset_check.main([str(tmp_path / "nope")]) == 1
     expected = f"error: {tmp_path / 'nope'}: dataset root folder is missing\n"
     assert capsys.readouterr().err == expected
 
@@ -388,7 +388,7 @@ def test_weights_of_another_architecture(tmp_path):
 
     small = {"core_features": [8], "spatial_strides": [2], "expansion_ratio": 2,
              "se_reduce_ratio": 4, "cortex_features": [16, 16]}
-    trained = DwiseNeuro([5, 7], **small, rngs=nnx.Rngs(0))
+    trained = DwiseNeuro(**model_kwargs([5, 7], **small), rngs=nnx.Rngs(0))
     ema = {"params": nnx.to_pure_dict(nnx.state(trained, nnx.Param)),
            "batch_stats": nnx.to_pure_dict(nnx.state(trained, nnx.BatchStat))}
     checkpoint.save(tmp_path, 3, {"ema": ema})

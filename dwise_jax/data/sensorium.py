@@ -40,7 +40,7 @@ __all__ = [
     "MODALITIES", "MOUSE_NAME_PATTERN", "NEW_MICE", "OLD_MICE", "REAL_MICE", "TEST_TIERS",
     "TIERS", "VIDEO_HEIGHT", "VIDEO_WIDTH", "DatasetError", "DummyLabelsWarning", "Mouse",
     "SensoriumDataset", "Trial", "check_float", "check_ndim", "check_trial_files", "first_nan",
-    "load_npy", "main", "open_dataset", "read_tiers",
+    "load_npy", "open_dataset", "read_tiers",
 ]
 
 # Dummy-zero detection looks at this many trials of a tier and this many neurons of each:
@@ -349,12 +349,7 @@ def open_dataset(root: str | os.PathLike) -> SensoriumDataset:
     return SensoriumDataset.open(root)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m dwise_jax.data.sensorium ROOT [--check]` (dwise_jax.data.dataset_check)."""
+if __name__ == "__main__":  # the command lives in dataset_check (which imports this module)
     from dwise_jax.data import dataset_check
 
-    return dataset_check.main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(dataset_check.main())
