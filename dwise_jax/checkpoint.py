@@ -38,6 +38,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
 from dwise_jax import atomic
+from dwise_jax import config as config_lib
 
 MODEL_SPEC_FILE = "model.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -338,7 +339,11 @@ def load_ema_model(directory: str | os.PathLike, dtype: Any = None, step: int | 
     from dwise_jax.models.dwiseneuro import DwiseNeuro
 
     spec = read_model_spec(directory)
-    model = DwiseNeuro(**spec.constructor, dtype=dtype or jnp.float32, rngs=nnx.Rngs(0))
+    # A setting added since the folder was written (e.g. depthwise_impl) takes the config's
+    # default; every stored one stays as stored.
+    defaults = config_lib.model_kwargs(config_lib.get_base_config(), spec.num_neurons)
+    model = DwiseNeuro(**{**defaults, **spec.constructor}, dtype=dtype or jnp.float32,
+                       rngs=nnx.Rngs(0))
     states = {"params": nnx.state(model, nnx.Param),
               "batch_stats": nnx.state(model, nnx.BatchStat)}
     expected = {k: nnx.to_pure_dict(v) for k, v in states.items()}

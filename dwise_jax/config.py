@@ -160,25 +160,16 @@ def check_known_keys(config: ml_collections.ConfigDict) -> None:
                               "setting has its default in dwise_jax/config.py")
 
 
+# The config.model settings that are not DwiseNeuro arguments: how training computes and starts.
+TRAINING_ONLY = ("compute_dtype", "readout_bias_init")
+
+
 def model_kwargs(config: ml_collections.ConfigDict, readout_outputs: list[int]) -> dict:
-    """DwiseNeuro constructor arguments (JSON-friendly) from a config and the data's mice."""
-    m = config.model
-    return {
-        "readout_outputs": [int(n) for n in readout_outputs],
-        "in_channels": m.in_channels,
-        "core_features": list(m.core_features),
-        "spatial_strides": list(m.spatial_strides),
-        "spatial_kernel": m.spatial_kernel,
-        "temporal_kernel": m.temporal_kernel,
-        "expansion_ratio": m.expansion_ratio,
-        "se_reduce_ratio": m.se_reduce_ratio,
-        "cortex_features": list(m.cortex_features),
-        "groups": m.groups,
-        "softplus_beta": m.softplus_beta,
-        "drop_rate": m.drop_rate,
-        "drop_path_rate": m.drop_path_rate,
-        "depthwise_impl": m.depthwise_impl,
-    }
+    """DwiseNeuro's keyword arguments (JSON-friendly: tuples as lists): every `config.model`
+    setting but the training-only ones, and the data's neuron count of each readout."""
+    kwargs = {key: list(value) if isinstance(value, (tuple, list)) else value
+              for key, value in config.model.items() if key not in TRAINING_ONLY}
+    return {"readout_outputs": [int(n) for n in readout_outputs], **kwargs}
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:

@@ -220,6 +220,16 @@ TEST_MODEL = dict(core_features=(4, 8), spatial_strides=(4, 2), expansion_ratio=
                   se_reduce_ratio=2, cortex_features=(16, 32), drop_rate=0.0, drop_path_rate=0.0)
 
 
+def model_kwargs(readout_outputs, **overrides) -> dict:
+    """DwiseNeuro's keyword arguments for these readouts: the base config's architecture
+    (config.model_kwargs) with `overrides`, which must name DwiseNeuro arguments."""
+    kwargs = config_lib.model_kwargs(config_lib.get_base_config(), readout_outputs)
+    unknown = sorted(set(overrides) - set(kwargs))
+    if unknown:
+        raise TypeError(f"not DwiseNeuro arguments: {unknown}")
+    return {**kwargs, **overrides}
+
+
 def normwise(a, b) -> float:
     """pipeline.npz's measure: max|a - b| / max|b|."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -243,7 +253,7 @@ def save_fold(workdir: Path, experiment: str, fold: int, kwargs: dict, mice: lis
 
 
 def random_fold(workdir, experiment, fold, dataset, seed, neurons=None, mice=None):
-    kwargs = dict(readout_outputs=neurons or dataset.num_neurons, **TEST_MODEL)
+    kwargs = model_kwargs(neurons or dataset.num_neurons, **TEST_MODEL)
     model = DwiseNeuro(**kwargs, rngs=nnx.Rngs(seed))
     return save_fold(workdir, experiment, fold, kwargs, mice or dataset.names,
                      nnx.state(model, (nnx.Param, nnx.BatchStat)), dataset.root)

@@ -7,6 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import model_kwargs
 
 from dwise_jax import atomic, checkpoint
 
@@ -156,7 +157,7 @@ def test_load_ema_model_reads_the_train_states_layout_and_the_older_merged_one(t
 
     arch = {"readout_outputs": [3, 4], "core_features": [8], "spatial_strides": [2],
             "expansion_ratio": 2, "se_reduce_ratio": 4, "cortex_features": [16, 16]}
-    model = DwiseNeuro(**arch, rngs=nnx.Rngs(7))
+    model = DwiseNeuro(**model_kwargs(**arch), rngs=nnx.Rngs(7))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     stats = jax.tree.map(lambda a: a + 1.0, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
     ema = ({"params": params, "batch_stats": stats} if layout == "train_state"

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fixture_loss, fixture_state_dict, gradient_errors, rel_err
+from conftest import fixture_loss, fixture_state_dict, gradient_errors, model_kwargs, rel_err
 from flax import nnx
 
 from dwise_jax import checkpoint
@@ -18,8 +18,7 @@ from dwise_jax.models.torch_mapping import state_from_torch
 
 
 def _fixture_model(arrays, meta, impl: str) -> DwiseNeuro:
-    kwargs = dict(meta["constructor_kwargs"])
-    model = DwiseNeuro(kwargs.pop("readout_outputs"), **kwargs, depthwise_impl=impl,
+    model = DwiseNeuro(**model_kwargs(**meta["constructor_kwargs"], depthwise_impl=impl),
                        rngs=nnx.Rngs(0))
     nnx.update(model, state_from_torch(fixture_state_dict(arrays), nnx.state(model)))
     return model
@@ -70,8 +69,8 @@ def test_auto_is_the_tap_sum_on_cpu():
     with pytest.raises(ValueError, match="unknown depthwise implementation 'cudnn'"):
         resolve_impl("cudnn")
     with pytest.raises(ValueError, match="unknown depthwise implementation"):
-        DwiseNeuro((3,), core_features=(8,), spatial_strides=(1,), depthwise_impl="fast",
-                   rngs=nnx.Rngs(0))
+        DwiseNeuro(**model_kwargs((3,), core_features=(8,), spatial_strides=(1,),
+                                  depthwise_impl="fast"), rngs=nnx.Rngs(0))
 
 
 def test_config_field_is_validated_and_reaches_model_json(tmp_path):
@@ -92,9 +91,18 @@ def test_config_field_is_validated_and_reaches_model_json(tmp_path):
     model = DwiseNeuro(**{**kwargs, **small}, rngs=nnx.Rngs(0))
     assert model.depthwise_impl == "lax"
     assert {b.depthwise_impl for b in model.core.blocks} == {"lax"}
-    # A model.json written before the field existed still builds, with "auto".
+    # A fold folder whose model.json was written before the field existed still loads: the
+    # missing setting takes the config's default ("auto"), the stored ones stay.
     old = {k: v for k, v in {**kwargs, **small}.items() if k != "depthwise_impl"}
     checkpoint.write_model_spec(tmp_path, checkpoint.ModelSpec(constructor=old, mice=["a", "b"],
                                                                source="older"))
-    spec = checkpoint.read_model_spec(tmp_path)
-    assert DwiseNeuro(**spec.constructor, rngs=nnx.Rngs(0)).depthwise_impl == "auto"
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    checkpoint.save(tmp_path, 1, {"ema": jax.tree.map(np.asarray, {
+        "params": params, "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))})})
+    loaded, spec, _ = checkpoint.load_ema_model(tmp_path)
+    assert "depthwise_impl" not in spec.constructor
+    assert loaded.depthwise_impl == "auto"
+    assert {b.depthwise_impl for b in loaded.core.blocks} == {"auto"}
+    for a, b in zip(jax.tree.leaves(params),
+                    jax.tree.leaves(nnx.to_pure_dict(nnx.state(loaded, nnx.Param))), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import model_kwargs
 from flax import nnx
 
 from dwise_jax import checkpoint, experiment, fold_run, losses, predict, train_step
@@ -79,10 +80,11 @@ def test_train_step_uses_a_frozen_eval_mode_teacher(sim_root):
             fold=0, batch_size=4, epoch_size=12, seed=1)) as stream:
         batches = [next(stream), next(stream)]
     # The teacher has dropout: in train mode its predictions would be random.
-    teacher = DwiseNeuro(dataset.num_neurons, **TINY_MODEL, expansion_ratio=3,
+    teacher = DwiseNeuro(**model_kwargs(dataset.num_neurons, **TINY_MODEL, expansion_ratio=3),
                          rngs=nnx.Rngs(params=7, dropout=8))
-    student = DwiseNeuro(dataset.num_neurons, **TINY_MODEL, expansion_ratio=2, drop_rate=0.0,
-                         drop_path_rate=0.0, rngs=nnx.Rngs(params=0, dropout=1))
+    student = DwiseNeuro(**model_kwargs(dataset.num_neurons, **TINY_MODEL, expansion_ratio=2,
+                                        drop_rate=0.0, drop_path_rate=0.0),
+                         rngs=nnx.Rngs(params=0, dropout=1))
     trainer = train_step.Trainer(student, optax.sgd(1e-2), ema_decay=0.9, teacher=teacher,
                                  distill_ratio=0.36)
     assert trainer.distills

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fixture_loss, fixture_state_dict, rel_err
+from conftest import fixture_loss, fixture_state_dict, model_kwargs, rel_err
 from flax import nnx
 
 from dwise_jax.models.dwiseneuro import DwiseNeuro
@@ -24,8 +24,7 @@ from dwise_jax.models.torch_mapping import (
 
 
 def build_model(meta) -> DwiseNeuro:
-    kwargs = dict(meta["constructor_kwargs"])
-    return DwiseNeuro(kwargs.pop("readout_outputs"), **kwargs, rngs=nnx.Rngs(0))
+    return DwiseNeuro(**model_kwargs(**meta["constructor_kwargs"]), rngs=nnx.Rngs(0))
 
 
 def parity_errors(arrays, meta) -> dict[str, tuple[float, str]]:

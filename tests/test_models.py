@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import model_kwargs
 from flax import nnx
 
 from dwise_jax.models import layers
@@ -32,7 +33,7 @@ SMALL = dict(core_features=(16, 16, 32, 32), spatial_strides=(2, 1, 2, 1), expan
 
 
 def test_parameter_counts_true_batch_and_distillation():
-    shares = parameter_shares(readout_outputs=NEURONS, expansion_ratio=7)
+    shares = parameter_shares(**model_kwargs(NEURONS, expansion_ratio=7))
     assert shares["total"] == 170_656_070
     assert shares["stem"] == 448
     assert shares["core_blocks"] == 3_672_956
@@ -44,7 +45,7 @@ def test_parameter_counts_true_batch_and_distillation():
     assert [shares[f"block_{i}"] for i in range(9)] == blocks
     assert sum(2049 * math.ceil(n / 2) * 2 for n in NEURONS) == shares["readouts"]
 
-    shares = parameter_shares(readout_outputs=NEURONS, expansion_ratio=6)
+    shares = parameter_shares(**model_kwargs(NEURONS, expansion_ratio=6))
     assert shares["total"] == 170_058_402
     assert shares["core_blocks"] == 3_075_288
     assert shares["core"] == 3_075_736
@@ -212,14 +213,15 @@ def test_drop_path_is_per_sample():
 
 
 def test_drop_path_rates_follow_the_original():
-    model = DwiseNeuro((5, 3), **SMALL, drop_rate=0.4, drop_path_rate=0.1, rngs=nnx.Rngs(0))
+    model = DwiseNeuro(**model_kwargs((5, 3), **SMALL, drop_rate=0.4, drop_path_rate=0.1),
+                       rngs=nnx.Rngs(0))
     assert [b.drop_path.rate for b in model.core.blocks] == [0.1 * i / 4 for i in range(4)]
     assert [layer.drop_path.rate for layer in model.cortex.layers] == [0.1, 0.1]
     assert [r.dropout.rate for r in model.readouts] == [0.4, 0.4]
 
 
 def test_model_api_features_and_readouts():
-    model = DwiseNeuro((5, 3), **SMALL, rngs=nnx.Rngs(0))
+    model = DwiseNeuro(**model_kwargs((5, 3), **SMALL), rngs=nnx.Rngs(0))
     model.eval()
     x = jax.random.normal(jax.random.key(0), (2, 16, 64, 64, 5))
     outputs = model(x)
@@ -232,11 +234,11 @@ def test_model_api_features_and_readouts():
 
 
 def test_fresh_init_follows_the_original():
-    model = DwiseNeuro((5, 3), **SMALL, rngs=nnx.Rngs(0))
+    model = DwiseNeuro(**model_kwargs((5, 3), **SMALL), rngs=nnx.Rngs(0))
     readout = model.readouts[0]
     assert readout.kernel.shape == (2, 64, 3) and readout.bias.shape == (6,)
     assert float(jnp.max(jnp.abs(readout.bias[...]))) == 0.0
-    big = DwiseNeuro((4000,), **SMALL, rngs=nnx.Rngs(1))
+    big = DwiseNeuro(**model_kwargs((4000,), **SMALL), rngs=nnx.Rngs(1))
     std = float(jnp.std(big.readouts[0].kernel[...]))
     assert abs(std - math.sqrt(4 / 4000)) / math.sqrt(4 / 4000) < 0.02
     block = big.core.blocks[0]
@@ -245,9 +247,9 @@ def test_fresh_init_follows_the_original():
 
 
 def test_bfloat16_forward_is_close_to_float32():
-    kwargs = dict(SMALL, drop_rate=0.0, drop_path_rate=0.0)
-    f32 = DwiseNeuro((5, 3), **kwargs, rngs=nnx.Rngs(0))
-    bf16 = DwiseNeuro((5, 3), **kwargs, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    kwargs = model_kwargs((5, 3), **SMALL, drop_rate=0.0, drop_path_rate=0.0)
+    f32 = DwiseNeuro(**kwargs, rngs=nnx.Rngs(0))
+    bf16 = DwiseNeuro(**kwargs, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 16, 64, 64, 5))
     for model in (f32, bf16):
         model.train()

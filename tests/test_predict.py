@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import HANG_TIMEOUT_S, TEST_MODEL, direct_blend, normwise, random_fold, save_fold
+from conftest import (
+    HANG_TIMEOUT_S,
+    TEST_MODEL,
+    direct_blend,
+    model_kwargs,
+    normwise,
+    random_fold,
+    save_fold,
+)
 from flax import nnx
 
 from dwise_jax import atomic, checkpoint, experiment, metrics, predict, sharding, submission
@@ -38,7 +46,7 @@ def fixture_setup(tmp_path_factory, pipeline_fixture, small_model_fixture):
     arrays, meta = small_model_fixture
     base = tmp_path_factory.mktemp("fixture_predict")
     root, names = base / "data", synthetic.mouse_names(2)
-    kwargs = dict(meta["constructor_kwargs"])
+    kwargs = model_kwargs(**meta["constructor_kwargs"])
     for name, n in zip(names, kwargs["readout_outputs"], strict=True):
         folder = root / name
         length = f["trial/video"].shape[-1]
@@ -282,8 +290,9 @@ def test_an_unfinished_fold_is_named_in_a_warning(sim, tmp_path, capsys):
     directory = random_fold(tmp_path, "e", 3, sim, 0)  # its model.json: a run of 9 steps
     experiment.load_fold(directory, 3)
     assert "has not finished" not in capsys.readouterr().err  # saved at step 9
-    model = DwiseNeuro(readout_outputs=sim.num_neurons, **TEST_MODEL, rngs=nnx.Rngs(0))
-    save_fold(tmp_path, "e", 4, dict(readout_outputs=sim.num_neurons, **TEST_MODEL), sim.names,
+    kwargs = model_kwargs(sim.num_neurons, **TEST_MODEL)
+    model = DwiseNeuro(**kwargs, rngs=nnx.Rngs(0))
+    save_fold(tmp_path, "e", 4, kwargs, sim.names,
               nnx.state(model, (nnx.Param, nnx.BatchStat)), sim.root, step=5)
     experiment.load_fold(checkpoint.fold_dir(tmp_path, "e", 4), 4)
     assert "warning: fold 4 checkpoint is at step 5 of 9: its training has not finished" in \

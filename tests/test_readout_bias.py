@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import model_kwargs
 from flax import nnx
 
 from dwise_jax import readout_bias
@@ -29,9 +30,10 @@ def test_mean_response_biases_average_over_valid_frames_and_floor_silent_neurons
 
 def test_biases_make_a_silent_readout_predict_each_neurons_mean_response(sim_root):
     dataset = SensoriumDataset.open(sim_root)
-    model = DwiseNeuro(dataset.num_neurons, core_features=(8, 8), spatial_strides=(2, 2),
-                       cortex_features=(16, 32), expansion_ratio=2, se_reduce_ratio=4,
-                       drop_rate=0.0, drop_path_rate=0.0, rngs=nnx.Rngs(0))
+    model = DwiseNeuro(**model_kwargs(
+        dataset.num_neurons, core_features=(8, 8), spatial_strides=(2, 2),
+        cortex_features=(16, 32), expansion_ratio=2, se_reduce_ratio=4, drop_rate=0.0,
+        drop_path_rate=0.0), rngs=nnx.Rngs(0))
     readout_bias.set_readout_biases(model, dataset, 0.07)
     model.eval()
     features = jnp.ones((1, 16, 32))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import gradient_errors
+from conftest import gradient_errors, model_kwargs
 from flax import nnx
 
 from dwise_jax import losses, train_step
@@ -61,7 +61,8 @@ def test_own_readouts_equal_all_readouts_masked(dtype):
     # Mouse 2 has no sample, mouse 1 four (a bucket of 4), odd counts, dropout 0.4 on.
     counts, mouse = (5, 9, 3, 7), np.array([1, 3, 1, 0, 1, 3, 1])
     rng = np.random.default_rng(0)
-    model = DwiseNeuro(counts, **TINY, dtype=dtype, rngs=nnx.Rngs(params=0, dropout=1))
+    model = DwiseNeuro(**model_kwargs(counts, **TINY), dtype=dtype,
+                       rngs=nnx.Rngs(params=0, dropout=1))
     model.train()
     graphdef, params, rest = _split(model)
     x = jnp.asarray(rng.normal(size=(len(mouse), 16, 16, 16, 5)), jnp.float32)
@@ -93,7 +94,7 @@ def test_own_readouts_equal_all_readouts_masked(dtype):
 
 def test_own_readouts_equal_readout_rows_in_eval_mode():
     counts = (4, 6, 5)
-    model = DwiseNeuro(counts, **TINY, rngs=nnx.Rngs(0))
+    model = DwiseNeuro(**model_kwargs(counts, **TINY), rngs=nnx.Rngs(0))
     model.eval()
     x = jax.random.normal(jax.random.key(1), (5, 16, 16, 16, 5))
     mouse = np.array([2, 0, 2, 2, 1])
@@ -113,7 +114,8 @@ def test_train_step_needed_equals_all(sim_root, iter_size):
         batch = next(stream)
     results = {}
     for readouts in ("all", "needed"):
-        model = DwiseNeuro(dataset.num_neurons, **TINY, rngs=nnx.Rngs(params=0, dropout=1))
+        model = DwiseNeuro(**model_kwargs(dataset.num_neurons, **TINY),
+                           rngs=nnx.Rngs(params=0, dropout=1))
         trainer = train_step.Trainer(model, optax.sgd(1e-2), ema_decay=0.9, iter_size=iter_size,
                                      readouts=readouts)
         state, metrics = jax.jit(trainer.train_step)(trainer.init_state(), batch)

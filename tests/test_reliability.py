@@ -31,6 +31,7 @@ from conftest import (
     assert_bit_identical,
     detach,
     link_copy,
+    model_kwargs,
     records,
     train_command,
 )
@@ -231,9 +232,10 @@ def test_bfloat16_keeps_the_loss_and_the_softplus_in_float32(sim_root):
     with pipeline.TrainStream(dataset, pipeline.TrainStreamConfig(
             fold=0, batch_size=4, epoch_size=12, seed=0)) as stream:
         batch = next(stream)
-    model = DwiseNeuro(dataset.num_neurons, core_features=(8, 8, 16), spatial_strides=(2, 2, 2),
-                       expansion_ratio=2, se_reduce_ratio=4, cortex_features=(32, 64),
-                       dtype=jnp.bfloat16, rngs=nnx.Rngs(params=0, dropout=1))
+    model = DwiseNeuro(**model_kwargs(
+        dataset.num_neurons, core_features=(8, 8, 16), spatial_strides=(2, 2, 2),
+        expansion_ratio=2, se_reduce_ratio=4, cortex_features=(32, 64)),
+        dtype=jnp.bfloat16, rngs=nnx.Rngs(params=0, dropout=1))
     trainer = train_step.Trainer(model, optax.sgd(1e-3), ema_decay=0.9)
     closed, (_, metrics) = jax.make_jaxpr(trainer.train_step, return_shape=True)(
         trainer.init_state(), batch)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLI_TINY, DEMO, HANG_TIMEOUT_S, REPO, TINY, checkpoint_leaves
+from conftest import CLI_TINY, DEMO, HANG_TIMEOUT_S, REPO, TINY, checkpoint_leaves, model_kwargs
 
 from dwise_jax import checkpoint, fold_run
 from dwise_jax import config as config_lib
@@ -176,10 +176,10 @@ def test_bfloat16_train_step_keeps_float32_params_and_loss(sim_root):
         batch = next(stream)
     losses = {}
     for dtype in (jnp.float32, jnp.bfloat16):
-        model = DwiseNeuro(dataset.num_neurons, core_features=(8, 8, 16),
-                           spatial_strides=(2, 2, 2), expansion_ratio=2, se_reduce_ratio=4,
-                           cortex_features=(32, 64), drop_rate=0.0, drop_path_rate=0.0,
-                           dtype=dtype, rngs=nnx.Rngs(params=0, dropout=1))
+        model = DwiseNeuro(**model_kwargs(
+            dataset.num_neurons, core_features=(8, 8, 16), spatial_strides=(2, 2, 2),
+            expansion_ratio=2, se_reduce_ratio=4, cortex_features=(32, 64), drop_rate=0.0,
+            drop_path_rate=0.0), dtype=dtype, rngs=nnx.Rngs(params=0, dropout=1))
         trainer = train_step.Trainer(model, optax.sgd(1e-3), ema_decay=0.9)
         state, metrics = jax.jit(trainer.train_step)(trainer.init_state(), batch)
         assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))

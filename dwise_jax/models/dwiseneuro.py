@@ -49,7 +49,7 @@ class InvertedResidual3d(nnx.Module):
         se_reduce_ratio: int,
         drop_path_rate: float,
         dtype: Dtype,
-        depthwise_impl: str = "auto",
+        depthwise_impl: str,
         rngs: nnx.Rngs,
     ):
         mid = in_features * expansion_ratio
@@ -113,7 +113,7 @@ class Core(nnx.Module):
         se_reduce_ratio: int,
         drop_path_rate: float,
         dtype: Dtype,
-        depthwise_impl: str = "auto",
+        depthwise_impl: str,
         rngs: nnx.Rngs,
     ):
         features = tuple(features)
@@ -219,29 +219,31 @@ class Readout(nnx.Module):
 class DwiseNeuro(nnx.Module):
     """The whole model: core -> mean over (height, width) -> cortex -> one readout per mouse.
 
-    Constructor arguments are the original's (`params["nn_module"][1]` of its .pth) plus the
-    compute `dtype` (parameters are always float32) and `depthwise_impl` ("auto", "taps" or
-    "lax", see models/depthwise.py: how the depthwise convolutions are computed, not what).
+    Constructor arguments are the original's (`params["nn_module"][1]` of its .pth) plus
+    `depthwise_impl` ("auto", "taps" or "lax", see models/depthwise.py: how the depthwise
+    convolutions are computed, not what) and the compute `dtype` (parameters are always
+    float32). They have no defaults here: `config.model_kwargs(config, readout_outputs)` gives
+    them from `config.model`, where every default lives.
     """
 
     def __init__(
         self,
         readout_outputs: Sequence[int],
         *,
-        in_channels: int = 5,
-        core_features: Sequence[int] = (64, 64, 64, 64, 128, 128, 128, 256, 256),
-        spatial_strides: Sequence[int] = (2, 1, 1, 1, 2, 1, 1, 2, 1),
-        spatial_kernel: int = 3,
-        temporal_kernel: int = 5,
-        expansion_ratio: int = 6,
-        se_reduce_ratio: int = 32,
-        cortex_features: Sequence[int] = (1024, 2048, 4096),
-        groups: int = 2,
-        softplus_beta: float = 0.07,
-        drop_rate: float = 0.4,
-        drop_path_rate: float = 0.1,
+        in_channels: int,
+        core_features: Sequence[int],
+        spatial_strides: Sequence[int],
+        spatial_kernel: int,
+        temporal_kernel: int,
+        expansion_ratio: int,
+        se_reduce_ratio: int,
+        cortex_features: Sequence[int],
+        groups: int,
+        softplus_beta: float,
+        drop_rate: float,
+        drop_path_rate: float,
+        depthwise_impl: str,
         dtype: Dtype = jnp.float32,
-        depthwise_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         resolve_impl(depthwise_impl)  # an unknown name fails here, not at the first trace

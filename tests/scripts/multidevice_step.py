@@ -10,6 +10,7 @@ import optax
 from absl import flags
 from flax import nnx
 
+from dwise_jax import config as config_lib
 from dwise_jax import sharding, train_step
 from dwise_jax.data import pipeline, sensorium
 from dwise_jax.models.dwiseneuro import DwiseNeuro
@@ -21,11 +22,13 @@ stream = pipeline.TrainStream(dataset, pipeline.TrainStreamConfig(
     fold=0, batch_size=8, epoch_size=24, seed=3, cutmix_prob=0.5))
 batch = next(stream)
 stream.close()
+config = config_lib.get_base_config()
+config.model.update(core_features=(8, 8, 16), spatial_strides=(2, 2, 2), expansion_ratio=2,
+                    se_reduce_ratio=4, cortex_features=(32, 64), drop_rate=0.0, drop_path_rate=0.0)
 results = {}
 for devices in (1, 4):
-    model = DwiseNeuro(dataset.num_neurons, core_features=(8, 8, 16), spatial_strides=(2, 2, 2),
-                       expansion_ratio=2, se_reduce_ratio=4, cortex_features=(32, 64),
-                       drop_rate=0.0, drop_path_rate=0.0, rngs=nnx.Rngs(params=0, dropout=1))
+    model = DwiseNeuro(**config_lib.model_kwargs(config, dataset.num_neurons),
+                       rngs=nnx.Rngs(params=0, dropout=1))
     # Plain SGD: parameter changes are then proportional to the gradients. (Adam's first step is
     # about lr * sign(g), so exactly-zero gradients in round-off would flip by 2 lr.)
     trainer = train_step.Trainer(model, optax.sgd(1e-2), ema_decay=0.9)
