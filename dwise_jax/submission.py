@@ -43,23 +43,6 @@ def trial_prediction(prediction: np.ndarray, trial_precision: np.ndarray) -> np.
     return cut_frames(normalised, length)
 
 
-def mouse_rows(mouse: str, unit_ids: np.ndarray, std: np.ndarray,
-               predictions: Mapping[int, np.ndarray]) -> list[dict[str, Any]]:
-    """The rows of one mouse: its trials in ascending id order."""
-    prec = precision(std)
-    ids = [int(u) for u in np.asarray(unit_ids)]
-    rows = []
-    for trial in sorted(predictions):
-        pred = predictions[trial]
-        if pred.shape[0] != len(ids):
-            raise ValueError(f"mouse {mouse} trial {trial}: prediction has {pred.shape[0]} "
-                             f"neurons, unit_ids has {len(ids)}")
-        rows.append({"mouse": mouse, "trial_indices": int(trial),
-                     "prediction": trial_prediction(pred, prec).astype(np.float64).tolist(),
-                     "neuron_ids": ids})
-    return rows
-
-
 def _schema():
     import pyarrow as pa
 
@@ -68,17 +51,10 @@ def _schema():
                       ("neuron_ids", pa.list_(pa.int64()))])
 
 
-def write_parquet(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
-    """Writes submission rows as parquet with brotli compression, atomically."""
-    import pyarrow as pa
-
-    return write_tables(path, [pa.Table.from_pylist(list(rows), schema=_schema())])
-
-
 def mouse_table(mouse: str, unit_ids: np.ndarray, std: np.ndarray,
                 predictions: Mapping[int, np.ndarray]):
-    """The rows of `mouse_rows` as a pyarrow Table, from one float64 buffer: a real mouse's
-    test split is ~10^8 values, gigabytes as nested Python lists."""
+    """The rows of one mouse (its trials in ascending id order) as a pyarrow Table, from one
+    float64 buffer: a real mouse's test split is ~10^8 values, gigabytes as nested lists."""
     import pyarrow as pa
 
     prec = precision(std)

@@ -35,13 +35,13 @@ def test_precision_by_hand():
 def test_split_file_equals_fixture(pipeline_fixture, tmp_path, split):
     f, meta = pipeline_fixture
     mice = meta["fake_dataset"]["mice"]
-    rows = []
+    tables = []
     for m, name in enumerate(mice):
         tiers = f[f"fake/mouse{m}/tiers"]
         preds = {int(t): f[f"submission/mouse{m}/pred/{t}"] for t in np.flatnonzero(tiers == split)}
-        rows += submission.mouse_rows(name, f[f"fake/mouse{m}/unit_ids"], f[f"fake/mouse{m}/std"],
-                                      preds)
-    path = submission.write_parquet(submission.split_file(tmp_path, split), rows)
+        tables.append(submission.mouse_table(name, f[f"fake/mouse{m}/unit_ids"],
+                                             f[f"fake/mouse{m}/std"], preds))
+    path = submission.write_tables(submission.split_file(tmp_path, split), tables)
     info = meta["submission"]["splits"][split]
     assert path.name == info["file_name"]
     parquet = pq.ParquetFile(path)
@@ -68,7 +68,16 @@ def test_unknown_split_and_neuron_mismatch(tmp_path):
     with pytest.raises(ValueError, match="unknown split"):
         submission.split_file(tmp_path, "oracle")
     with pytest.raises(ValueError, match="3 neurons, unit_ids has 2"):
-        submission.mouse_rows("m", np.array([1, 2]), np.ones((2, 300)), {0: np.ones((3, 300))})
+        submission.mouse_table("m", np.array([1, 2]), np.ones((2, 300)), {0: np.ones((3, 300))})
+
+
+def reference_rows(mouse, unit_ids, std, predictions) -> list[dict]:
+    """The rows of one mouse as plain lists, trial by trial: the reference for mouse_table."""
+    prec = submission.precision(std)
+    return [{"mouse": mouse, "trial_indices": int(t),
+             "prediction": submission.trial_prediction(predictions[t], prec).astype(
+                 np.float64).tolist(),
+             "neuron_ids": [int(u) for u in unit_ids]} for t in sorted(predictions)]
 
 
 def test_mouse_table_equals_the_rows_in_bounded_memory(pipeline_fixture, tmp_path):
@@ -82,7 +91,7 @@ def test_mouse_table_equals_the_rows_in_bounded_memory(pipeline_fixture, tmp_pat
         preds = {int(t): f[f"submission/mouse{m}/pred/{t}"] for t in np.flatnonzero(tiers == split)}
         args = (name, f[f"fake/mouse{m}/unit_ids"], f[f"fake/mouse{m}/std"], preds)
         table = submission.mouse_table(*args)
-        rows = pa.Table.from_pylist(submission.mouse_rows(*args), schema=table.schema)
+        rows = pa.Table.from_pylist(reference_rows(*args), schema=table.schema)
         assert table.equals(rows) and table.num_rows == len(preds)
         tables.append(table)
     # One file from one table per mouse (one row group each): the fixture's rows.

@@ -40,7 +40,7 @@ __all__ = [
     "MODALITIES", "MOUSE_NAME_PATTERN", "NEW_MICE", "OLD_MICE", "REAL_MICE", "TEST_TIERS",
     "TIERS", "VIDEO_HEIGHT", "VIDEO_WIDTH", "DatasetError", "DummyLabelsWarning", "Mouse",
     "SensoriumDataset", "Trial", "check_float", "check_ndim", "check_trial_files", "first_nan",
-    "load_npy", "open_dataset", "read_tiers",
+    "load_npy", "read_tiers",
 ]
 
 # Dummy-zero detection looks at this many trials of a tier and this many neurons of each:
@@ -141,10 +141,6 @@ class Mouse:
                 raise DatasetError(f"{path}: has {array.shape[0]} rows, expected 2")
         check_float(path, array)
         return array
-
-    def video_length(self, trial_id: int) -> int:
-        """Valid video frames: the first NaN of pixel (0, 0) over time (the hash's rule)."""
-        return first_nan(self.load("videos", trial_id)[0, 0])
 
     def load_trial(self, trial_id: int) -> Trial:
         """One trial, validated: array lengths, valid lengths, finite inside, NaN only as tail."""
@@ -342,11 +338,6 @@ class SensoriumDataset:
         total = sum(self.num_neurons)
         lines.append(f"{len(self.mice)} mice, {total} neurons, root {self.root}")
         return "\n".join(lines)
-
-
-def open_dataset(root: str | os.PathLike) -> SensoriumDataset:
-    """Same as `SensoriumDataset.open(root)`."""
-    return SensoriumDataset.open(root)
 
 
 if __name__ == "__main__":  # the command lives in dataset_check (which imports this module)
