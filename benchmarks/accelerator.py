@@ -1,18 +1,8 @@
-"""The first accelerator session in one command: the full true_batch model on the devices JAX sees.
+"""The full true_batch model on every device JAX sees, in one command (see benchmarks/RESULTS.md).
 
     python benchmarks/accelerator.py --json_out accelerator.json      # at most 8 minutes
     python benchmarks/accelerator.py --roofline_only                   # the estimate on paper
     python benchmarks/accelerator.py --tiny --json_out /tmp/a.json     # CPU smoke, small model
-
-On a data mesh of all devices, with synthetic batches of the real shapes, for bfloat16 and
-float32 and both depthwise implementations: the real train step (`train_step.jit_steps`:
-forward, loss, backward, AdamW, EMA) at the largest per-device batch of `--batch_sizes` that
-fits, its samples/s per device and in total, compile time, MFU (XLA's FLOPs of the compiled step,
-and the architecture's, against `PEAKS`: vendor datasheets, dense, float32 at the TF32 rate as JAX
-runs it on NVIDIA Ampere and later; or `--peak_tflops`), peak device memory and XLA's estimate;
-and prediction (`predict.forward`, float32) in windows/s at a global `--predict_batch`. Each
-attempt is a fresh subprocess; bfloat16 training first, then prediction, then float32, each only
-while `--time_limit_s` leaves room for the longest so far. Medians of `--steps` after `--warmup`.
 """
 
 import json
@@ -36,7 +26,7 @@ from dwise_jax.models.dwiseneuro import DwiseNeuro, count_parameters
 
 ORIGINAL_SAMPLES_PER_S = 35  # the original, fp16 autocast, one RTX A6000 (configs/true_batch.py)
 TINY_NEURONS = (37, 41, 29)  # --tiny: common.TINY_MODEL with three small readouts
-# (device_kind pattern, name, bfloat16 TFLOP/s, float32 TFLOP/s, TB/s); first match wins.
+# (device_kind pattern, name, bf16 TFLOP/s, f32 (TF32) TFLOP/s, TB/s), dense; first match wins.
 PEAKS = [(r"h200", "H200", 989.4, 494.7, 4.8), (r"h100.*(pcie|nvl)", "H100 PCIe", 756, 378, 2.0),
          (r"h100", "H100 SXM", 989.4, 494.7, 3.35), (r"a100.*80", "A100 80GB", 312, 156, 2.0),
          (r"a100", "A100 40GB", 312, 156, 1.555), (r"l40s", "L40S", 362.1, 183, 0.864),
@@ -44,11 +34,7 @@ PEAKS = [(r"h200", "H200", 989.4, 494.7, 4.8), (r"h100.*(pcie|nvl)", "H100 PCIe"
          (r"v100", "V100", 15.7, 15.7, 0.9), (r"tpu v6", "TPU v6e", 918, 918, 1.64),
          (r"tpu v5 ?(lite|e)", "TPU v5e", 197, 197, 0.819), (r"tpu v5", "TPU v5p", 459, 459, 2.765),
          (r"tpu v4", "TPU v4", 275, 275, 1.2)]
-# Passes per training step, estimates: 7 over each activation (forward: written, read for the
-# BatchNorm statistics and by the next op; backward: the saved activation, the gradient in and
-# out, BatchNorm's reductions); 13 over each float32 parameter (forward and backward reads, the
-# gradient, AdamW's 4 reads and 3 writes, the EMA's 3).
-TRAIN_PASSES, PARAM_PASSES = 7, 13
+TRAIN_PASSES, PARAM_PASSES = 7, 13  # estimated passes per step over each activation / parameter
 COLUMNS = ("what: dtype: impl: per_device_batch:.0f devices: step_s:.3f samples_per_s:.1f "
            "samples_per_s_per_device:.1f xla_tflops_per_device:.2f mfu:.3f model_mfu:.3f "
            "peak_memory_gb:.1f xla_memory_gb:.1f compile_s:.1f status: reason:")
@@ -57,8 +43,7 @@ TINY_DEFAULTS = {"batch_sizes": (["32", "16", "8"], ["4", "2"]), "predict_batch"
 
 
 def peak_of(device_kind: str, override: list[str] | None = None) -> tuple | None:
-    """(name, bf16 TFLOP/s, f32 TFLOP/s, TB/s) of a JAX device_kind (None if unknown), or
-    `--peak_tflops` (one value for both dtypes, or bfloat16,float32)."""
+    """(name, bf16 TFLOP/s, f32 TFLOP/s, TB/s) of a device_kind or `--peak_tflops`; else None."""
     peak = next((p[1:] for p in PEAKS if re.search(p[0], device_kind.lower())), None)
     if override:
         return ("--peak_tflops", *[float(v) for v in override * 2][:2], peak and peak[3])
@@ -66,8 +51,7 @@ def peak_of(device_kind: str, override: list[str] | None = None) -> tuple | None
 
 
 def roofline(arch: dict, parameters: int, batch: int = 32) -> dict:
-    """Prints and returns upper bounds of training samples/s on an H100 SXM and an RTX A6000 (the
-    original's GPU) from FLOPs and bytes per sample (own readout), at a per-device `batch`."""
+    """Prints and returns bounds on paper of training samples/s (H100 SXM, RTX A6000) at `batch`."""
     c = common.part_costs(arch)
     parts = {"core": c["core"], "cortex": c["cortex"], "readout": c["readouts"][0]}
     elements = sum(p["elements"] for p in parts.values())
@@ -194,13 +178,11 @@ class Runner:
         if left < max(self.longest, 1.0):
             row.update(status="skipped", reason="time limit")
         else:
-            started, spec = time.monotonic(), json.dumps({"what": what, **fields})
-            cmd = [sys.executable, __file__, *self.fv.flags_into_string().splitlines()]
+            started, spec = time.monotonic(), "--worker=" + json.dumps({"what": what, **fields})
             try:
-                results, proc = common.results_of([*cmd, f"--worker={spec}"], timeout=left)
+                results, proc = common.run_worker(__file__, self.fv, spec, timeout=left)
                 tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-12:])
-                row = results[-1] if results else {**row, "status": "error",
-                                                   "reason": tail[-1500:]}
+                row = results[-1] if results else {**row, "status": "error", "reason": tail[-1500:]}
             except subprocess.TimeoutExpired:
                 row.update(status="timeout", reason="time limit reached while running")
             row["wall_s"] = time.monotonic() - started
@@ -244,8 +226,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("predict_batch", None, "global (default 32)", **f)
     flags.DEFINE_integer("warmup", None, "untimed calls (default 3)", **f)
     flags.DEFINE_integer("steps", None, "timed calls (default 5)", **f)
-    flags.DEFINE_list("peak_tflops", None, "the device's peak: one value for both dtypes, or "
-                      "bfloat16,float32 (default: PEAKS by device kind)", **f)
+    flags.DEFINE_list("peak_tflops", None, "one value, or bfloat16,float32 (default: PEAKS)", **f)
     flags.DEFINE_float("time_limit_s", 480.0, "no attempt starts past this", **f)
     flags.DEFINE_string("json_out", "accelerator.json", "everything, as JSON", **f)
     flags.DEFINE_bool("tiny", False, "a small model; batch 4,2, predict 4, warmup 1, steps 2", **f)

@@ -1,5 +1,4 @@
-"""What the benchmark scripts share: the real readouts, the architecture's FLOPs and activation
-sizes, timing, worker subprocesses, tables and the command-line runner."""
+"""What the benchmark scripts share: readouts, FLOPs on paper, timing, workers, tables, CLI."""
 
 import json
 import math
@@ -34,8 +33,7 @@ def arch(config: str = TRUE_BATCH, neurons=NEURONS, overrides: dict | None = Non
 
 
 def part_costs(arch: dict, frames: int = 16, size: int = 64) -> dict:
-    """Forward conv and matmul FLOPs (2 per multiply-add) and materialised activation elements
-    per sample: {"core": {...}, "cortex": {...}, "readouts": [{...} per readout]}."""
+    """Per sample: forward conv and matmul FLOPs and activation elements of each part."""
     t, h = frames, size
     feats, e = arch["core_features"], arch["expansion_ratio"]
     core = {"flops": 2 * t * h * h * arch["in_channels"] * feats[0],
@@ -58,8 +56,8 @@ def part_costs(arch: dict, frames: int = 16, size: int = 64) -> dict:
 
 
 def model_flops(arch: dict, readout: int | None = None, backward: bool = False) -> int:
-    """Conv and matmul FLOPs per sample with every readout (None, as the original runs them) or
-    one; `backward` adds dX and dW of every layer, no dX for the input."""
+    """Conv and matmul FLOPs per sample, all readouts (None) or one; `backward`: + dX (not the
+    input's) and dW."""
     p = part_costs(arch)
     heads = p["readouts"] if readout is None else [p["readouts"][readout]]
     total = p["core"]["flops"] + p["cortex"]["flops"] + sum(r["flops"] for r in heads)
@@ -79,8 +77,7 @@ def times(fn, warmup: int, steps: int) -> list[float]:
 
 
 def matmul_rate() -> float:
-    """float32 GFLOP/s of a jitted 2048^3 `jnp.dot`, median of 5: the yardstick of a shared
-    machine, taken in the same process as the figure beside it."""
+    """float32 GFLOP/s of a jitted 2048^3 `jnp.dot` (median of 5): a shared machine's yardstick."""
     a, f = jax.numpy.ones((2048, 2048), np.float32), jax.jit(jax.numpy.dot)
     return 2 * 2048**3 / sorted(times(lambda: f(a, a).block_until_ready(), 1, 5))[2] / 1e9
 
@@ -93,9 +90,7 @@ def windows(batch: int) -> tuple:
 
 
 def time_forward(arch: dict, batch: int, warmup: int, steps: int) -> dict:
-    """`predict.forward` (readout 0) of random windows through a float32, eval-mode
-    `predict.FoldModel` of `DwiseNeuro(**arch)` on every device: the first call (compile and
-    run), then `steps` timed calls after `warmup` more."""
+    """Seconds of `predict.forward` (readout 0): the first call, then `steps` after `warmup`."""
     model, mesh = DwiseNeuro(**arch, rngs=nnx.Rngs(0)), sharding.make_mesh()
     model.eval()
     fold = predict.FoldModel.of(model, mesh)
@@ -105,11 +100,12 @@ def time_forward(arch: dict, batch: int, warmup: int, steps: int) -> dict:
 
 
 def report(result: dict) -> None:
-    print("RESULT " + json.dumps(result), flush=True)  # for results_of
+    print("RESULT " + json.dumps(result), flush=True)  # for run_worker
 
 
-def results_of(cmd: list[str], **kwargs) -> tuple[list[dict], subprocess.CompletedProcess]:
-    """Runs a worker subprocess: the results it `report`ed, and the finished process."""
+def run_worker(script: str, fv, *extra: str, **kwargs) -> tuple[list, subprocess.CompletedProcess]:
+    """Runs `script` with `fv`'s flags and `extra`: the results it `report`ed, and the process."""
+    cmd = [sys.executable, script, *fv.flags_into_string().splitlines(), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)
     return [json.loads(ln[7:]) for ln in proc.stdout.splitlines() if ln[:7] == "RESULT "], proc
 

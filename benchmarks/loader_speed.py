@@ -1,11 +1,7 @@
-"""Training-stream speed: samples per second with 0, 1 and 2 Grain workers.
+"""Training-stream samples/s with 0, 1 and 2 Grain workers (benchmarks/RESULTS.md, "Loader").
 
     python benchmarks/loader_speed.py --repeats 5      # generates /tmp/dwise_loader_bench once
     python benchmarks/loader_speed.py --root DIR --workers 0,2 --repeats 5 --device_put
-
-`TrainStream` batches (CutMix p = 0.5) of simulated real-size windows (2 mice x 30 trials of 300
-frames, 8000 neurons each), from the page cache after the warm-up. Each row: median and range of
-`--repeats` timed runs of `--batches` batches after `--warmup` (worker start-up excluded).
 """
 
 import statistics

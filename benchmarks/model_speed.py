@@ -1,26 +1,13 @@
-"""The full true_batch DwiseNeuro on CPU, float32: seconds per step, FLOPs, memory, prediction;
-and a movie-reconstruction iteration of demo models, batched against the published loop.
+"""The full true_batch DwiseNeuro on CPU, float32 (step time, FLOPs, memory, prediction) and a
+movie-reconstruction iteration batched against the published loop; see benchmarks/RESULTS.md.
 
     .venv/bin/python benchmarks/model_speed.py --batch_sizes 1,4 --repeats 3
-    .venv/bin/python benchmarks/model_speed.py --batch_sizes 4 --modes train --repeats 5
     .venv/bin/python benchmarks/model_speed.py --modes predict --batch_sizes 1,4,16 --repeats 5
-    .venv/bin/python benchmarks/model_speed.py --modes reconstruct --batch_sizes 8 --repeats 1
     .venv/bin/python benchmarks/model_speed.py --modes reconstruct --tiny --batch_sizes 4
-
-`eval1`: eval forward of readout 0 on (batch, 16, 64, 64, 5); `eval10`: of all ten readouts;
-`train`: train-mode forward of all ten, the original's Poisson loss, gradients of every parameter
-(no optimizer); `predict`: `predict.forward` (readout 0) of random windows, and seconds per
-300-frame trial at each anchor stride; `reconstruct`: one iteration of a `--length`-frame trial
-through `--models` random models of `--config`, the jitted `reconstruct.iteration` (windows in
-chunks of the batch) against the published loop of single-window, single-model `window_grads`
-calls (exit status 1 unless the updates agree). Each (mode, batch) in its own subprocess (its own
-maxrss), beside that process's matmul rate (the machine is shared). Medians of `--repeats` calls
-after the first. GFLOP: conv and matmul only (`common.model_flops`); XLA's (all ops) beside it.
 """
 
 import resource
 import statistics
-import sys
 import time
 
 import common
@@ -145,8 +132,8 @@ def run(fv: flags.FlagValues) -> int:
     rows = []
     for batch in fv.batch_sizes:
         for mode in fv.modes:
-            results, proc = common.results_of([sys.executable, __file__, *fv.flags_into_string(
-                ).splitlines(), f"--worker={mode}", f"--batch_sizes={batch}"])
+            results, proc = common.run_worker(__file__, fv, f"--worker={mode}",
+                                              f"--batch_sizes={batch}")
             if not results:
                 print(f"{mode} batch {batch} failed:\n{proc.stderr[-3000:]}", flush=True)
             rows += results
