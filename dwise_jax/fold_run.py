@@ -229,7 +229,8 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                disable=not is_main, mininterval=1.0, dynamic_ncols=True)
     unchecked = []
     try:
-        while step < last_step and not stop.requested():
+        stopping = False
+        while step < last_step and not stopping:
             if (step in (0, warmup_steps) and step % steps_per_epoch == 0
                     and validated_at != step):
                 val = validate(evaluate, state["ema"], dataset, fold, val_batch, mesh)
@@ -258,7 +259,8 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
             if profile_steps and step == profile_steps[1] and is_main:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
-            saving = step % steps_per_epoch == 0 or step == last_step or stop.requested()
+            stopping = _stop_agreed(step, config.log.every_steps)
+            saving = step % steps_per_epoch == 0 or step == last_step or stopping
             if step % config.log.every_steps == 0 or saving:
                 _check_losses(unchecked, fold, directory)
             if step % config.log.every_steps == 0 or step == last_step:
@@ -279,8 +281,9 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                               f"val_loss {val['loss']:.2f}")
                 _save(checkpoints, state, stream, step, val["corr"])
                 logbook.plot()
-        if stop.requested() and step % steps_per_epoch != 0:
-            _save(checkpoints, state, stream, step, None)
+        if stopping:  # saved above at an epoch's end or the last step, else here
+            if step % steps_per_epoch != 0 and step != last_step:
+                _save(checkpoints, state, stream, step, None)
             print(f"fold {fold}: stopped by request at step {step}; checkpoint saved")
     finally:
         stop.fold_ended()
@@ -322,6 +325,17 @@ def load_teacher(config, workdir: Path, fold: int, dataset: SensoriumDataset,
         raise TrainingError(f"{directory}: cannot load the teacher ({e})") from None
     return teacher, {"directory": str(directory), "step": int(step),
                      "experiment": config.distill.teacher_experiment}
+
+
+def _stop_agreed(step: int, every: int) -> bool:
+    """Whether to stop after `step`: a stop request (dwise_jax/stop.py) to this process or, with
+    several processes, to any of them, read by all at the same steps (every `every`), so that
+    they stop and save together even when only one of them was signalled."""
+    if jax.process_count() == 1:
+        return stop.requested()
+    if step % every:
+        return False
+    return bool(sharding.sum_over_processes(np.int32(stop.requested())) > 0)
 
 
 def _drop_lock(directory: Path) -> None:

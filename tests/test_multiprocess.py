@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -137,7 +139,7 @@ def test_when_one_process_dies_the_other_stops_with_one_line(sim_root, tmp_path)
                *CLI_TINY, "--config.optim.cosine_epochs=60"]  # long enough to die in
     procs = _two_processes(command, tmp_path / "cache", logs)
     deadline = time.monotonic() + HANG_TIMEOUT_S
-    while "first step" not in (logs / "p0.out").read_text():  # the steps run
+    while not re.search(r"first step \d", (logs / "p0.out").read_text()):  # the steps run
         assert procs[0].poll() is None and time.monotonic() < deadline, \
             (logs / "p0.err").read_text()[-3000:]
         time.sleep(0.2)
@@ -152,3 +154,28 @@ def test_when_one_process_dies_the_other_stops_with_one_line(sim_root, tmp_path)
     step = checkpoint.latest_step(fold_dir)
     assert step is None or checkpoint.verify(fold_dir, step) is None
     assert not (fold_dir / "train.lock").exists()  # released on the way out
+
+
+def test_a_stop_sent_to_one_process_stops_both_at_the_same_step(sim_root, tmp_path):
+    """SIGTERM to process 1 only: the processes agree on the stop at the next logging step
+    (every 2 steps here), save that step together and both exit 0; a restart resumes there."""
+    root = link_copy(sim_root, tmp_path / "root")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    command = [*train_command(root, tmp_path / "w"), "--config.optim.cosine_epochs=60"]
+    procs = _two_processes(command, tmp_path / "cache", logs)
+    deadline = time.monotonic() + HANG_TIMEOUT_S
+    # "first step <time>": timed after the first steps, so stops are graceful in every process
+    while not re.search(r"first step \d", (logs / "p0.out").read_text()):
+        assert procs[0].poll() is None and time.monotonic() < deadline, \
+            (logs / "p0.err").read_text()[-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    _wait(procs, logs)
+    out0, out1 = ((logs / f"p{i}.out").read_text() for i in (0, 1))
+    stopped = [int(m) for m in re.findall(r"stopped by request at step (\d+)", out0 + out1)]
+    assert len(stopped) == 2 and stopped[0] == stopped[1] and stopped[0] % 2 == 0, (out0, out1)
+    fold_dir = checkpoint.fold_dir(tmp_path / "w", "demo", FOLD)
+    assert checkpoint.latest_step(fold_dir) == stopped[0]
+    assert checkpoint.verify(fold_dir, stopped[0]) is None
+    assert not (fold_dir / "train.lock").exists()

@@ -1,5 +1,5 @@
-"""The shape of the code base: no import cycles in the package, no module over 400 lines, test
-modules that share helpers through conftest.py only."""
+"""The shape of the code base: no import cycles in the package, no module over 400 lines, the
+benchmark scripts within 600 lines, test modules that share helpers through conftest.py only."""
 
 from __future__ import annotations
 
@@ -80,3 +80,8 @@ def test_test_modules_share_helpers_through_conftest_only():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("test_"):
                 offenders.append(f"{path.name} imports {node.module}")
     assert offenders == []
+
+
+def test_benchmark_scripts_stay_within_600_lines():
+    total = sum(len(p.read_text().splitlines()) for p in (REPO / "benchmarks").glob("*.py"))
+    assert total <= 600, total
