@@ -28,5 +28,6 @@ def apply(graphdef: Any, states: tuple, frames, traces, readout: int | jax.Array
     return model.own_readouts(features, readout)
 
 
-# Jitted for prediction; validation and inference jit `apply` inside their own programs.
+# Jitted for prediction (`readout` a (B,) array); validation and inference jit `apply` inside
+# their own programs.
 jitted = jax.jit(apply, static_argnums=0)
