@@ -1,24 +1,9 @@
-"""Checkpoints of one fold of one experiment, on disk under `<workdir>/<experiment>/fold_<k>/`.
+"""Checkpoints of one fold of one experiment, under `<workdir>/<experiment>/fold_<k>/`.
 
-Layout of a fold folder:
-
-    model.json           what prediction needs to rebuild the network: the DwiseNeuro
-                         constructor arguments, the mice (readout order) with their neuron
-                         counts, and where the weights came from (trained here, or converted
-                         from one of the original's .pth files)
-    checkpoints/<step>/  an Orbax composite checkpoint. Item `ema` is the EMA weights,
-                         {"params": ..., "batch_stats": ...} as nested dicts of arrays (the
-                         train state's own layout), the weights validation and prediction
-                         use, as in the original. Training adds the rest of its train state
-                         (`state`: step, params, batch_stats, opt_state) and `loader`.
-
-One Orbax `CheckpointManager` per fold folder (`FoldCheckpoints`) keeps, by its preservation
-policy, the last two steps (resume; the one before is the fallback if the latest is damaged) and
-the step with the best validation correlation (saved as the step's Orbax metric `val_corr`).
-Orbax writes each step under a temporary name and renames it when complete, so a crash during a
-write leaves the previous step readable. Orbax does not notice files damaged after that, so each
-complete step also gets `manifest.json` (size and SHA-256 of every file, written atomically): a
-damaged step is reported when restored and the newest step before it that verifies is used.
+`model.json` holds what prediction needs to rebuild the network; `checkpoints/<step>/` are
+Orbax composite checkpoints (item `ema`, the weights validation and prediction use, as in the
+original; training adds `state` and `loader`), each with a SHA-256 `manifest.json` so damage
+after the write is caught. Layout and retention policy: docs/design.md#one-way-to-do-each-thing.
 """
 
 from __future__ import annotations
@@ -130,8 +115,7 @@ def _metric(metrics: dict) -> float:
 
 
 class FoldCheckpoints:
-    """The Orbax CheckpointManager of a fold folder's `checkpoints/`, for as long as it is held
-    (a training run holds one per fold). Use as a context manager, or call `close()`."""
+    """The Orbax CheckpointManager of a fold's `checkpoints/`; a context manager."""
 
     def __init__(self, directory: str | os.PathLike, create: bool = True):
         # Orbax refuses relative paths ("Checkpoint path should be absolute"), and the default
@@ -140,8 +124,8 @@ class FoldCheckpoints:
         self.manager = ocp.CheckpointManager(self.path, options=_options(create))
 
     def save(self, step: int, items: dict[str, Any], val_corr: float | None = None) -> None:
-        """Saves named pytrees (e.g. {"ema": ...}) as step `step`, synchronously, then the
-        step's manifest. `val_corr` (None or NaN: not validated) ranks the step as best."""
+        """Saves named pytrees as step `step`, then its manifest; `val_corr` (None/NaN: not
+        validated) ranks the step as best."""
         step_dir = self.path / str(step)
         metrics = None if val_corr is None or val_corr != val_corr else {"val_corr": val_corr}
         try:

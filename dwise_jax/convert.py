@@ -1,17 +1,12 @@
 """`python -m dwise_jax.convert ORIGINAL.pth OUT_DIR`: the original's weights as a dwise_jax fold.
 
-The original solution saved one file per fold, `model-<epoch>-<val_corr>.pth`, written with
-`torch.save`: a dict of exactly `model_name` ("MouseModel"), `params` (the experiment's
-parameters, with the DwiseNeuro constructor arguments under `params["nn_module"][1]`) and
-`nn_state_dict` (the EMA model's state dict). This module reads such a file with
-`torch.load(weights_only=True)` (never unpickling arbitrary objects), checks that its input
-pipeline is the one dwise_jax implements, maps the state dict onto the Flax NNX model, and writes
-a fold folder (see `dwise_jax.checkpoint`) that prediction uses like a fold trained here:
+Reads one of the original's `model-<epoch>-<val_corr>.pth` files with
+`torch.load(weights_only=True)`, checks its pipeline settings, maps the EMA state dict onto the
+Flax NNX model and writes a fold folder that prediction uses like a fold trained here
+(docs/prediction.md#the-originals-weights). Needs torch (CPU): `pip install torch==2.13.0`.
 
     python -m dwise_jax.convert true_batch_001/fold_0/model-017-0.293169.pth workdir \\
         --experiment true_batch_001 --fold 0
-
-torch is an optional dependency (CPU build is enough): `pip install torch==2.13.0`.
 """
 
 from __future__ import annotations
@@ -91,14 +86,10 @@ def _as_plain(value: Any) -> Any:
 def constructor_kwargs(params: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
     """The DwiseNeuro constructor arguments of an original checkpoint, checked.
 
-    The file's `nn_module` arguments are set on a locked `config.model`, the one list of the
-    model's settings: an argument it has no setting for, or a value of another type, is refused,
-    and the values are checked like a config's. `readout_outputs` (a list in the original files,
-    where the other sequences are tuples) comes from the data, not the config. The original's
-    files give every argument; one left out keeps the config's (true_batch_001) value, and an
-    architecture that differs from the file's then fails the state-dict mapping.
-
-    Also checks the pipeline settings stored beside them (frame stack and input processor).
+    They are set on a locked `config.model`, so an unknown argument or a value of another type
+    is refused; `readout_outputs` comes from the data. A missing argument keeps the config's
+    value (a differing architecture then fails the state-dict mapping). Also checks the frame
+    stack and input processor stored beside them.
     """
     try:
         module_name, kwargs = params["nn_module"]

@@ -1,10 +1,8 @@
 """The real data's per-mouse zip archives: where they are (the manifest), and unpacking one
 safely into place. `dwise_jax.data.download` fetches them (docs/data.md#downloading-the-real-data).
 
-The organisers publish one zip per mouse in two GIN repositories: the five new mice in
-`pollytur/sensorium_2023_dataset`, the five old ones in `pollytur/Sensorium2023Data`, each at
-`<repository>/raw/master/<mouse>.zip`. A zip holds the folder `<mouse>/` in the layout
-`dwise_jax.data.sensorium` reads, plus macOS `__MACOSX/` litter that is skipped.
+One zip per mouse at `<repository>/raw/master/<mouse>.zip`, holding the folder `<mouse>/` in the
+layout `dwise_jax.data.sensorium` reads (macOS `__MACOSX/` litter is skipped).
 """
 
 from __future__ import annotations

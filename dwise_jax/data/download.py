@@ -2,19 +2,9 @@
 (ten mice, 148 GB; docs/data.md#downloading-the-real-data). Which archives, and unpacking one
 safely, is `dwise_jax.data.archives`; this module owns the HTTP transfer and the driver.
 
-Per mouse, in readout order: skip it when `<root>/<mouse>/` exists (with the marker
-`.dwise_download.json` this tool completed it; without one it is left untouched). Else download
-into `<mouse>.zip.part`, resuming with a Range request whose `If-Range` carries the server's
-ETag (or Last-Modified), so a changed archive is fetched anew rather than spliced. Verify the
-size and every checksum on offer (the manifest's sha256; the `Repr-Digest`, `Digest` and
-`Content-MD5` headers; ETags are opaque and never read as checksums); only a verified file is
-renamed to `<mouse>.zip`, one that fails is deleted. Then unpack (`archives.unpack`) and delete
-the zip unless `--keep_archives`. So the final names only ever hold complete data.
-
-Only the hosts of the archive URLs are contacted; a redirect elsewhere is refused unless
-`--allow_host` names it. Not done here: the old mice's test-tier responses in these archives
-are dummy zeros (the original fetched the real ones from deeplake); `SensoriumDataset` warns
-about them and treats those trials as unlabeled.
+A mouse folder is skipped once present; a download resumes from `<mouse>.zip.part`, and only a
+verified file becomes `<mouse>.zip`, so the final names only ever hold complete data. Only the
+hosts of the archive URLs are contacted unless `--allow_host` names another.
 """
 
 from __future__ import annotations

@@ -1,22 +1,7 @@
 """The simulated V1 behind `dwise_jax.data.synthetic`: videos, behaviour, neurons, responses.
 
-* Videos: 36 x 64, integers 0..255. Natural-like clips (train, oracle, none, `*_main`): pink
-  noise (1/f amplitude) drifting along a jittery path, a cut every 1-3 s, each scene with its
-  own luminance and contrast. `*_bonus` clips are out of distribution: drifting gratings,
-  sparse flashing squares on grey, binarised drifting noise. Most clips last `frames`, some
-  0.8x-1x, some 1x-1.1x.
-* Behaviour: running speed from a smoothed still/running two-state process; pupil dilation
-  follows running (arousal) and constricts with luminance; the pupil centre makes saccade-like
-  jumps (recorded, no effect on the responses).
-* Neurons sit on a cortical sheet (um) with a linear retinotopic map to their receptive-field
-  centres plus scatter. Each has a Gabor field (on 2x2-averaged frames) and a biphasic temporal
-  kernel (peak 80-160 ms); 60% are linear cells, 40% energy cells (quadrature pair). Drives are
-  scaled to unit variance on natural clips, then soft-rectified and saturated.
-* Gain: exp(a_run * running + a_pupil * pupil) per neuron, times a hidden slow fluctuation
-  (mean 1) that no input reveals.
-* Responses: Poisson event counts, gamma amplitudes, a short smoothing tail (imperfect
-  deconvolution) and a Gaussian floor (sd 0.02) rectified at 0. The noiseless rate is the
-  expected response given video and behaviour.
+The model (videos, behaviour, receptive fields, gain, noise) is described in
+docs/data.md#the-simulated-v1.
 
 Every draw comes from `random_stream(seed, purpose, ...)`, so the order in which clips, mice
 and trials are generated never changes a value.

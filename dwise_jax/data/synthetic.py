@@ -1,14 +1,9 @@
 """`python -m dwise_jax.data.synthetic OUT_DIR`: a simulated Sensorium 2023 dataset in the real
 on-disk layout, from the simulated V1 of `dwise_jax.data.simulated_v1`.
 
-Mouse folders read like the real ones. `OUT_DIR/simulation/` (not a mouse name, so discovery
-skips it) keeps what the real data keeps secret: the true test responses (the public test files
-hold dummy zeros with the NaN tail, as the real new mice's do), every trial's noiseless rate
-and `simulation.json` (parameters, each trial's clip key, the noise ceiling). Each oracle clip
-repeats several times per mouse; the oracle clips, the test clips and 30% of the train clips
-are the same for every mouse. All trial arrays of a mouse share one length T (longest clip
-plus 0-4 frames); statistics cover the train and oracle trials. A seed gives byte-identical
-files on one machine.
+Mouse folders read like the real ones; `OUT_DIR/simulation/` keeps what the real data keeps
+secret (true test responses, noiseless rates, `simulation.json`). A seed gives byte-identical
+files on one machine. Layout: docs/data.md.
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ from dwise_jax.models.layers import (
 
 
 class InvertedResidual3d(nnx.Module):
-    """Pointwise expansion, spatial (1,3,3) and temporal (5,1,1) depthwise convs, SE, pointwise
-    projection, drop path, plus a shortcut (nearest downsample, cyclic tiling, BatchNorm)."""
+    """Expand, spatial (1,3,3) and temporal (5,1,1) depthwise, SE, project, drop path, plus a
+    shortcut (nearest downsample, cyclic tiling, BatchNorm)."""
 
     def __init__(
         self,
@@ -219,11 +219,9 @@ class Readout(nnx.Module):
 class DwiseNeuro(nnx.Module):
     """The whole model: core -> mean over (height, width) -> cortex -> one readout per mouse.
 
-    Constructor arguments are the original's (`params["nn_module"][1]` of its .pth) plus
-    `depthwise_impl` ("auto", "taps" or "lax", see models/depthwise.py: how the depthwise
-    convolutions are computed, not what) and the compute `dtype` (parameters are always
-    float32). They have no defaults here: `config.model_kwargs(config, readout_outputs)` gives
-    them from `config.model`, where every default lives.
+    Arguments are the original's (`params["nn_module"][1]` of its .pth) plus `depthwise_impl`
+    (how depthwise convolutions are computed, models/depthwise.py) and the compute `dtype`
+    (parameters stay float32). Defaults live in `config.model` (`config.model_kwargs`).
     """
 
     def __init__(
@@ -293,12 +291,10 @@ class DwiseNeuro(nnx.Module):
         return [readout(features) for readout in self.readouts]
 
     def own_readouts(self, features: jax.Array, mouse: jax.Array) -> jax.Array:
-        """Each sample's own readout only (grouped_readouts.py), `(batch, time, max_neurons)`
-        float32, zero past the sample's neuron count: row b equals
-        `self.readouts[mouse[b]](features)[b]`, dropout masks included (every readout draws its
-        mask for the whole batch, as when all of them run).
+        """Row b is `self.readouts[mouse[b]](features)[b]`, zero-padded to max_neurons, float32.
 
-        `features` is `self.features(x)`, `(batch, time, channels)`; `mouse` `(batch,)` int.
+        Only each sample's own readout runs (grouped_readouts.py); every readout still draws its
+        dropout mask for the whole batch, as when all of them run. `mouse` is `(batch,)` int.
         """
         readouts = list(self.readouts)
         dt = features.dtype

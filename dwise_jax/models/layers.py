@@ -37,10 +37,9 @@ def _silu_grad(z: jax.Array) -> jax.Array:
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _batch_norm_train(x, scale, bias, epsilon, silu):
-    """Train-mode BatchNorm (+ SiLU) over all axes but the last, float32 statistics.
+    """Train-mode BatchNorm (+ SiLU): (y, batch mean, biased batch variance), float32 stats.
 
-    Returns (y, batch mean, biased batch variance). The custom VJP keeps only x and a few
-    per-channel vectors for the backward pass (plain autodiff keeps three or four full-size
+    The custom VJP keeps only x and per-channel vectors (autodiff kept three or four full-size
     intermediates per BatchNorm, which dominated the training step's memory).
     """
     y, mean, var, _ = _batch_norm_train_fwd_impl(x, scale, bias, epsilon, silu)
@@ -81,14 +80,11 @@ _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 class BatchNorm(nnx.Module):
-    """BatchNorm over every axis but the last, matching PyTorch's BatchNorm{1,3}d, optionally
-    followed by SiLU (`bn(x, silu=True)`, fused for memory).
+    """PyTorch's BatchNorm{1,3}d over every axis but the last, optionally fused with SiLU.
 
-    PyTorch momentum 0.1 is `momentum=0.9` here (new = 0.9 * old + 0.1 * batch). As in
-    PyTorch, the running variance is updated with the unbiased batch variance n / (n - 1)
-    while the batch is normalised with the biased one. No `num_batches_tracked` counter is
-    kept (it is unused with a fixed momentum). Statistics and normalisation run in float32;
-    the result is cast back to the input dtype.
+    PyTorch momentum 0.1 is `momentum=0.9` here. As in PyTorch, the running variance takes the
+    unbiased batch variance while the batch is normalised with the biased one; no
+    `num_batches_tracked` (unused with a fixed momentum). Statistics run in float32.
     """
 
     def __init__(
