@@ -246,10 +246,10 @@ def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
       (step, {name: tree}).
     """
     directory = Path(directory)
-    subdir = CHECKPOINTS_DIR
+    series = directory / CHECKPOINTS_DIR
     steps = all_steps(directory) if step is None else [step]
     if not steps:
-        raise CheckpointError(f"{directory / subdir}: no checkpoint found")
+        raise CheckpointError(f"{series}: no checkpoint found")
     problems = []
     for candidate in steps:
         try:
@@ -261,10 +261,10 @@ def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
             print(f"warning: skipping a bad checkpoint: {e}", file=sys.stderr)
             continue
         if problems:
-            print(f"warning: using step {candidate} of {directory / subdir} instead",
+            print(f"warning: using step {candidate} of {series} instead",
                   file=sys.stderr)
         return candidate, items
-    raise CheckpointError(f"{directory / subdir}: no readable checkpoint ({'; '.join(problems)})")
+    raise CheckpointError(f"{series}: no readable checkpoint ({'; '.join(problems)})")
 
 
 def _restore_step(directory: Path, step: int, names: tuple[str, ...], targets: dict[str, Any],
