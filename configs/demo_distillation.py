@@ -14,26 +14,14 @@ took 7.9 minutes on a 2-core CPU. Fold 0 of the default simulated dataset: val_c
 demo teacher: 0.1970); both stages and their ensemble: docs/prediction.md.
 """
 
-from __future__ import annotations
-
-import importlib.util
+import runpy
 from pathlib import Path
 
 
-def _demo_config():
-    """configs/demo.py's config, loaded by path (this file may be run from any folder)."""
-    spec = importlib.util.spec_from_file_location("dwise_jax_demo_config",
-                                                  Path(__file__).with_name("demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def get_config():
-    config = _demo_config()
+    # configs/demo.py by path: this file may be run from any folder.
+    config = runpy.run_path(str(Path(__file__).with_name("demo.py")))["get_config"]()
     config.experiment = "demo_distillation"
-    config.distill.enabled = True
-    config.distill.teacher_experiment = "demo"
-    config.distill.ratio = 0.36
+    config.distill.update(enabled=True, teacher_experiment="demo", ratio=0.36)
     config.optim.cosine_epochs = 3
     return config

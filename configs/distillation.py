@@ -12,8 +12,6 @@ true_batch_001 skips (about 15% of the forward FLOPs). The original: each fold +
 validation correlation; the ensemble with true_batch_001 scored 0.2913 (main), 0.2215 (bonus).
 """
 
-from __future__ import annotations
-
 from dwise_jax.config import get_base_config
 
 
@@ -21,7 +19,5 @@ def get_config():
     config = get_base_config()
     config.experiment = "distillation_001"
     config.model.expansion_ratio = 6
-    config.distill.enabled = True
-    config.distill.teacher_experiment = "true_batch_001"
-    config.distill.ratio = 0.36
+    config.distill.update(enabled=True, teacher_experiment="true_batch_001", ratio=0.36)
     return config

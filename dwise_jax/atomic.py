@@ -1,8 +1,5 @@
-"""Atomic file writes: write under a temporary name in the same folder, then rename.
-
-Every output of dwise_jax (predictions, submissions, JSON beside checkpoints, caches) goes
-through here, so a crash or an error never leaves a partially written file under the final name.
-"""
+"""Atomic file writes: write under a temporary name in the same folder, then rename, so a crash
+or an error never leaves a partly written file under the final name. Every output goes here."""
 
 from __future__ import annotations
 
@@ -24,17 +21,15 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
-    tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        yield Path(tmp)
+        os.replace(tmp, path)
     except OSError as e:
         if e.errno == errno.ENOSPC:  # name the file being written, not its temporary name
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        Path(tmp).unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -21,38 +21,25 @@ class UsageError(ValueError):
     """A flag combination the command cannot run with (exit 2)."""
 
 
-def parse(define: Define, args: Sequence[str], program: str = "dwise_jax"
-          ) -> tuple[flags.FlagValues, list[str]]:
-    """Flags of `args` (no program name) -> (parsed FlagValues, positional arguments)."""
-    fv = flags.FlagValues()
-    define(fv)
-    rest = fv([program, *args])
-    return fv, rest[1:]
-
-
-def usage(doc: str | None, define: Define) -> str:
-    """The command's docstring and one line per flag with its default."""
-    fv = flags.FlagValues()
-    define(fv)
-    lines = [f"  --{f.name}: {f.help} (default: {f.default!r})"
-             for f in sorted({fv[n] for n in fv}, key=lambda f: f.name)]
-    return (doc or "").strip() + "\n\nflags:\n" + "\n".join(lines)
-
-
 def call(define: Define, run: Run, args: Sequence[str], program: str = "dwise_jax",
          doc: str | None = None, errors: tuple[type[BaseException], ...] = (),
          check: Callable[[list[str]], None] | None = None) -> int:
-    """Parses `args` and runs the command; usage and user errors -> one line on stderr.
-    `check(args)` may raise one of `errors` from the raw arguments, before absl parses them."""
-    if "--help" in args or "-h" in args or "--helpfull" in args:
-        print(usage(doc, define))
+    """Parses `args` (no program name) and runs the command; usage and user errors -> one line
+    on stderr. `check(args)` may raise one of `errors` from the raw arguments, before parsing.
+    `--help` prints `doc` and one line per flag with its default."""
+    fv = flags.FlagValues()
+    define(fv)
+    if {"--help", "-h", "--helpfull"} & set(args):
+        print((doc or "").strip() + "\n\nflags:")
+        for flag in sorted({fv[name] for name in fv}, key=lambda f: f.name):
+            print(f"  --{flag.name}: {flag.help} (default: {flag.default!r})")
         return 0
     if not flags.FLAGS.is_parsed():  # absl logging and Grain's workers read the global flags
         flags.FLAGS.mark_as_parsed()
     try:
         if check is not None:
             check(list(args))
-        fv, positional = parse(define, args, program)
+        positional = fv([program, *args])[1:]
         return run(fv, positional)
     except (flags.Error, UsageError) as e:
         print(f"error: {e} (see --help)", file=sys.stderr)

@@ -1,15 +1,16 @@
 """How a command ends on a failure of its environment (a full disk, a dead peer process): one
 `error:` line, the last on stderr, exit 1. Writes are atomic, so the same command resumes once
-space is freed (docs/reliability.md)."""
+space is freed (docs/reliability.md, docs/design.md#failures-of-the-environment)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
 from typing import NoReturn
 
-from dwise_jax import sharding
+import jax
 
 
 def find(error: BaseException) -> OSError | None:
@@ -30,34 +31,28 @@ def message(error: OSError, where: str = "") -> str:
             "same command again (training resumes from its last complete checkpoint)")
 
 
-def exit_with(error: OSError, where: str = "") -> NoReturn:
-    """Print `error: <file>: the disk is full ...` as the last line of stderr and exit 1."""
-    exit_with_line(message(error, where))
-
-
 def exit_with_line(text: str) -> NoReturn:
-    """Print `error: <text>` as the last line of stderr and exit 1, at once.
-
-    Orbax's writer threads or JAX's distributed runtime may still print tracebacks of the same
-    failure, so stderr goes to /dev/null before our line leaves through a saved descriptor
-    (on a fresh line), and `os._exit` skips the interpreter's shutdown (our `finally`s ran).
-    """
+    """Print `error: <text>` as the last line of stderr and exit 1, at once: stderr goes to
+    /dev/null first (Orbax's or JAX's threads may still print tracebacks), our line leaves
+    through a saved descriptor, and `os._exit` skips the shutdown (our `finally`s ran)."""
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     saved = os.dup(2)
-    quiet = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(quiet, 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     os.write(saved, f"\nerror: {text}\n".encode())
     os._exit(1)
 
 
 def exit_if_fatal(error: BaseException, where: str) -> None:
-    """Ends the process with one line if `error` is a full disk or a dead peer process (the
-    collective failed); returns otherwise, for the caller to re-raise. `where`: the workdir."""
+    """Ends the process with one line if `error` is a full disk or, with several processes, a
+    failed collective (another process went away: gloo's closed connection, missed heartbeats);
+    returns otherwise, for the caller to re-raise. `where`: the workdir."""
     if (full := find(error)) is not None:
-        exit_with(full, where)
-    if sharding.peer_failure(error):
-        exit_with_line(sharding.peer_failure_line(error, where))
+        exit_with_line(message(full, where))
+    if jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        exit_with_line(
+            f"process {jax.process_index()} of {jax.process_count()}: another process of this "
+            f"run stopped ({first}); nothing more was saved, the last complete checkpoint under "
+            f"{where} stays; start every process again to resume")

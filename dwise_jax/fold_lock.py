@@ -21,37 +21,33 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_NAME = "train.lock"
-_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
 class FoldLockedError(RuntimeError):
     """The fold folder is held by another training process (the message names it)."""
 
 
-def _boot_id() -> str | None:
+def _read(path: str | os.PathLike) -> str:
     try:
-        return _BOOT_ID.read_text().strip()
+        return Path(path).read_text()
     except OSError:
-        return None
+        return ""
+
+
+def _boot_id() -> str | None:
+    return _read("/proc/sys/kernel/random/boot_id").strip() or None
+
+
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (which may hold spaces), or []."""
+    stat = _read(f"/proc/{pid}/stat")
+    return stat[stat.rfind(")") + 2:].split()
 
 
 def _process_start(pid: int) -> int | None:
     """Start time of process `pid` in clock ticks after boot (Linux /proc), else None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 2 (the command name) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rfind(")") + 2:].split()
+    fields = _stat(pid)
     return int(fields[19]) if len(fields) > 19 else None
-
-
-def _process_state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2:].split()[0]
 
 
 def describe(holder: dict) -> str:
@@ -64,108 +60,82 @@ def holder_is_alive(holder: dict) -> bool | None:
     """Whether the holder process still runs: True/False on this host, None on another host."""
     if holder.get("host") != platform.node():
         return None
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    boot = _boot_id()
+    pid, boot, start = holder.get("pid"), _boot_id(), holder.get("process_start")
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False  # no pid, or ours: an earlier life of it (a restarted container)
     if holder.get("boot_id") and boot and holder["boot_id"] != boot:
         return False  # written before a reboot
-    if pid == os.getpid():
-        return False  # an earlier life of this pid (a container restarted), not this process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # it exists, under another user
-    if _process_state(pid) in ("Z", "X"):
+    fields = _stat(pid)
+    if fields and fields[0] in ("Z", "X"):
         return False  # a zombie: it has exited, its parent has not reaped it yet
-    start = holder.get("process_start")
-    if start is not None and _process_start(pid) not in (None, start):
-        return False  # the pid now belongs to a process started later
-    return True
+    # A later start: the pid now belongs to another process.
+    return start is None or _process_start(pid) in (None, start)
 
 
 def read_holder(path: Path) -> dict | None:
     """The lock's JSON, or None when it is unreadable or not a JSON object."""
     try:
-        holder = json.loads(path.read_text())
-    except (OSError, ValueError):
+        holder = json.loads(_read(path))
+    except ValueError:
         return None
     return holder if isinstance(holder, dict) else None
+
+
+def _write(fd: int, content: str) -> None:
+    with os.fdopen(fd, "w") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _create(path: Path, content: str) -> bool:
     """Creates `path` holding `content`, atomically and only if it does not exist."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
+        _write(fd, content)
         try:
             os.link(tmp, path)
-            return True
         except FileExistsError:
             return False
         except OSError:  # a file system without hard links: exclusive create, then write
             try:
-                out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 return False
-            with os.fdopen(out, "w") as f:
-                f.write(content)
-                f.flush()
-                os.fsync(f.fileno())
-            return True
+            _write(fd, content)
+        return True
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
 
 
-class FoldLock:
-    """A held lock; `release()` removes the file if it is still this one's."""
-
-    def __init__(self, path: Path, holder: dict, created: list[Path]):
-        self.path, self.holder, self._created = path, holder, created
-
-    def release(self) -> None:
-        current = read_holder(self.path)
-        if current is not None and current.get("token") == self.holder["token"]:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-        # Folders this lock made and nothing else filled (training stopped before writing).
-        for folder in self._created:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-
-
-def acquire(directory: str | os.PathLike) -> FoldLock:
-    """Takes `<directory>/train.lock` (creating the folder if needed) or raises
-    FoldLockedError naming the holder."""
+def acquire(directory: str | os.PathLike) -> dict:
+    """Takes `<directory>/train.lock` (creating the folder if needed) and returns the holder
+    written there, or raises FoldLockedError naming the holder that keeps it."""
     directory = Path(directory).absolute()
-    created = [p for p in (directory, *directory.parents) if not p.exists()]
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
+    path, rm = directory / LOCK_NAME, f"rm {shlex.quote(str(directory / LOCK_NAME))}"
     holder = {
         "host": platform.node(), "pid": os.getpid(),
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "boot_id": _boot_id(), "process_start": _process_start(os.getpid()),
         "token": uuid.uuid4().hex,
     }
-    content = json.dumps(holder, indent=2) + "\n"
     for _ in range(3):  # a stale lock taken over by another process between our looks
-        if _create(path, content):
-            return FoldLock(path, holder, created)
+        if _create(path, json.dumps(holder, indent=2) + "\n"):
+            return holder
         other = read_holder(path)
         if other is None:
             if not path.exists():
                 continue  # released just now
-            raise FoldLockedError(
-                f"{directory}: is locked for training by {path}, which cannot be read; if no "
-                f"training of this fold runs, clear the lock with: rm {shlex.quote(str(path))}")
+            raise FoldLockedError(f"{directory}: is locked for training by {path}, which cannot "
+                                  f"be read; if no training of this fold runs, clear the lock "
+                                  f"with: {rm}")
         alive = holder_is_alive(other)
         if alive:
             raise FoldLockedError(
@@ -174,29 +144,37 @@ def acquire(directory: str | os.PathLike) -> FoldLock:
         if alive is None:
             raise FoldLockedError(
                 f"{directory}: held by a training process on another host ({describe(other)}); "
-                "if it no longer runs there, clear the lock with: "
-                f"rm {shlex.quote(str(path))}")
+                f"if it no longer runs there, clear the lock with: {rm}")
         # Dead on this host: remove it if it is still the lock judged stale, then create ours.
         if read_holder(path) == other:
             print(f"warning: {path}: taking over the lock of {describe(other)}, which no longer "
                   "runs", file=sys.stderr)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            path.unlink(missing_ok=True)
     raise FoldLockedError(f"{directory}: could not take {path}: other processes keep taking it")
 
 
 @contextlib.contextmanager
-def hold(directory: str | os.PathLike, enabled: bool = True) -> Iterator[FoldLock | None]:
-    """`acquire(directory)` for the block, released on leaving it however it is left.
-    `enabled=False` (every process of a multi-process run but process 0) holds nothing."""
+def hold(directory: str | os.PathLike, enabled: bool = True) -> Iterator[dict | None]:
+    """`acquire(directory)` for the block, yielding the holder. On leaving, however, the lock
+    goes if it is still ours, and so do the folders it made if nothing filled them (training
+    stopped before writing). `enabled=False` (processes other than 0) holds nothing."""
     if not enabled:
         yield None
         return
-    lock = acquire(directory)
+    directory = Path(directory).absolute()
+    created = [p for p in (directory, *directory.parents) if not p.exists()]
+    holder = acquire(directory)
     try:
-        yield lock
+        yield holder
     finally:
-        lock.release()
+        path = directory / LOCK_NAME
+        if (read_holder(path) or {}).get("token") == holder["token"]:
+            path.unlink(missing_ok=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def guard_training(train_fold):

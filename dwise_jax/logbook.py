@@ -6,6 +6,7 @@ One `Logbook` per fold folder, written by process 0: one JSON object per line ({
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,42 +22,37 @@ class Logbook:
 
     def __init__(self, directory: Path, enabled: bool = True, tensorboard: bool = True,
                  plot: bool = True):
-        self.directory = Path(directory)
-        self.enabled = enabled
+        self.directory, self.enabled = Path(directory), enabled
         self.plot_enabled = plot and enabled
         self.path = self.directory / "metrics.jsonl"
         self.writer = None
         if enabled and tensorboard:
-            try:
+            with contextlib.suppress(ImportError):
                 from tensorboardX import SummaryWriter
-            except ImportError:
-                SummaryWriter = None
-            if SummaryWriter is not None:
+
                 self.writer = SummaryWriter(str(self.directory / "tensorboard"))
 
     def records(self) -> list[dict[str, Any]]:
-        """Everything logged so far (survives restarts: the file is appended to). A line cut
-        short by a crash (power loss, full disk) is skipped with a warning, not fatal."""
+        """Everything logged so far (the file survives restarts). A line cut short by a crash
+        (power loss, full disk) is skipped with a warning."""
         if not self.path.exists():
             return []
         records = []
         for number, line in enumerate(self.path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                print(f"warning: {self.path}:{number}: skipping an incomplete line",
-                      file=sys.stderr)
+                if line.strip():
+                    print(f"warning: {self.path}:{number}: skipping an incomplete line",
+                          file=sys.stderr)
         return records
 
     def truncate_after(self, step: int) -> None:
         """Drops records past `step` (a restart replays them from the last checkpoint)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [r for r in self.records() if r["step"] <= step]
-        with atomic.atomic_path(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.enabled and self.path.exists():
+            kept = [r for r in self.records() if r["step"] <= step]
+            with atomic.atomic_path(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, step: int, kind: str, **values: float) -> None:
         if not self.enabled:
@@ -64,9 +60,8 @@ class Logbook:
         record = {"step": int(step), "kind": kind, **{k: float(v) for k, v in values.items()}}
         self.directory.mkdir(parents=True, exist_ok=True)
         with self.path.open("a+b") as f:
-            end = f.seek(0, os.SEEK_END)
-            if end:
-                f.seek(end - 1)
+            if f.tell():  # append mode starts at the end
+                f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")  # end a line cut short by a crash; records() skips it
             f.write((json.dumps(record) + "\n").encode())
@@ -96,14 +91,12 @@ class Logbook:
             steps = [r["step"] for r in val]
             axes[0].plot(steps, [r["loss"] for r in val], "o-", label="validation (EMA)")
             axes[0].legend()
-        limits = loss_limits(train, val)
-        if limits is not None:
+        if (limits := loss_limits(train, val)) is not None:
             axes[0].set_ylim(*limits)
             axes[2].plot(steps, [r["corr"] for r in val], "o-")
         for ax, title in zip(axes, ("loss", "learning rate", "validation correlation"),
                              strict=True):
-            ax.set_title(title)
-            ax.set_xlabel("step")
+            ax.set(title=title, xlabel="step")
             ax.grid(alpha=0.3)
         fig.suptitle(self.directory.name)
         fig.tight_layout()

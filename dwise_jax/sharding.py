@@ -15,7 +15,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DATA_AXIS = "data"
 # What launch/multihost.sh sets for every process (and `initialize_distributed` reads).
 LAUNCH_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
@@ -29,13 +28,12 @@ def initialize_distributed() -> bool:
         return False
     # Collectives between processes on the CPU backend (a no-op for GPU and TPU devices).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    heartbeat = int(os.environ.get("DWISE_JAX_HEARTBEAT_S", "100"))
+    kwargs = {"heartbeat_timeout_seconds": int(os.environ.get("DWISE_JAX_HEARTBEAT_S", "100"))}
     if explicit:
         address, count, index = (os.environ[k] for k in LAUNCH_VARIABLES)
-        jax.distributed.initialize(coordinator_address=address, num_processes=int(count),
-                                   process_id=int(index), heartbeat_timeout_seconds=heartbeat)
-    else:
-        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+        kwargs.update(coordinator_address=address, num_processes=int(count),
+                      process_id=int(index))
+    jax.distributed.initialize(**kwargs)
     return True
 
 
@@ -54,8 +52,7 @@ def local_rows(array: jax.Array) -> np.ndarray:
 
 
 def sum_over_processes(tree: Any) -> Any:
-    """The sum over processes of a pytree of host numbers and arrays (the tree itself on one
-    process); every process gets the result."""
+    """The sum over processes of a pytree of host numbers and arrays, on every process."""
     if jax.process_count() == 1:
         return tree
     from jax.experimental import multihost_utils
@@ -66,18 +63,14 @@ def sum_over_processes(tree: Any) -> Any:
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D mesh over all (or the first `num_devices`) devices, axis `data`, Auto axis type."""
-    devices = jax.devices()
-    if num_devices is not None:
-        if num_devices > len(devices):
-            raise ValueError(f"asked for {num_devices} devices, {len(devices)} available")
-        devices = devices[:num_devices]
-    return jax.make_mesh((len(devices),), (DATA_AXIS,),
+    devices = jax.devices()[:num_devices]
+    return jax.make_mesh((len(devices),), ("data",),
                          axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over `data`, every other axis whole."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+    return NamedSharding(mesh, P("data"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -108,17 +101,3 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         return jax.device_put(np.asarray(x), sharding)
 
     return jax.tree.map(put, tree)
-
-
-def peer_failure(error: BaseException) -> bool:
-    """Whether `error` is a collective that failed because another process of a multi-process
-    run went away (gloo's closed connection, the coordination service's missed heartbeats)."""
-    return jax.process_count() > 1 and isinstance(error, jax.errors.JaxRuntimeError)
-
-
-def peer_failure_line(error: BaseException, where: str) -> str:
-    """The one error line of a process whose peer went away."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return (f"process {jax.process_index()} of {jax.process_count()}: another process of this "
-            f"run stopped ({first}); nothing more was saved, the last complete checkpoint under "
-            f"{where} stays; start every process again to resume")

@@ -1,12 +1,11 @@
 """Stop requests (SIGTERM, Ctrl-C) for training: immediate before a fold's first step is done,
-graceful after it.
-
-A watcher thread reads the signals from a wake-up pipe, so a stop does not wait for XLA's
-compilation of the first step (docs/design.md#stop-requests).
+graceful after it. A watcher thread reads the signals from a wake-up pipe, so a stop does not
+wait for XLA's compilation of the first step (docs/design.md#stop-requests).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -40,31 +39,24 @@ def step_done() -> None:
 
 def request(signum: int = signal.SIGTERM) -> None:
     """What a stop signal does (the watcher thread calls it; tests may too)."""
-    if not _state["step_done"] or _state["requested"]:
-        _exit_now(signum)
-    _state["requested"] = True
-
-
-def _exit_now(signum: int) -> None:
-    first = not _state["requested"]
-    reason = ("before the first step finished" if first
-              else "by a second request, without finishing the step")
+    if _state["step_done"] and not _state["requested"]:
+        _state["requested"] = True
+        return
+    reason = ("by a second request, without finishing the step" if _state["requested"]
+              else "before the first step finished")
     where = f" in {_state['where']}" if _state["where"] else ""
-    line = (f"stopped by request {reason}: nothing new was saved; the last checkpoint{where} "
-            "(if any) is intact\n")
-    try:
+    with contextlib.suppress(Exception):  # the exit must happen whatever the clean-up does
         if _state["on_exit"] is not None:
             _state["on_exit"]()
-    except Exception:  # noqa: BLE001 - the exit must happen whatever the clean-up does
-        pass
-    os.write(2, b"\n" + line.encode())  # after a progress bar's unfinished line
+    # A fresh line: after a progress bar's unfinished one.
+    os.write(2, f"\nstopped by request {reason}: nothing new was saved; the last checkpoint"
+                f"{where} (if any) is intact\n".encode())
     os._exit(128 + int(signum))
 
 
 def _watch(read_fd: int) -> None:
     while True:
-        data = os.read(read_fd, 64)
-        for signum in data:
+        for signum in os.read(read_fd, 64):
             if signum in _SIGNALS:
                 request(signum)
 

@@ -6,13 +6,12 @@
 #       [--dir /path/to/dwise_jax] [--dry-run] [-- extra flags for dwise_jax.train]
 #
 # Starts `python -m dwise_jax.train` on each host over ssh (keys, no password) with
-# JAX_COORDINATOR_ADDRESS=host0:PORT, JAX_NUM_PROCESSES=<hosts> and JAX_PROCESS_ID=<index>,
-# which dwise_jax.sharding.initialize_distributed passes to jax.distributed.initialize. The
-# repository (--dir, default this checkout), --data_root and --workdir must have the same path
-# on every host, the workdir on a shared filesystem (checkpoints are written by all processes
-# together). Logs: logs/<config>_host<index>.log here (LOG_DIR: another folder). --dry-run
-# prints the ssh commands.
-# Other launchers: set those three variables for each process yourself; SLURM: slurm_train.sbatch.
+# JAX_COORDINATOR_ADDRESS=host0:PORT, JAX_NUM_PROCESSES=<hosts> and JAX_PROCESS_ID=<index>
+# (dwise_jax.sharding.initialize_distributed). The repository (--dir, default this checkout),
+# --data_root and --workdir must have the same path on every host, the workdir on a shared
+# filesystem. Logs: logs/<config>_host<index>.log (LOG_DIR: another folder). --dry-run prints
+# the ssh commands. Other launchers: set those three variables per process; SLURM:
+# slurm_train.sbatch.
 set -euo pipefail
 
 usage() {  # the comment block at the top of this file
@@ -23,18 +22,10 @@ usage() {  # the comment block at the top of this file
 [ $# -ge 1 ] || usage 2
 case "$1" in -h|--help) usage 0 ;; esac
 config="$1"; shift
-hosts=""
-port=12355
-folds=""
-dir="$(cd "$(dirname "$0")/.." && pwd)"
-dry_run=0
-extra=()
+hosts="" port=12355 folds="" dir="$(cd "$(dirname "$0")/.." && pwd)" dry_run=0 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --hosts) hosts="$2"; shift 2 ;;
-    --port) port="$2"; shift 2 ;;
-    --folds) folds="$2"; shift 2 ;;
-    --dir) dir="$2"; shift 2 ;;
+    --hosts|--port|--folds|--dir) declare "${1#--}=$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) usage 0 ;;
@@ -44,21 +35,17 @@ done
 [ -n "$hosts" ] || { echo "--hosts is required" >&2; usage 2; }
 IFS=, read -r -a host_list <<< "$hosts"
 name=$(basename "$config" .py)
-python="${PYTHON:-python}"
 logs="${LOG_DIR:-logs}"
 [ "$dry_run" -eq 1 ] || mkdir -p "$logs"
 
 pids=()
 for i in "${!host_list[@]}"; do
-  host="${host_list[$i]}"
   train=(env JAX_COORDINATOR_ADDRESS="${host_list[0]}:$port"
-         JAX_NUM_PROCESSES="${#host_list[@]}" JAX_PROCESS_ID="$i"
-         "$python" -m dwise_jax.train --config "$config")
-  [ -z "$folds" ] || train+=(--folds "$folds")
-  train+=("${extra[@]}")
+         JAX_NUM_PROCESSES="${#host_list[@]}" JAX_PROCESS_ID="$i" "${PYTHON:-python}"
+         -m dwise_jax.train --config "$config" ${folds:+--folds "$folds"} "${extra[@]}")
   # ssh hands the remote shell one string: quote every word for it.
   remote="cd $(printf '%q' "$dir") && $(printf '%q ' "${train[@]}")"
-  cmd=(ssh -o BatchMode=yes "$host" "$remote")
+  cmd=(ssh -o BatchMode=yes "${host_list[$i]}" "$remote")
   log="$logs/${name}_host${i}.log"
   if [ "$dry_run" -eq 1 ]; then
     printf '%q ' "${cmd[@]}"; printf '> %q 2>&1\n' "$log"
@@ -66,9 +53,8 @@ for i in "${!host_list[@]}"; do
   fi
   "${cmd[@]}" > "$log" 2>&1 &
   pids+=("$!")
-  echo "process $i on $host: pid $!, log $log"
+  echo "process $i on ${host_list[$i]}: pid $!, log $log"
 done
-[ "$dry_run" -eq 0 ] || exit 0
 failed=0
 for pid in "${pids[@]}"; do
   wait "$pid" || failed=$((failed + 1))

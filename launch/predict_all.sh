@@ -5,15 +5,13 @@
 #       [--splits live_test_main,live_test_bonus,final_test_main,final_test_bonus,folds] \
 #       [--data_root DIR] [--gpu 0] [--dry-run] [-- extra flags for dwise_jax.predict]
 #
-# For each experiment and split: python -m dwise_jax.predict --experiment E --split S
-# --workdir DIR (each fold model of E predicts, the folds are averaged; `folds` is the
-# out-of-fold split, scored). Then, with two or more experiments, for each split:
-# python -m dwise_jax.predict --experiment E1,E2 --blend_only --split S --workdir DIR (the
-# mean of the experiments' predictions, the original's last step). --data_root goes to both. Runs one after another on
-# one GPU (--gpu, default as visible); stops at the first failure. Logs:
-# logs/predict_<experiment>_<split>.log and logs/blend_<split>.log. Extra flags go to every
-# predict call (e.g. --anchor_stride=2). --dry-run prints the commands. PYTHON names the
-# interpreter (default: python), LOG_DIR the log folder (default: logs).
+# Runs `python -m dwise_jax.predict --experiment E --split S --workdir DIR` for each experiment
+# and split (the folds averaged; `folds` is the scored out-of-fold split), then, with two or
+# more experiments, `--experiment E1,E2 --blend_only` for each split (the original's last step).
+# One after another on one GPU (--gpu, default as visible), stopping at the first failure; logs
+# logs/predict_<experiment>_<split>.log and logs/blend_<split>.log. --data_root goes to every
+# call, extra flags (e.g. --anchor_stride=2) to the predictions. --dry-run prints the commands.
+# PYTHON names the interpreter (default: python), LOG_DIR the log folder (default: logs).
 set -euo pipefail
 
 usage() {  # the comment block at the top of this file
@@ -21,20 +19,11 @@ usage() {  # the comment block at the top of this file
   exit "${1:-0}"
 }
 
-workdir=""
-experiments="distillation_001,true_batch_001"
+workdir="" experiments="distillation_001,true_batch_001" data_root="" gpu="" dry_run=0 extra=()
 splits="live_test_main,live_test_bonus,final_test_main,final_test_bonus,folds"
-data_root=""
-gpu=""
-dry_run=0
-extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --workdir) workdir="$2"; shift 2 ;;
-    --experiments) experiments="$2"; shift 2 ;;
-    --splits) splits="$2"; shift 2 ;;
-    --data_root) data_root="$2"; shift 2 ;;
-    --gpu) gpu="$2"; shift 2 ;;
+    --workdir|--experiments|--splits|--data_root|--gpu) declare "${1#--}=$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) usage 0 ;;
@@ -50,9 +39,8 @@ for split in "${split_list[@]}"; do
     *) echo "unknown split: $split" >&2; usage 2 ;;
   esac
 done
-python="${PYTHON:-python}"
-prefix=()
-[ -z "$gpu" ] || prefix=(env CUDA_VISIBLE_DEVICES="$gpu")
+common=("${PYTHON:-python}" -m dwise_jax.predict)
+[ -z "$gpu" ] || common=(env CUDA_VISIBLE_DEVICES="$gpu" "${common[@]}")
 logs="${LOG_DIR:-logs}"
 [ "$dry_run" -eq 1 ] || mkdir -p "$logs"
 
@@ -68,17 +56,12 @@ step() {  # step LOG COMMAND...: print it (dry run) or run it into LOG
 
 for experiment in "${experiment_list[@]}"; do
   for split in "${split_list[@]}"; do
-    cmd=("${prefix[@]}" "$python" -m dwise_jax.predict --experiment "$experiment"
-         --split "$split" --workdir "$workdir")
-    [ -z "$data_root" ] || cmd+=(--data_root "$data_root")
-    step "$logs/predict_${experiment}_${split}.log" "${cmd[@]}" "${extra[@]}"
+    step "$logs/predict_${experiment}_${split}.log" "${common[@]}" --experiment "$experiment" \
+        --split "$split" --workdir "$workdir" ${data_root:+--data_root "$data_root"} "${extra[@]}"
   done
 done
-if [ "${#experiment_list[@]}" -ge 2 ]; then
-  for split in "${split_list[@]}"; do
-    cmd=("${prefix[@]}" "$python" -m dwise_jax.predict --experiment "$experiments"
-         --blend_only --split "$split" --workdir "$workdir")
-    [ -z "$data_root" ] || cmd+=(--data_root "$data_root")
-    step "$logs/blend_${split}.log" "${cmd[@]}"
-  done
-fi
+[ "${#experiment_list[@]}" -ge 2 ] || exit 0
+for split in "${split_list[@]}"; do
+  step "$logs/blend_${split}.log" "${common[@]}" --experiment "$experiments" --blend_only \
+      --split "$split" --workdir "$workdir" ${data_root:+--data_root "$data_root"}
+done

@@ -4,12 +4,11 @@
 #   launch/profile.sh CONFIG [--fold 0] [--steps 10:20] [--gpus 0] [--workdir DIR] [--dry-run] \
 #       [-- extra flags for dwise_jax.train, e.g. --data_root=/data]
 #
-# Trains fold --fold from scratch for END steps in a separate work folder (default
-# profiles/<config>_fold<k>_steps<START>-<END>; never the real workdir, since the run writes a
-# checkpoint there), tracing steps START..END (after compilation and warm-up) and writing the
-# train step's HLO. The trace lands in <workdir>/<experiment>/fold_<k>/profile/: open it with
-# `tensorboard --logdir <workdir>` (profile plugin) or the .trace.json.gz in Perfetto. The run
-# also validates before step 0 and after END, as training does. --gpus sets
+# Trains fold --fold from scratch for END steps in a work folder of its own (default
+# profiles/<config>_fold<k>_steps<START>-<END>, since the run writes a checkpoint), tracing steps
+# START..END (after compilation and warm-up; it also validates before step 0 and after END) and
+# writing the train step's HLO. The trace lands in <workdir>/<experiment>/fold_<k>/profile/:
+# open it with `tensorboard --logdir <workdir>` or the .trace.json.gz in Perfetto. --gpus sets
 # CUDA_VISIBLE_DEVICES (default: every GPU). --dry-run prints the command.
 set -euo pipefail
 
@@ -21,36 +20,25 @@ usage() {  # the comment block at the top of this file
 [ $# -ge 1 ] || usage 2
 case "$1" in -h|--help) usage 0 ;; esac
 config="$1"; shift
-fold=0
-steps="10:20"
-gpus=""
-workdir=""
-dry_run=0
-extra=()
+fold=0 steps="10:20" gpus="" workdir="" dry_run=0 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --fold) fold="$2"; shift 2 ;;
-    --steps) steps="$2"; shift 2 ;;
-    --gpus) gpus="$2"; shift 2 ;;
-    --workdir) workdir="$2"; shift 2 ;;
+    --fold|--steps|--gpus|--workdir) declare "${1#--}=$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; extra=("$@"); break ;;
     -h|--help) usage 0 ;;
     *) echo "unknown argument: $1" >&2; usage 2 ;;
   esac
 done
-if ! [[ "$steps" =~ ^([0-9]+):([0-9]+)$ ]] \
-    || [ "${BASH_REMATCH[1]}" -ge "${BASH_REMATCH[2]}" ]; then
+if ! [[ "$steps" =~ ^([0-9]+):([0-9]+)$ ]] || [ "${BASH_REMATCH[1]}" -ge "${BASH_REMATCH[2]}" ]
+then
   echo "--steps must be START:END with START < END, got $steps" >&2; exit 2
 fi
-start="${BASH_REMATCH[1]}"
 end="${BASH_REMATCH[2]}"
-name=$(basename "$config" .py)
-workdir="${workdir:-profiles/${name}_fold${fold}_steps${start}-${end}}"
-python="${PYTHON:-python}"
+workdir="${workdir:-profiles/$(basename "$config" .py)_fold${fold}_steps${steps/:/-}}"
 
-cmd=("$python" -m dwise_jax.train --config "$config" --folds "$fold" --workdir "$workdir"
-     --profile_steps "$steps" --max_steps "$end" --dump_hlo "${extra[@]}")
+cmd=("${PYTHON:-python}" -m dwise_jax.train --config "$config" --folds "$fold" --workdir
+     "$workdir" --profile_steps "$steps" --max_steps "$end" --dump_hlo "${extra[@]}")
 [ -z "$gpus" ] || cmd=(env CUDA_VISIBLE_DEVICES="$gpus" "${cmd[@]}")
 if [ "$dry_run" -eq 1 ]; then
   printf '%q ' "${cmd[@]}"; printf '\n'

@@ -4,11 +4,10 @@
 #   launch/train_folds.sh CONFIG [--folds 0,1,2,3,4,5,6] [--gpus 0,1,2,3,4,5,6] [--all-gpus] \
 #       [--dry-run] [-- extra flags for dwise_jax.train, e.g. --workdir=/workdir --data_root=/data]
 #
-# Fold i of the list runs on GPU i of the list (CUDA_VISIBLE_DEVICES), each as its own process
-# with its own log in logs/<config>_fold_<k>.log. With fewer GPUs than folds, folds wait for a
-# free GPU. --all-gpus instead runs one process that trains the folds one after another, each
-# on all the GPUs (--gpus, default every GPU) as one data-parallel mesh; log
-# logs/<config>_all_gpus.log. --dry-run prints the commands instead of running them.
+# Fold i of the list runs on GPU i of the list (CUDA_VISIBLE_DEVICES; default every GPU), each
+# a process logging to logs/<config>_fold_<k>.log; with fewer GPUs than folds, folds wait for a
+# free GPU. --all-gpus: one process trains the folds one after another, each on all the --gpus
+# as one data-parallel mesh (log logs/<config>_all_gpus.log). --dry-run prints the commands.
 # PYTHON names the interpreter (default: python), LOG_DIR the log folder (default: logs).
 set -euo pipefail
 
@@ -20,15 +19,10 @@ usage() {  # the comment block at the top of this file
 [ $# -ge 1 ] || usage 2
 case "$1" in -h|--help) usage 0 ;; esac
 config="$1"; shift
-folds="0,1,2,3,4,5,6"
-gpus=""
-dry_run=0
-all_gpus=0
-extra=()
+folds="0,1,2,3,4,5,6" gpus="" dry_run=0 all_gpus=0 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --folds) folds="$2"; shift 2 ;;
-    --gpus) gpus="$2"; shift 2 ;;
+    --folds|--gpus) declare "${1#--}=$2"; shift 2 ;;
     --all-gpus) all_gpus=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     --) shift; extra=("$@"); break ;;
@@ -50,25 +44,17 @@ if [ "$all_gpus" -eq 1 ]; then
     exit 0
   fi
   echo "folds $folds on GPUs ${gpus:-all}, one after another: log $log"
-  "${cmd[@]}" > "$log" 2>&1
-  exit 0
+  exec "${cmd[@]}" > "$log" 2>&1
 fi
 
-if [ -z "$gpus" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd, -)
-  else
-    gpus="0"
-  fi
+if [ -z "$gpus" ] && command -v nvidia-smi >/dev/null 2>&1; then
+  gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | paste -sd, -)
 fi
 IFS=, read -r -a fold_list <<< "$folds"
-IFS=, read -r -a gpu_list <<< "$gpus"
-
-pids=()
-failed=0
+IFS=, read -r -a gpu_list <<< "${gpus:-0}"
+n=${#gpu_list[@]} pids=() failed=0
 for i in "${!fold_list[@]}"; do
-  fold="${fold_list[$i]}"
-  gpu="${gpu_list[$((i % ${#gpu_list[@]}))]}"
+  fold="${fold_list[$i]}" gpu="${gpu_list[$((i % n))]}"
   cmd=(env CUDA_VISIBLE_DEVICES="$gpu" "$python" -m dwise_jax.train --config "$config"
        --folds "$fold" "${extra[@]}")
   log="$logs/${name}_fold_${fold}.log"
@@ -77,17 +63,13 @@ for i in "${!fold_list[@]}"; do
     continue
   fi
   # More folds than GPUs: wait for the process that holds this GPU.
-  if [ "$i" -ge "${#gpu_list[@]}" ]; then
-    wait "${pids[$((i - ${#gpu_list[@]}))]}" || failed=$((failed + 1))
-  fi
+  [ "$i" -lt "$n" ] || wait "${pids[$((i - n))]}" || failed=$((failed + 1))
   "${cmd[@]}" > "$log" 2>&1 &
   pids+=("$!")
   echo "fold $fold on GPU $gpu: pid $!, log $log"
 done
-[ "$dry_run" -eq 0 ] || exit 0
 # The processes not yet waited for: the last one on each GPU.
-first=$(( ${#pids[@]} > ${#gpu_list[@]} ? ${#pids[@]} - ${#gpu_list[@]} : 0 ))
-for pid in "${pids[@]:$first}"; do
+for pid in "${pids[@]:$(( ${#pids[@]} > n ? ${#pids[@]} - n : 0 ))}"; do
   wait "$pid" || failed=$((failed + 1))
 done
 if [ "$failed" -gt 0 ]; then

@@ -101,7 +101,7 @@ def test_enospc_in_an_atomic_write_names_the_file_and_keeps_the_previous_one(tmp
 
 def test_the_error_line_is_the_last_even_while_other_threads_write_to_stderr(tmp_path):
     """Orbax's threads may still print tracebacks while the command ends: they go nowhere
-    after `exit_with`, whose line is the last of stderr, and the status is 1."""
+    after `exit_with_line`, whose line is the last of stderr, and the status is 1."""
     script = f"""
 import errno, sys, threading, time
 from dwise_jax import fatal
@@ -114,7 +114,7 @@ def noisy():
 
 threading.Thread(target=noisy, daemon=True).start()
 time.sleep(0.2)
-fatal.exit_with(OSError(errno.ENOSPC, "No space left on device", {str(tmp_path / 'f')!r}))
+fatal.exit_with_line(fatal.message(OSError(errno.ENOSPC, "full", {str(tmp_path / 'f')!r})))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=HANG_TIMEOUT_S)

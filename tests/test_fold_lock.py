@@ -65,7 +65,7 @@ def test_the_lock_names_its_holder_and_goes_when_the_block_ends(tmp_path):
         holder = json.loads((directory / "train.lock").read_text())
         assert holder["host"] == socket.gethostname() and holder["pid"] == os.getpid()
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", holder["started"])
-        assert lock.holder == holder
+        assert lock == holder
         (directory / "config.json").write_text("{}")  # training wrote something
     assert not (directory / "train.lock").exists()
     assert (directory / "config.json").exists()
@@ -147,10 +147,9 @@ def test_an_unreadable_lock_is_refused(tmp_path):
 
 def test_release_leaves_a_lock_that_is_no_longer_its_own(tmp_path, sleeper):
     directory = tmp_path / "fold_0"
-    lock = fold_lock.acquire(directory)
-    os.unlink(lock.path)  # someone cleared it by hand, and another run took the fold
-    path = write_lock(directory, pid=sleeper.pid)
-    lock.release()
+    with fold_lock.hold(directory):
+        os.unlink(directory / fold_lock.LOCK_NAME)  # cleared by hand, another run took the fold
+        path = write_lock(directory, pid=sleeper.pid)
     assert json.loads(path.read_text())["pid"] == sleeper.pid
 
 
