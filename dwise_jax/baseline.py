@@ -1,6 +1,6 @@
-"""Reference scores for a validation fold: a ridge-regression baseline and, on simulated data,
-the noise ceiling, scored with the original's val_corr on training's validation windows so they
-compare directly with training's (docs/training.md#the-demo-on-the-simulated-dataset).
+"""Reference scores for a validation fold, the original's val_corr on training's validation
+windows: a ridge-regression baseline and, on simulated data, the noise ceiling
+(docs/training.md#the-demo-on-the-simulated-dataset).
 
     python -m dwise_jax.baseline --root data/simulated --fold 0
 """
@@ -13,7 +13,7 @@ import numpy as np
 from absl import flags
 
 from dwise_jax import cli
-from dwise_jax.data import eval_windows, folds, windows
+from dwise_jax.data import eval_windows, folds, synthetic, windows
 from dwise_jax.data.sensorium import DatasetError, Mouse, SensoriumDataset
 from dwise_jax.metrics import PearsonSums
 
@@ -36,11 +36,10 @@ def frame_features(video: np.ndarray, behavior: np.ndarray, pupil: np.ndarray,
 
 
 def _trial_rows(mouse: Mouse, trial: int) -> tuple[np.ndarray, np.ndarray]:
+    """A trial's design matrix and its ReLU'd responses, (length, neurons)."""
     data = mouse.load_trial(trial)
-    length = data.length
-    x = frame_features(data.video, data.behavior, data.pupil_center, length)
-    y = np.maximum(np.asarray(data.responses[:, :length], np.float32).T, 0.0)
-    return x, y
+    x = frame_features(data.video, data.behavior, data.pupil_center, data.length)
+    return x, np.maximum(np.asarray(data.responses[:, :data.length], np.float32).T, 0.0)
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> np.ndarray:
@@ -53,18 +52,12 @@ def fit_ridge(mouse: Mouse, train_trials: np.ndarray) -> np.ndarray:
     """Ridge weights (features, neurons) of one mouse, the penalty chosen on 20% held out."""
     rows = [_trial_rows(mouse, int(t)) for t in train_trials]
     split = max(1, len(rows) // 5)
-    x_fit = np.concatenate([r[0] for r in rows[split:]])
-    y_fit = np.concatenate([r[1] for r in rows[split:]])
-    x_held = np.concatenate([r[0] for r in rows[:split]])
-    y_held = np.concatenate([r[1] for r in rows[:split]])
-    scores = []
-    for penalty in PENALTIES:
-        pred = x_held @ _ridge(x_fit, y_fit, penalty)
-        scores.append(np.mean(PearsonSums.of(pred, y_held).correlation()))
+    x_fit, y_fit = (np.concatenate(a) for a in zip(*rows[split:], strict=True))
+    x_held, y_held = (np.concatenate(a) for a in zip(*rows[:split], strict=True))
+    scores = [np.mean(PearsonSums.of(x_held @ _ridge(x_fit, y_fit, p), y_held).correlation())
+              for p in PENALTIES]
     best = PENALTIES[int(np.argmax(scores))]
-    x_all = np.concatenate([x_fit, x_held])
-    y_all = np.concatenate([y_fit, y_held])
-    return _ridge(x_all, y_all, best)
+    return _ridge(np.concatenate([x_fit, x_held]), np.concatenate([y_fit, y_held]), best)
 
 
 def _val_corr(dataset: SensoriumDataset, fold: int, predict) -> float:
@@ -91,28 +84,19 @@ def ridge_val_corr(dataset: SensoriumDataset, fold: int) -> float:
     weights = {}
     for mouse in dataset.mice:
         trial_folds = folds.trial_folds(mouse)
-        train = np.flatnonzero((trial_folds >= 0) & (trial_folds != fold))
-        weights[mouse.index] = fit_ridge(mouse, train)
-
-    def predict(mouse: Mouse, trial: int) -> np.ndarray:
-        data = mouse.load_trial(trial)
-        x = frame_features(data.video, data.behavior, data.pupil_center, data.length)
-        return x @ weights[mouse.index]
-
-    return _val_corr(dataset, fold, predict)
+        weights[mouse.index] = fit_ridge(
+            mouse, np.flatnonzero((trial_folds >= 0) & (trial_folds != fold)))
+    return _val_corr(dataset, fold,
+                     lambda mouse, trial: _trial_rows(mouse, trial)[0] @ weights[mouse.index])
 
 
 def is_simulated(dataset: SensoriumDataset) -> bool:
     """Whether the root was written by dwise_jax.data.synthetic (it keeps the truth aside)."""
-    from dwise_jax.data import synthetic
-
     return (Path(dataset.root) / synthetic.SIMULATION_DIR / "simulation.json").is_file()
 
 
 def ceiling_val_corr(dataset: SensoriumDataset, fold: int) -> float | None:
     """The noiseless rate's val_corr on a simulated root, None on real data."""
-    from dwise_jax.data import synthetic
-
     if not is_simulated(dataset):
         return None
 

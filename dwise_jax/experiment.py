@@ -1,7 +1,7 @@
 """A trained experiment on disk: its fold folders (`<workdir>/<experiment>/fold_<k>/`), their
-models, and the predictions written for it (`<workdir>/predictions/<experiment>/<split>/`,
-complete once manifest.json is written; docs/prediction.md). The public ground shared by
-`predict`, `inference`, `reconstruct` and `mei`. A blend is the experiment `a,b`.
+models, and its predictions (`<workdir>/predictions/<experiment>/<split>/`, complete once
+manifest.json is written; docs/prediction.md). Shared by `predict`, `inference`, `reconstruct`
+and `mei`. A blend of experiments is the experiment `a,b`.
 """
 
 from __future__ import annotations
@@ -34,30 +34,25 @@ def check_split(split: str) -> None:
         raise PredictionError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
 
 
-# --------------------------------------------------------------------------- fold models
-
-
 def fold_folders(workdir: str | Path, experiment: str,
                  fold_ids: list[int] | None = None) -> dict[int, Path]:
     """{fold: folder} of the requested folds, or of every `fold_<k>` folder found."""
-    root = Path(workdir) / experiment
     if fold_ids is None:
-        fold_ids = [k for k in range(folds.NUM_FOLDS) if checkpoint.fold_dir(
-            workdir, experiment, k).is_dir()]
+        fold_ids = [k for k in range(folds.NUM_FOLDS)
+                    if checkpoint.fold_dir(workdir, experiment, k).is_dir()]
         if not fold_ids:
             raise PredictionError(
-                f"{root}: no fold folders (fold_0 .. fold_6); train them with `python -m "
-                f"dwise_jax.train --config ...` or convert the original's weights with "
-                f"`python -m dwise_jax.convert`")
+                f"{Path(workdir) / experiment}: no fold folders (fold_0 .. fold_6); train them "
+                "with `python -m dwise_jax.train --config ...` or convert the original's "
+                "weights with `python -m dwise_jax.convert`")
     out = {}
     for k in fold_ids:
         if not 0 <= k < folds.NUM_FOLDS:
             raise PredictionError(f"folds must be in 0..{folds.NUM_FOLDS - 1}, got {k}")
-        directory = checkpoint.fold_dir(workdir, experiment, k)
-        if checkpoint.latest_step(directory) is None:
-            raise PredictionError(f"{directory / checkpoint.CHECKPOINTS_DIR}: fold {k} of "
+        out[k] = checkpoint.fold_dir(workdir, experiment, k)
+        if checkpoint.latest_step(out[k]) is None:
+            raise PredictionError(f"{out[k] / checkpoint.CHECKPOINTS_DIR}: fold {k} of "
                                   f"{experiment} has no checkpoint")
-        out[k] = directory
     return out
 
 
@@ -75,8 +70,8 @@ def experiments_in(workdir: str | Path) -> list[str]:
 
 
 def load_fold(directory: Path, fold: int):
-    """A fold's EMA model (float32, eval mode), its spec and step; warns if its training has
-    not finished (the run's step count is in model.json; converted weights have none)."""
+    """(EMA model in eval mode, spec, step) of a fold; warns if its training (the step count
+    in model.json; converted weights have none) has not finished."""
     model, spec, step = checkpoint.load_ema_model(directory)
     total = spec.extra.get("total_steps")
     if total is not None and step < total:
@@ -115,16 +110,8 @@ def readout_index(spec: checkpoint.ModelSpec, mouse: Mouse | str, where: Path | 
     return index
 
 
-# --------------------------------------------------------------------------- predictions
-
-
 def predictions_dir(workdir: str | Path, experiment: str, split: str) -> Path:
     return Path(workdir) / "predictions" / experiment / split
-
-
-def blend_name(experiments: list[str]) -> str:
-    """The blend's experiment name: the sorted names joined by commas (the original's)."""
-    return ",".join(sorted(experiments))
 
 
 def write_trial(directory: Path, mouse: str, trial: int, prediction: np.ndarray) -> None:
@@ -132,13 +119,18 @@ def write_trial(directory: Path, mouse: str, trial: int, prediction: np.ndarray)
         np.save(tmp, np.asarray(prediction, np.float32))
 
 
-def read_manifest(workdir: str | Path, experiment: str, split: str) -> dict:
-    path = predictions_dir(workdir, experiment, split) / MANIFEST
-    if not path.is_file():
-        raise PredictionError(
-            f"{path}: missing (no complete predictions there); make them with `python -m "
-            f"dwise_jax.predict --experiment {experiment} --split {split} --workdir {workdir}`")
-    return json.loads(path.read_text())
+def read_trial(directory: Path, mouse: str, trial: int) -> np.ndarray:
+    return np.load(directory / mouse / f"{trial}.npy", allow_pickle=False)
+
+
+def start(dataset: SensoriumDataset, workdir: str | Path, experiment: str,
+          split: str) -> tuple[Path, report.SplitScorer | None]:
+    """The predictions' folder, its manifest removed until the run completes, and the split's
+    scorer (None where the split is not scored)."""
+    directory = predictions_dir(workdir, experiment, split)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    scored = report.is_scored(dataset, split)
+    return directory, report.SplitScorer(dataset, split) if scored else None
 
 
 def write_submission(dataset: SensoriumDataset, split: str, directory: Path,
@@ -150,30 +142,33 @@ def write_submission(dataset: SensoriumDataset, split: str, directory: Path,
 
     def tables():
         for mouse in mice:
-            std, ids = mouse.response_std(), mouse.unit_ids
-            chosen = sorted(trials[mouse.name])
-            for start in range(0, len(chosen), CHUNK_TRIALS):
-                preds = {t: np.load(directory / mouse.name / f"{t}.npy", allow_pickle=False)
-                         for t in chosen[start:start + CHUNK_TRIALS]}
-                yield submission.mouse_table(mouse.name, ids, std, preds)
+            std, chosen = mouse.response_std(), sorted(trials[mouse.name])
+            for i in range(0, len(chosen), CHUNK_TRIALS):
+                preds = {t: read_trial(directory, mouse.name, t) for t in chosen[i:][:CHUNK_TRIALS]}
+                yield submission.mouse_table(mouse.name, mouse.unit_ids, std, preds)
 
     return submission.write_tables(submission.split_file(directory, split), tables())
 
 
-def finish(dataset: SensoriumDataset, experiment: str, split: str, directory: Path,
-           manifest: dict, scorer: report.SplitScorer | None, workdir: str | Path) -> dict:
-    """Writes the manifest (marking the arrays complete), the submission and the report; returns
-    {"directory", "manifest", "submission" (path or None), on scored splits "scores" and
-    "report" (the Markdown file)}."""
+def finish(dataset: SensoriumDataset, workdir: str | Path, split: str,
+           scorer: report.SplitScorer | None, manifest: dict, main: bool = True) -> dict:
+    """Completes `manifest` and (on the main process) writes it, the submission and the report;
+    returns {"directory", "manifest", "submission" (path or None), scored: "scores", "report"}."""
+    name = manifest["experiment"]
+    manifest = {"format": MANIFEST_FORMAT, "split": split, "data_root": str(dataset.root),
+                **manifest}
+    directory = predictions_dir(workdir, name, split)
+    result = {"directory": directory, "manifest": manifest, "submission": None}
+    if not main:
+        return result
     atomic.write_json(directory / MANIFEST, manifest)
-    result = {"directory": directory, "manifest": manifest,
-              "submission": write_submission(dataset, split, directory, manifest["trials"])}
+    result["submission"] = write_submission(dataset, split, directory, manifest["trials"])
     if result["submission"] is not None:
         print(f"submission: {result['submission']}")
     if scorer is not None:
         result["scores"] = scorer.summary()
         report.print_scores(result["scores"])
-        out = Path(workdir) / "reports" / experiment / split
+        out = Path(workdir) / "reports" / name / split
         result["report"] = report.write_report(out, result["scores"], scorer.examples, manifest)
         print(f"report: {result['report']}")
     return result
@@ -181,22 +176,29 @@ def finish(dataset: SensoriumDataset, experiment: str, split: str, directory: Pa
 
 def blend_experiments(workdir: str | Path, experiments: list[str], split: str, *,
                       data_root: str | None = None) -> dict:
-    """The arithmetic mean of the experiments' (fold-blended) predictions of `split`, written
-    as the experiment `a,b` with its submission and report; returns `finish`'s result."""
+    """The mean of the experiments' (fold-blended) predictions of `split`, written as the
+    experiment `a,b` (sorted names joined by commas, as the original) with its submission and
+    report; returns `finish`'s result."""
     check_split(split)
     names = sorted(set(experiments))
     if len(names) < 2:
         raise PredictionError(f"a blend needs two or more experiments, got {names}")
-    manifests = {e: read_manifest(workdir, e, split) for e in names}
-    first, *others = names
-    trials = manifests[first]["trials"]
-    for other in others:
-        if manifests[other]["trials"] != trials:
-            mice = sorted(set(trials) | set(manifests[other]["trials"]))
-            differ = [m for m in mice if trials.get(m) != manifests[other]["trials"].get(m)]
+    manifests = {}
+    for e in names:
+        path = predictions_dir(workdir, e, split) / MANIFEST
+        if not path.is_file():
+            raise PredictionError(
+                f"{path}: missing (no complete predictions there); make them with `python -m "
+                f"dwise_jax.predict --experiment {e} --split {split} --workdir {workdir}`")
+        manifests[e] = json.loads(path.read_text())
+    trials = manifests[names[0]]["trials"]
+    for other in names[1:]:
+        theirs = manifests[other]["trials"]
+        if theirs != trials:
+            differ = [m for m in sorted({*trials, *theirs}) if trials.get(m) != theirs.get(m)]
             raise PredictionError(
                 f"{predictions_dir(workdir, other, split)}: predicts other trials than "
-                f"{first} (mice {differ}); predict both with the same folds and data")
+                f"{names[0]} (mice {differ}); predict both with the same folds and data")
     roots = {m["data_root"] for m in manifests.values()}
     if not data_root and len(roots) > 1:
         raise PredictionError(f"the experiments predicted different data roots "
@@ -204,15 +206,13 @@ def blend_experiments(workdir: str | Path, experiments: list[str], split: str, *
     dataset = SensoriumDataset.open(data_root or roots.pop())
     strides = {m["anchor_stride"] for m in manifests.values()}
     stride = strides.pop() if len(strides) == 1 else 0  # 0: mixed strides
-    name = blend_name(names)
-    directory = predictions_dir(workdir, name, split)
-    (directory / MANIFEST).unlink(missing_ok=True)
-    scorer = report.SplitScorer(dataset, split) if report.is_scored(dataset, split) else None
+    name = ",".join(names)
+    directory, scorer = start(dataset, workdir, name, split)
     for mouse_name, mouse_trials in trials.items():
         mouse = dataset.mouse(mouse_name)
         for trial in mouse_trials:
-            arrays = [np.load(predictions_dir(workdir, e, split) / mouse_name / f"{trial}.npy",
-                              allow_pickle=False) for e in names]
+            arrays = [read_trial(predictions_dir(workdir, e, split), mouse_name, trial)
+                      for e in names]
             if any(a.shape != arrays[0].shape for a in arrays):
                 raise PredictionError(f"{mouse_name} trial {trial}: the experiments' arrays "
                                       f"differ in shape {[a.shape for a in arrays]}")
@@ -220,8 +220,7 @@ def blend_experiments(workdir: str | Path, experiments: list[str], split: str, *
             write_trial(directory, mouse_name, trial, mean)
             if scorer is not None:
                 scorer.add(mouse, trial, {stride: mean}, main=stride)
-    manifest = {"format": MANIFEST_FORMAT, "experiment": name, "split": split,
-                "experiments": names, "data_root": str(dataset.root), "anchor_stride": stride,
-                "folds": [], "trials": trials}
     print(f"{name}: mean of {len(names)} experiments' {split} predictions -> {directory}")
-    return finish(dataset, name, split, directory, manifest, scorer, workdir)
+    return finish(dataset, workdir, split, scorer, {
+        "experiment": name, "experiments": names, "anchor_stride": stride, "folds": [],
+        "trials": trials})

@@ -1,12 +1,11 @@
-"""The training loss of the original: the mouse-weighted Poisson loss
-(docs/original.md#training).
+"""The training loss of the original (docs/original.md#training): the mouse-weighted Poisson loss
 
     l(pred, y) = pred - y * log(pred + 1e-8)              (Poisson NLL, log_input=False, full=False)
     w = mice_weights / sum(mice_weights)                  (over the whole batch and all mice)
     loss = sum_m sum_{b: w[b, m] != 0} w[b, m] * sum_{t, n} l(pred_m[b, t, n], y_m[b, t, n])
 
-A SUM over neurons and time, not a mean (docs/original.md#loss-is-a-sum), and always float32:
-1e-8 underflows in half precision.
+A SUM over neurons and time (docs/original.md#loss-is-a-sum), always float32: 1e-8 underflows
+in half precision. Predictions and targets are (batch, time, neurons).
 """
 
 from __future__ import annotations
@@ -28,11 +27,8 @@ def poisson_nll(pred: jax.Array, target: jax.Array, eps: float = POISSON_EPS) ->
 
 def mice_poisson_loss(preds: Sequence[jax.Array], targets: Sequence[jax.Array],
                       mice_weights: jax.Array) -> jax.Array:
-    """The original's loss over all readouts, a float32 scalar.
-
-    `preds`, `targets`: per mouse m, (batch, time, neurons_m); `mice_weights` (batch, num_mice),
-    0 for a missing (sample, mouse) pair, whose targets may hold anything finite.
-    """
+    """The original's loss over all readouts m; `mice_weights` (batch, mice) is 0 for a missing
+    (sample, mouse) pair, whose targets may hold anything finite."""
     weights = mice_weights.astype(jnp.float32)
     weights = weights / jnp.sum(weights)
     total = jnp.float32(0.0)
@@ -45,45 +41,27 @@ def mice_poisson_loss(preds: Sequence[jax.Array], targets: Sequence[jax.Array],
 
 def own_mouse_loss(preds: Sequence[jax.Array], targets: jax.Array, mouse: jax.Array,
                    sample_weight: jax.Array | None = None) -> jax.Array:
-    """`mice_poisson_loss` with one-hot mice weights, from the loader's compact targets.
-
-    Args:
-      preds: per mouse m, predictions (batch, time, neurons_m).
-      targets: (batch, time, max_neurons), each sample's own targets, zero-padded.
-      mouse: (batch,) int, each sample's mouse (readout) index.
-      sample_weight: optional (batch,) weights (e.g. 0 for padding samples); default 1.
-    """
-    num_mice = len(preds)
-    weights = jax.nn.one_hot(mouse, num_mice, dtype=jnp.float32)
+    """`mice_poisson_loss` with one-hot weights on `mouse` (batch,) from the loader's compact
+    `targets` (batch, time, max_neurons), times an optional (batch,) `sample_weight`."""
+    weights = jax.nn.one_hot(mouse, len(preds), dtype=jnp.float32)
     if sample_weight is not None:
         weights = weights * sample_weight[:, None].astype(jnp.float32)
     per_mouse_targets = [targets[..., : pred.shape[-1]] for pred in preds]
     return mice_poisson_loss(preds, per_mouse_targets, weights)
 
 
-def own_readout_loss(preds: jax.Array, targets: jax.Array, neuron_mask: jax.Array,
-                     sample_weight: jax.Array | None = None) -> jax.Array:
-    """`own_mouse_loss` from each sample's own readout only (`DwiseNeuro.own_readouts`).
-
-    `preds` (batch, time, max_neurons) may hold anything past a sample's neurons; `neuron_mask`
-    (batch, max_neurons) is True for them; `targets`, `sample_weight` as `own_mouse_loss`.
-    """
-    batch = preds.shape[0]
-    weights = (jnp.ones((batch,), jnp.float32) if sample_weight is None
-               else sample_weight.astype(jnp.float32))
+def own_readout_loss(preds: jax.Array, targets: jax.Array, neuron_mask: jax.Array) -> jax.Array:
+    """`own_mouse_loss` from each sample's own readout only (`DwiseNeuro.own_readouts`): `preds`
+    (batch, time, max_neurons) count where `neuron_mask` (batch, max_neurons) is True."""
+    weights = jnp.ones((preds.shape[0],), jnp.float32)
     weights = weights / jnp.sum(weights)
     nll = jnp.where(neuron_mask[:, None, :], poisson_nll(preds, targets), 0.0)
     return jnp.sum(jnp.where(weights != 0, weights * jnp.sum(nll, axis=(1, 2)), 0.0))
 
 
 def distillation_weights(mice_weights: jax.Array, ratio: float) -> jax.Array:
-    """The original's distillation weights: every missing pair gets w_d, labels keep theirs.
-
-        w_d = ratio / (1 - ratio) * sum(mice_weights) / #(pairs with weight 0)
-
-    so that the labels hold 1 - ratio of the normalised weight and the teacher's predictions
-    `ratio` (docs/original.md#distillation). `mice_weights` (batch, num_mice): before it.
-    """
+    """Every (sample, mouse) pair of weight 0 gets w_d = ratio / (1 - ratio) * sum(weights) /
+    #(such pairs), so the teacher holds `ratio` of the loss (docs/original.md#distillation)."""
     weights = mice_weights.astype(jnp.float32)
     missing = weights == 0
     count = jnp.maximum(jnp.sum(missing), 1)
@@ -93,14 +71,9 @@ def distillation_weights(mice_weights: jax.Array, ratio: float) -> jax.Array:
 
 def distillation_loss(preds: Sequence[jax.Array], targets: jax.Array, mouse: jax.Array,
                       teacher_preds: Sequence[jax.Array], ratio: float) -> jax.Array:
-    """The loss of a distillation step, over all readouts.
-
-    Each sample keeps its own mouse's real targets with weight 1; every other (sample, mouse)
-    pair takes the teacher's prediction (`teacher_preds`, shaped as `preds`) as its target
-    with weight w_d (`distillation_weights`). `targets` and `mouse` as `own_mouse_loss`.
-    """
-    num_mice = len(preds)
-    weights = distillation_weights(jax.nn.one_hot(mouse, num_mice, dtype=jnp.float32), ratio)
+    """A distillation step's loss: each sample's own mouse with its real targets (weight 1),
+    every other readout with the teacher's predictions (shaped as `preds`) at weight w_d."""
+    weights = distillation_weights(jax.nn.one_hot(mouse, len(preds), dtype=jnp.float32), ratio)
     own = mouse[:, None, None]
     per_mouse = [jnp.where(own == m, targets[..., : pred.shape[-1]], teacher.astype(jnp.float32))
                  for m, (pred, teacher) in enumerate(zip(preds, teacher_preds, strict=True))]

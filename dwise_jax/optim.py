@@ -1,8 +1,6 @@
-"""Optimiser, learning-rate schedule and EMA of the original recipe (docs/original.md#training).
-
-Per iteration: warm-up from exactly 0, then a cosine to min_lr; AdamW with weight decay on every
-parameter; EMA (decay 0.999 from step 0) over every state entry, BatchNorm statistics included
-(docs/original.md#ema-covers-batchnorm-statistics).
+"""Optimiser, learning-rate schedule and EMA of the original recipe (docs/original.md#training):
+per-iteration warm-up from 0 then cosine to min_lr, AdamW decaying every parameter, and an EMA
+(0.999 from step 0) over every state entry, BatchNorm statistics included.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ def scaled_lr(lr_per_4_samples: float, batch_size: int) -> float:
 
 def lr_schedule(base_lr: float, min_lr: float, warmup_steps: int,
                 cosine_steps: int) -> optax.Schedule:
-    """Warm-up from 0 then cosine to min_lr, both stepped per iteration (a jit-able schedule)."""
+    """Warm-up from 0, then cosine to min_lr, both per iteration (jit-able)."""
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
@@ -34,15 +32,14 @@ def lr_schedule(base_lr: float, min_lr: float, warmup_steps: int,
 
 
 def adamw(schedule: optax.Schedule, weight_decay: float) -> optax.GradientTransformation:
-    """AdamW as torch.optim.AdamW with its defaults, decay on every parameter (no mask).
-
-    Like torch, optax multiplies the decay by the current learning rate: none at step 0."""
+    """torch.optim.AdamW with its defaults and no decay mask; like torch, the decay is scaled by
+    the current learning rate (none at step 0)."""
     return optax.adamw(learning_rate=schedule, b1=0.9, b2=0.999, eps=1e-8,
                        weight_decay=weight_decay)
 
 
 def ema_update(ema: Any, state: Any, decay: float) -> Any:
-    """ema <- decay * ema + (1 - decay) * state, leaf by leaf (float leaves only)."""
+    """ema <- decay * ema + (1 - decay) * state on float leaves; other leaves take the state's."""
 
     def update(e, s):
         if not jnp.issubdtype(jnp.asarray(e).dtype, jnp.floating):

@@ -1,11 +1,10 @@
-"""`python -m dwise_jax.predict --split SPLIT [--experiment A,B]`: predictions, submission, report.
+"""`python -m dwise_jax.predict --split SPLIT [--experiment A,B] [--blend_only]`: predictions,
+submission, report.
 
-As the original (docs/original.md#prediction), every fold model's EMA weights predict every
-trial of the split with sliding windows at every anchor, mean-blended frame by frame, and the
-folds are averaged; with no `--experiment` every experiment of the workdir, and with several
-their mean as the experiment `a,b`. `--blend_only` averages predictions already written.
-Splits: the four test tiers (with the competition's file) and `folds` (out of fold, scored).
-Outputs, scores and anchor strides: docs/prediction.md.
+As the original, every fold model's EMA weights predict every trial of the split with windows at
+every anchor, mean-blended frame by frame, and the folds are averaged; with no `--experiment`
+every experiment of the workdir, and with several also their mean as the experiment `a,b`.
+Splits, outputs, scores and anchor strides: docs/prediction.md.
 """
 
 from __future__ import annotations
@@ -21,44 +20,24 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from dwise_jax import checkpoint, cli, fatal, preview, report, sharding
+from dwise_jax import checkpoint, cli, experiment, fatal, preview, report, sharding
 from dwise_jax import forward as fwd
 from dwise_jax.data import eval_windows, folds, windows
 from dwise_jax.data.sensorium import Mouse, SensoriumDataset
-from dwise_jax.experiment import (
-    CHUNK_TRIALS,
-    MANIFEST,
-    MANIFEST_FORMAT,
-    SPLITS,
-    USER_ERRORS,
-    PredictionError,
-    blend_experiments,
-    check_split,
-    experiments_in,
-    finish,
-    fold_folders,
-    load_fold,
-    predictions_dir,
-    readout_index,
-    resolve_data_root,
-    write_trial,
-)
+from dwise_jax.experiment import PredictionError
 
 DEFAULT_SWEEP = (1, 4, 8, 16, 30)
 
 
-# --------------------------------------------------------------------------- fold models
-
-
 @dataclass
 class FoldModel:
-    """One fold's EMA model, split for jitted forwards, its state on the device(s)."""
+    """One fold's eval-mode EMA model, split for jitted forwards, its state on the device(s)."""
 
     fold: int
     directory: Path
     spec: checkpoint.ModelSpec
     step: int
-    graphdef: Any  # the whole model, eval mode
+    graphdef: Any
     state: Any
 
     @classmethod
@@ -72,25 +51,21 @@ class FoldModel:
         return cls(fold, directory, spec, step, graphdef, sharding.replicate(state, mesh))
 
     def readout_index(self, mouse: Mouse) -> int:
-        """The readout of `mouse`, checked against the dataset's neuron count."""
-        return readout_index(self.spec, mouse, self.directory / checkpoint.MODEL_SPEC_FILE)
+        where = self.directory / checkpoint.MODEL_SPEC_FILE
+        return experiment.readout_index(self.spec, mouse, where)
 
 
 def load_fold_models(folders: dict[int, Path], mesh) -> list[FoldModel]:
-    """Loads each fold's EMA weights (float32, eval mode), replicated over the mesh."""
     models = []
     for k, directory in folders.items():
-        model, spec, step = load_fold(directory, k)
+        model, spec, step = experiment.load_fold(directory, k)
         models.append(FoldModel.of(model, mesh, k, directory, spec, step))
     return models
 
 
-# --------------------------------------------------------------------------- windows
-
-
 def forward(model: FoldModel, frames, traces, readout_index: int):
-    """Every window of a batch (placed on the mesh, or host arrays) by one readout: (B, 16, N)
-    float32. One program for every mouse (dwise_jax/forward.py), sliced to the mouse's N."""
+    """(B, 16, N) float32 predictions of a batch of windows (on the mesh, or host arrays) by one
+    readout: one program for every mouse (dwise_jax/forward.py), sliced to the mouse's N."""
     mouse = jax.device_put(np.full(np.shape(frames)[0], readout_index, np.int32),
                            getattr(frames, "sharding", None))
     out = fwd.jitted(model.graphdef, (model.state,), frames, traces, mouse)
@@ -100,13 +75,12 @@ def forward(model: FoldModel, frames, traces, readout_index: int):
 def blend_trials(model: FoldModel, mouse: Mouse, trials: list[int], strides: tuple[int, ...],
                  batch_size: int, mesh, progress: tqdm | None = None,
                  ) -> dict[int, eval_windows.WindowBlender]:
-    """One fold model's blended predictions of a mouse's trials, for each anchor stride: the
-    model runs once over the union of the strides' windows; each blender takes its own."""
+    """One fold model's blended predictions of a mouse's trials, a blender per anchor stride,
+    from one pass over the union of the strides' windows."""
     index = model.readout_index(mouse)
     lengths = {t: int(mouse.lengths[t]) for t in trials}
     blenders = {s: eval_windows.WindowBlender(lengths, mouse.num_neurons, stride=s)
                 for s in strides}
-    pending = None
 
     def blend(outputs, batch):
         if jax.process_count() > 1:  # every process blends the whole global batch
@@ -118,7 +92,7 @@ def blend_trials(model: FoldModel, mouse: Mouse, trials: list[int], strides: tup
         if progress is not None:
             progress.update(int(np.sum(batch["valid"])))
 
-    # Each process reads its own rows of every batch.
+    pending = None  # each process reads its own rows of every batch
     for batch in eval_windows.prediction_batches(mouse, trials, batch_size, stride=strides,
                                                  shard_index=jax.process_index(),
                                                  shard_count=jax.process_count()):
@@ -134,19 +108,15 @@ def blend_trials(model: FoldModel, mouse: Mouse, trials: list[int], strides: tup
 
 def trial_plan(dataset: SensoriumDataset, split: str, models: list[FoldModel],
                ) -> list[tuple[Mouse, tuple[int, ...], list[int]]]:
-    """(mouse, indexes into `models` that predict them, trial ids) groups of the split: test
-    tiers by every fold; `folds`: each fold's labeled trials by that fold's model only."""
+    """(mouse, indexes of the `models` that predict them, trial ids) of the split: test tiers by
+    every fold; `folds`: each fold's labeled trials by that fold's model only."""
     plan = []
     for mouse in dataset.mice:
         if split == "folds":
-            for i, model in enumerate(models):
-                trials = folds.labeled_trials(mouse, {model.fold})
-                if trials:
-                    plan.append((mouse, (i,), trials))
-        elif mouse.submitted:
-            trials = [int(t) for t in mouse.trial_ids(split)]
-            if trials:
-                plan.append((mouse, tuple(range(len(models))), trials))
+            plan += [(mouse, (i,), trials) for i, model in enumerate(models)
+                     if (trials := folds.labeled_trials(mouse, {model.fold}))]
+        elif mouse.submitted and (trials := [int(t) for t in mouse.trial_ids(split)]):
+            plan.append((mouse, tuple(range(len(models))), trials))
     if not plan:
         what = (f"labeled trials in folds {[m.fold for m in models]}" if split == "folds"
                 else f"{split} trials of the submitted mice")
@@ -157,16 +127,12 @@ def trial_plan(dataset: SensoriumDataset, split: str, models: list[FoldModel],
     return plan
 
 
-# --------------------------------------------------------------------------- the split
-
-
-def predict_split(workdir: str | Path, experiment: str, split: str, *,
-                  data_root: str | None = None, fold_ids: list[int] | None = None,
-                  anchor_stride: int = 1, batch_size: int = 32,
-                  stride_sweep: tuple[int, ...] = DEFAULT_SWEEP) -> dict:
-    """Predicts a split with every fold of an experiment; writes arrays, submission, report.
-    Returns `experiment.finish`'s dict (on processes other than 0: no scores, no report)."""
-    check_split(split)
+def predict_split(workdir: str | Path, name: str, split: str, *, data_root: str | None = None,
+                  fold_ids: list[int] | None = None, anchor_stride: int = 1,
+                  batch_size: int = 32, stride_sweep: tuple[int, ...] = DEFAULT_SWEEP) -> dict:
+    """Predicts a split with every fold of experiment `name`; writes the arrays, submission and
+    report. Returns `experiment.finish`'s dict (other processes than 0: no scores, no report)."""
+    experiment.check_split(split)
     for s in (anchor_stride, *stride_sweep):
         if not 1 <= s <= windows.BEHIND:
             raise PredictionError(f"anchor strides must be in 1..{windows.BEHIND}, got {s}")
@@ -174,97 +140,87 @@ def predict_split(workdir: str | Path, experiment: str, split: str, *,
     if batch_size % mesh.size:
         raise PredictionError(f"batch size {batch_size} must be a multiple of the "
                               f"{mesh.size} devices")
-    folders = fold_folders(workdir, experiment, fold_ids)
-    dataset = SensoriumDataset.open(resolve_data_root(folders, data_root))
+    folders = experiment.fold_folders(workdir, name, fold_ids)
+    dataset = SensoriumDataset.open(experiment.resolve_data_root(folders, data_root))
     models = load_fold_models(folders, mesh)
     plan = trial_plan(dataset, split, models)
-    scorer = report.SplitScorer(dataset, split) if report.is_scored(dataset, split) else None
-    strides = (anchor_stride,)
-    if scorer is not None and anchor_stride == 1 and stride_sweep:
-        strides += tuple(s for s in stride_sweep if s != 1)  # blended from the same windows
-    directory = predictions_dir(workdir, experiment, split)
     main = sharding.is_main_process()  # the one process that prints and writes
-    if main:
-        (directory / MANIFEST).unlink(missing_ok=True)  # until this run completes
+    directory, scorer = experiment.start(dataset, workdir, name, split) if main else (None, None)
+    strides = (anchor_stride,)
+    if report.is_scored(dataset, split) and anchor_stride == 1:  # from the same windows
+        strides += tuple(s for s in stride_sweep if s != 1)
 
     total = sum(len(eval_windows.prediction_windows(mouse, trials, anchor_stride)) * len(ids)
                 for mouse, ids, trials in plan)
+    progress = None
     if main:
-        print(f"{experiment}: predicting {split} with folds {[m.fold for m in models]} "
+        print(f"{name}: predicting {split} with folds {[m.fold for m in models]} "
               f"({total} windows, anchor stride {anchor_stride}, {mesh.size} device(s))")
         params = preview.num_params(models[0].state.filter(nnx.Param))
-        print(f"{experiment}: {preview.devices_text()}; {params:,} parameters per fold model; "
+        print(f"{name}: {preview.devices_text()}; {params:,} parameters per fold model; "
               f"batch {batch_size}; the time is measured on the first batches", flush=True)
-    progress = preview.EstimatingBar(total=total, desc=split, label=f"{experiment} {split}",
-                                     mininterval=1.0, dynamic_ncols=True) if main else None
+        progress = preview.EstimatingBar(total=total, desc=split, label=f"{name} {split}",
+                                         mininterval=1.0, dynamic_ncols=True)
     written: dict[str, list[int]] = {}
     for mouse, model_ids, trials in plan:
-        for start in range(0, len(trials), CHUNK_TRIALS):
-            chunk = trials[start:start + CHUNK_TRIALS]
-            sums = {s: {t: 0.0 for t in chunk} for s in strides}
+        for start in range(0, len(trials), experiment.CHUNK_TRIALS):
+            chunk = trials[start:start + experiment.CHUNK_TRIALS]
+            sums = {}  # {(stride, trial): the folds' sum}
             for i in model_ids:
                 blenders = blend_trials(models[i], mouse, chunk, strides, batch_size, mesh,
                                         progress)
                 for s, blender in blenders.items():
                     for t in chunk:
-                        sums[s][t] = sums[s][t] + blender.result(t).astype(np.float64)
+                        sums[s, t] = sums.get((s, t), 0.0) + blender.result(t).astype(np.float64)
             for t in chunk:
-                blends = {s: (sums[s][t] / len(model_ids)).astype(np.float32) for s in strides}
                 written.setdefault(mouse.name, []).append(t)
-                if not main:
-                    continue
-                write_trial(directory, mouse.name, t, blends[anchor_stride])
+                blends = {s: (sums[s, t] / len(model_ids)).astype(np.float32) for s in strides}
+                if main:
+                    experiment.write_trial(directory, mouse.name, t, blends[anchor_stride])
                 if scorer is not None:
                     scorer.add(mouse, t, blends, main=anchor_stride)
     if progress is not None:
         progress.close()
-    manifest = {
-        "format": MANIFEST_FORMAT, "experiment": experiment, "split": split,
-        "data_root": str(dataset.root), "anchor_stride": anchor_stride,
+    return experiment.finish(dataset, workdir, split, scorer, {
+        "experiment": name, "anchor_stride": anchor_stride,
         "folds": [{"fold": m.fold, "step": m.step, "source": m.spec.source,
                    "directory": str(m.directory)} for m in models],
-        "trials": {name: sorted(ts) for name, ts in written.items()},
-    }
-    if not main:
-        return {"directory": directory, "manifest": manifest, "submission": None}
-    return finish(dataset, experiment, split, directory, manifest, scorer, workdir)
+        "trials": {mouse: sorted(ts) for mouse, ts in written.items()}}, main=main)
 
 
 def predict_and_blend(workdir: str | Path, experiments: list[str] | None, split: str, *,
                       blend_only: bool = False, **options) -> dict:
     """Predicts `split` with each experiment (None: every one of the workdir) and, with several,
-    writes their mean as the experiment `a,b`, as the winning submission was made. `blend_only`:
-    only that mean, of predictions already written. Returns the last result written."""
-    check_split(split)
-    names = sorted(set(experiments)) if experiments else experiments_in(workdir)
+    writes their mean (the winning submission's recipe); `blend_only`: only that mean, of
+    predictions already written. Returns the last result written."""
+    experiment.check_split(split)
+    names = sorted(set(experiments)) if experiments else experiment.experiments_in(workdir)
     if blend_only and len(names) < 2:
         raise PredictionError(f"--blend_only needs two or more experiments, got {names}")
     results = [] if blend_only else [predict_split(workdir, e, split, **options) for e in names]
     if len(names) == 1 or not sharding.is_main_process():
         return results[0] if results else {}
-    return blend_experiments(workdir, names, split, data_root=options.get("data_root"))
-
-
-# --------------------------------------------------------------------------- command line
+    return experiment.blend_experiments(workdir, names, split, data_root=options.get("data_root"))
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_list("experiment", None, "Experiment name(s) (default: every experiment of "
-                      "the workdir); with several, their mean is written too.", flag_values=fv)
-    flags.DEFINE_string("split", None, f"One of {', '.join(SPLITS)}.", flag_values=fv)
-    flags.DEFINE_string("workdir", "workdir", "Work folder holding <experiment>/fold_<k>.",
-                        flag_values=fv)
-    flags.DEFINE_string("data_root", None, "Dataset root (default: the data_root of the folds' "
-                        "config.json).", flag_values=fv)
-    flags.DEFINE_list("folds", None, "Folds to use (default: every fold found).",
-                      flag_values=fv)
+    for name, default, text in (
+            ("split", None, f"One of {', '.join(experiment.SPLITS)}."),
+            ("workdir", "workdir", "Work folder holding <experiment>/fold_<k>."),
+            ("data_root", None, "Dataset root (default: the data_root of the folds' "
+             "config.json).")):
+        flags.DEFINE_string(name, default, text, flag_values=fv)
+    for name, default, text in (
+            ("experiment", None, "Experiment name(s) (default: every experiment of the "
+             "workdir); with several, their mean is written too."),
+            ("folds", None, "Folds to use (default: every fold found)."),
+            ("stride_sweep", list(map(str, DEFAULT_SWEEP)), "Strides whose correlation scored "
+             "splits also report (blended from the stride-1 windows); '' for none.")):
+        flags.DEFINE_list(name, default, text, flag_values=fv)
     flags.DEFINE_integer("anchor_stride", 1, "1 = every anchor, as the original; S > 1 runs "
                          "~2/S of the windows.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 32, "Windows per forward pass (all devices together).",
                          flag_values=fv)
-    flags.DEFINE_list("stride_sweep", list(map(str, DEFAULT_SWEEP)), "Strides whose correlation "
-                      "scored splits also report (blended from the stride-1 windows); '' for "
-                      "none.", flag_values=fv)
     flags.DEFINE_bool("blend_only", False, "Average the experiments' predictions already "
                       "written instead of predicting.", flag_values=fv)
 
@@ -273,7 +229,7 @@ def run(fv: flags.FlagValues, args: list[str]) -> int:
     if args:
         raise cli.UsageError(f"unexpected arguments: {args}")
     if not fv.split:
-        raise cli.UsageError(f"--split is required ({', '.join(SPLITS)})")
+        raise cli.UsageError(f"--split is required ({', '.join(experiment.SPLITS)})")
     try:
         fold_ids = [int(k) for k in fv.folds] if fv.folds else None
         sweep = tuple(int(s) for s in fv.stride_sweep if s.strip())
@@ -293,4 +249,4 @@ def run(fv: flags.FlagValues, args: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    cli.main(__doc__, define_flags, run, errors=USER_ERRORS)
+    cli.main(__doc__, define_flags, run, errors=experiment.USER_ERRORS)

@@ -53,39 +53,34 @@ def _schema():
 
 def mouse_table(mouse: str, unit_ids: np.ndarray, std: np.ndarray,
                 predictions: Mapping[int, np.ndarray]):
-    """The rows of one mouse (its trials in ascending id order) as a pyarrow Table, from one
-    float64 buffer: a real mouse's test split is ~10^8 values, gigabytes as nested lists."""
+    """The rows of one mouse (trial ids ascending) as a pyarrow Table built from one float64
+    buffer: a real mouse's test split is ~10^8 values, gigabytes as nested lists."""
     import pyarrow as pa
 
-    prec = precision(std)
-    ids = np.asarray(unit_ids, np.int64)
-    trials = sorted(predictions)
-    cut = []
+    prec, ids, trials = precision(std), np.asarray(unit_ids, np.int64), sorted(predictions)
     for trial in trials:
-        pred = predictions[trial]
-        if pred.shape[0] != len(ids):
-            raise ValueError(f"mouse {mouse} trial {trial}: prediction has {pred.shape[0]} "
-                             f"neurons, unit_ids has {len(ids)}")
-        cut.append(trial_prediction(pred, prec).astype(np.float64))
-    frames = np.array([c.shape[1] for c in cut], np.int64)
+        if predictions[trial].shape[0] != len(ids):
+            raise ValueError(f"mouse {mouse} trial {trial}: prediction has "
+                             f"{predictions[trial].shape[0]} neurons, unit_ids has {len(ids)}")
+    cut = [trial_prediction(predictions[t], prec).astype(np.float64) for t in trials]
     values = pa.array(np.concatenate([c.ravel() for c in cut]) if cut else np.zeros(0))
     # Inner lists: one per (trial, neuron) of that trial's frame count; outer: N per trial.
+    frames = np.array([c.shape[1] for c in cut], np.int64)
     inner = np.concatenate([[0], np.cumsum(np.repeat(frames, len(ids)))])
     if inner[-1] >= 2**31:  # list offsets are int32: pass fewer trials per table
         raise ValueError(f"mouse {mouse}: {inner[-1]} values are too many for one table")
-    inner = inner.astype(np.int32)
-    outer = (np.arange(len(trials) + 1) * len(ids)).astype(np.int32)
-    prediction = pa.ListArray.from_arrays(outer, pa.ListArray.from_arrays(inner, values))
-    id_offsets = (np.arange(len(trials) + 1) * len(ids)).astype(np.int32)
-    neuron_ids = pa.ListArray.from_arrays(id_offsets, pa.array(np.tile(ids, len(trials))))
+    outer = pa.array((np.arange(len(trials) + 1) * len(ids)).astype(np.int32))
+    prediction = pa.ListArray.from_arrays(
+        outer, pa.ListArray.from_arrays(inner.astype(np.int32), values))
+    neuron_ids = pa.ListArray.from_arrays(outer, pa.array(np.tile(ids, len(trials))))
     return pa.Table.from_arrays(
         [pa.array([mouse] * len(trials), pa.string()), pa.array(trials, pa.int64()),
          prediction, neuron_ids], schema=_schema())
 
 
 def write_tables(path: str | os.PathLike, tables: Iterable[Any]) -> Path:
-    """Writes submission tables (e.g. one `mouse_table` per mouse, made one at a time) into one
-    parquet file with brotli compression, atomically; each table is one or more row groups."""
+    """Writes tables (e.g. `mouse_table`s made one at a time) as the row groups of one brotli
+    parquet file, atomically."""
     import pyarrow.parquet as pq
 
     path = Path(path)
@@ -97,7 +92,6 @@ def write_tables(path: str | os.PathLike, tables: Iterable[Any]) -> Path:
 
 
 def split_file(directory: str | os.PathLike, split: str) -> Path:
-    """`<directory>/<the split's competition file name>`."""
     if split not in SPLIT_FILES:
         raise ValueError(f"unknown split {split!r}; submissions exist for {sorted(SPLIT_FILES)}")
     return Path(directory) / SPLIT_FILES[split]
