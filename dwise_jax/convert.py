@@ -2,8 +2,10 @@
 
 Reads one of the original's `model-<epoch>-<val_corr>.pth` files with
 `torch.load(weights_only=True)`, checks its pipeline settings, maps the EMA state dict onto the
-Flax NNX model and writes a fold folder that prediction uses like a fold trained here
-(docs/prediction.md#the-originals-weights). Needs torch (CPU): `pip install torch==2.13.0`.
+Flax NNX model (`state_from_torch`; both sides' names and layouts:
+docs/original.md#original-checkpoints) and writes a fold folder that prediction uses like a fold
+trained here (docs/prediction.md#the-originals-weights). Needs torch (CPU):
+`pip install torch==2.13.0`.
 
     python -m dwise_jax.convert true_batch_001/fold_0/model-017-0.293169.pth workdir \\
         --experiment true_batch_001 --fold 0
@@ -11,16 +13,22 @@ Flax NNX model and writes a fold folder that prediction uses like a fold trained
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from flax import nnx
 
 from dwise_jax import checkpoint, cli
 from dwise_jax import config as config_lib
 from dwise_jax.data.sensorium import REAL_MICE
+from dwise_jax.models.dwiseneuro import DwiseNeuro
 
 # The input pipeline the weights were trained with must be the one we implement.
 EXPECTED_FRAME_STACK = {"size": 16, "step": 2, "position": "last"}
@@ -32,12 +40,115 @@ class ConversionError(ValueError):
     """The .pth file is not one of the original's DwiseNeuro checkpoints, or does not fit."""
 
 
-def load_original(path: str | Path) -> dict[str, Any]:
-    """Reads an original checkpoint with torch's safe loader; arrays come back as NumPy.
+# --------------------------------------------------------------------------------------------
+# The original's state-dict names and layouts <-> the NNX state of DwiseNeuro
 
-    Returns:
-      {"params": the params dict with tensors left as they are, "state_dict": {name: ndarray}}.
+_BN = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+# NNX attribute of an inverted-residual block -> (PyTorch submodule, layout of its `.0` conv).
+_BLOCK_CONVS = {"expand": ("conv_pw", "pointwise3d"), "spatial": ("spat_covn_dw", "spatial_dw"),
+                "temporal": ("temp_covn_dw", "temporal_dw"), "project": ("conv_pwl", "pointwise3d")}
+# `num_batches_tracked` (no counter is kept here) and `inv_freq` (recomputed by
+# `layers.pe_frequencies`) are accepted and ignored.
+_IGNORED = re.compile(r"(.*\.num_batches_tracked|core\.blocks\.\d*[02468]\.inv_freq)$")
+# layout -> (NNX array from PyTorch array and NNX shape, PyTorch array from NNX array)
+_LAYOUTS = {
+    "vector": (lambda w, s: w, lambda k: k),
+    "pointwise3d": (lambda w, s: w.reshape(w.shape[:2]).T,
+                    lambda k: k.T.reshape(*k.T.shape, 1, 1, 1)),
+    "spatial_dw": (lambda w, s: w[:, 0, 0].transpose(1, 2, 0),
+                   lambda k: k.transpose(2, 0, 1)[:, None, None]),
+    "temporal_dw": (lambda w, s: w[:, 0, :, 0, 0].T, lambda k: k.T[:, None, :, None, None]),
+    "grouped1d": (lambda w, s: w.reshape(s[0], s[2], s[1]).transpose(0, 2, 1),
+                  lambda k: k.transpose(0, 2, 1).reshape(k.shape[0] * k.shape[2], k.shape[1], 1)),
+}
+
+
+def torch_name(path: tuple) -> tuple[str, str] | None:
+    """(PyTorch state-dict name, layout) of one NNX state path; None for RNG state."""
+    p = tuple(str(x) for x in path)
+    if "rngs" in p:
+        return None
+    if p[:2] == ("core", "stem_kernel"):
+        return "core.stem.0.weight", "pointwise3d"
+    if p[:2] == ("core", "stem_bn"):
+        return f"core.stem.1.bn.{_BN[p[2]]}", "vector"
+    if p[:2] == ("core", "blocks"):
+        prefix, attr = f"core.blocks.{2 * int(p[2]) + 1}.", p[3]
+        if attr == "se":
+            kind, what = p[4].split("_")  # reduce_kernel, expand_bias, ...
+            if what == "kernel":
+                return f"{prefix}se.conv_{kind}.weight", "pointwise3d"
+            return f"{prefix}se.conv_{kind}.bias", "vector"
+        if attr == "shortcut_bn":
+            return f"{prefix}bn_sc.bn.{_BN[p[4]]}", "vector"
+        stem, suffix = attr.rsplit("_", 1)
+        module, layout = _BLOCK_CONVS[stem]
+        if suffix == "kernel":
+            return f"{prefix}{module}.0.weight", layout
+        return f"{prefix}{module}.1.bn.{_BN[p[4]]}", "vector"
+    if p[0] == "cortex":
+        prefix = f"cortex.layers.{int(p[2])}."
+        if p[3] == "kernel":
+            return f"{prefix}conv.weight", "grouped1d"
+        return f"{prefix}{'bn.bn' if p[3] == 'bn' else 'bn_sc.bn'}.{_BN[p[4]]}", "vector"
+    if p[0] == "readouts":
+        kind = ("weight", "grouped1d") if p[2] == "kernel" else ("bias", "vector")
+        return f"readouts.{int(p[1])}.layer.1.{kind[0]}", kind[1]
+    raise KeyError(f"no PyTorch name for NNX path {path}")
+
+
+def state_from_torch(state_dict: Mapping[str, np.ndarray], target: nnx.State) -> nnx.State:
+    """Map a PyTorch state dict (name -> array) onto a new NNX state (float32 arrays).
+
+    `target` (`nnx.state(model)` or its `nnx.eval_shape` version) gives the structure, shapes
+    and variable types; RNG variables are copied from it. Raises ConversionError listing every
+    missing, unexpected and mis-shaped key.
     """
+    used, missing, misshaped, flat = set(), [], [], []
+    for path, var in nnx.to_flat_state(target):
+        named = torch_name(path)
+        if named is None:
+            flat.append((path, var))
+            continue
+        name, layout = named
+        to_nnx, to_torch = _LAYOUTS[layout]
+        if name not in state_dict:
+            missing.append(name)
+            continue
+        used.add(name)
+        w = np.asarray(state_dict[name], dtype=np.float32)
+        expected = jax.eval_shape(to_torch, jax.ShapeDtypeStruct(var.shape, jnp.float32)).shape
+        if w.shape != expected:
+            misshaped.append(f"{name}: got {w.shape}, expected {expected}")
+            continue
+        flat.append((path, var.replace(jnp.asarray(to_nnx(w, var.shape)))))
+    unexpected = sorted(k for k in state_dict if k not in used and not _IGNORED.match(k))
+    if missing or unexpected or misshaped:
+        raise ConversionError(
+            "PyTorch state dict does not match the model:\n"
+            f"  missing ({len(missing)}): {missing}\n"
+            f"  unexpected ({len(unexpected)}): {unexpected}\n"
+            f"  mis-shaped ({len(misshaped)}): {misshaped}")
+    return nnx.from_flat_state(flat)
+
+
+def state_to_torch(state: nnx.State) -> dict[str, np.ndarray]:
+    """NNX state (parameters, BatchNorm statistics or gradients) -> PyTorch names and layouts."""
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        if (named := torch_name(path)) is not None:
+            value = var.get_value() if isinstance(var, nnx.Variable) else var
+            out[named[0]] = _LAYOUTS[named[1]][1](np.asarray(value, dtype=np.float32))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and checking the .pth, writing the fold
+
+
+def load_original(path: str | Path) -> dict[str, Any]:
+    """Reads an original checkpoint with torch's safe loader: {"params": its params dict,
+    tensors left as they are, "state_dict": {name: ndarray}}."""
     path = Path(path)
     try:
         import torch
@@ -72,15 +183,6 @@ def _load_failure(error: Exception) -> str:
     match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
     reason = match[1].split(". ")[0] if match else text
     return " ".join(reason.split())
-
-
-def _as_plain(value: Any) -> Any:
-    """Tuples to lists, recursively, so pipeline settings compare whatever sequences they hold."""
-    if isinstance(value, (list, tuple)):
-        return [_as_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _as_plain(v) for k, v in value.items()}
-    return value
 
 
 def constructor_kwargs(params: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
@@ -120,20 +222,17 @@ def constructor_kwargs(params: dict[str, Any], path: str | Path = "checkpoint") 
         config_lib.validate(config)
     except config_lib.ConfigError as e:
         raise ConversionError(f"{path}: nn_module arguments: {e}") from None
-    _check_pipeline(params, path)
-    return config_lib.model_kwargs(config, readout_outputs)
-
-
-def _check_pipeline(params: dict[str, Any], path: str | Path) -> None:
     frame_stack = params.get("frame_stack")
     if frame_stack is not None and dict(frame_stack) != EXPECTED_FRAME_STACK:
         raise ConversionError(
             f"{path}: frame_stack {frame_stack} differs from {EXPECTED_FRAME_STACK}, "
             "the only input windowing dwise_jax implements")
     processor = params.get("inputs_processor")
-    if processor is not None and _as_plain(processor) != _as_plain(EXPECTED_INPUTS_PROCESSOR):
+    as_plain = lambda value: json.loads(json.dumps(value, default=repr))  # tuples as lists
+    if processor is not None and as_plain(processor) != as_plain(EXPECTED_INPUTS_PROCESSOR):
         raise ConversionError(
             f"{path}: inputs_processor {processor} differs from {EXPECTED_INPUTS_PROCESSOR}")
+    return config_lib.model_kwargs(config, readout_outputs)
 
 
 def default_mice(readout_outputs: list[int]) -> list[str] | None:
@@ -151,38 +250,23 @@ def parse_file_name(path: str | Path) -> dict[str, Any]:
     return {"epoch": int(match["epoch"]), "val_corr": float(match["score"])}
 
 
-def _check_finite(state_dict: dict[str, np.ndarray], path: str | Path) -> None:
-    for name, array in state_dict.items():
-        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-            raise ConversionError(f"{path}: state-dict entry {name} holds NaN or infinity")
-
-
 def convert(pth_path: str | Path, workdir: str | Path, *, experiment: str, fold: int,
             mice: list[str] | None = None, overwrite: bool = False) -> Path:
-    """Converts one original .pth into fold `fold` of `experiment` under `workdir`.
+    """Converts one original .pth into `<workdir>/<experiment>/fold_<fold>` and returns that.
 
     Args:
-      pth_path: the original checkpoint (`model-<epoch>-<val_corr>.pth`).
-      workdir: the dwise_jax work folder; the fold goes to `<workdir>/<experiment>/fold_<k>`.
-      experiment: experiment name, e.g. "true_batch_001".
       fold: the fold index the weights were trained for (validated on), 0..6.
       mice: mouse folder names in readout order. Default: the real ten mice in the original's
         order, which is what the published weights were trained on; required otherwise.
       overwrite: replace an existing checkpoint of that fold instead of refusing.
-
-    Returns:
-      The fold folder.
     """
-    from flax import nnx
-
-    from dwise_jax.models.dwiseneuro import DwiseNeuro
-    from dwise_jax.models.torch_mapping import StateDictMismatch, state_from_torch
-
     if not 0 <= fold < 7:
         raise ConversionError(f"fold must be in 0..6, got {fold}")
     original = load_original(pth_path)
     kwargs = constructor_kwargs(original["params"], pth_path)
-    _check_finite(original["state_dict"], pth_path)
+    for name, array in original["state_dict"].items():
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            raise ConversionError(f"{pth_path}: state-dict entry {name} holds NaN or infinity")
     mice = mice or default_mice(kwargs["readout_outputs"])
     if mice is None:
         raise ConversionError(
@@ -198,24 +282,19 @@ def convert(pth_path: str | Path, workdir: str | Path, *, experiment: str, fold:
             f"{target_dir}: already holds a checkpoint; pass --overwrite to replace it")
 
     abstract = nnx.eval_shape(lambda: DwiseNeuro(**kwargs, rngs=nnx.Rngs(0)))
-    target = nnx.state(abstract, (nnx.Param, nnx.BatchStat))
     try:
-        state = state_from_torch(original["state_dict"], target)
-    except StateDictMismatch as e:
+        state = state_from_torch(original["state_dict"],
+                                 nnx.state(abstract, (nnx.Param, nnx.BatchStat)))
+    except ConversionError as e:
         raise ConversionError(f"{pth_path}: {e}") from None
     checkpoint.write_model_spec(target_dir, spec)
     # Overwriting writes a newer step, which prediction then reads.
     step = 0 if existing is None else existing + 1
     params, batch_stats = nnx.split_state(state, nnx.Param, nnx.BatchStat)
-    checkpoint.save(target_dir, step, {"ema": _to_numpy({
-        "params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)})})
+    checkpoint.save(target_dir, step, {"ema": jax.tree.map(
+        lambda a: np.asarray(a, dtype=np.float32),
+        {"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(batch_stats)})})
     return target_dir
-
-
-def _to_numpy(tree: Any) -> Any:
-    import jax
-
-    return jax.tree.map(lambda a: np.asarray(a, dtype=np.float32), tree)
 
 
 def define_flags(fv: flags.FlagValues) -> None:

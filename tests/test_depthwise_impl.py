@@ -12,9 +12,9 @@ from flax import nnx
 
 from dwise_jax import checkpoint
 from dwise_jax import config as config_lib
-from dwise_jax.models.depthwise import resolve_impl
+from dwise_jax.convert import state_from_torch
 from dwise_jax.models.dwiseneuro import DwiseNeuro
-from dwise_jax.models.torch_mapping import state_from_torch
+from dwise_jax.models.layers import resolve_impl
 
 
 def _fixture_model(arrays, meta, impl: str) -> DwiseNeuro:

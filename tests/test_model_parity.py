@@ -1,6 +1,6 @@
 """Parity with the original PyTorch DwiseNeuro on the two model fixtures in tests/fixtures.
 
-The fixture state is mapped with `dwise_jax.models.torch_mapping` (the converter's code), then
+The fixture state is mapped with `dwise_jax.convert.state_from_torch` (the converter's code), then
 eval outputs, train-mode outputs, the loss, every gradient and the BatchNorm buffers after one
 train-mode forward are compared with the fixture README's measure and tolerances.
 """
@@ -14,13 +14,8 @@ import pytest
 from conftest import fixture_loss, fixture_state_dict, model_kwargs, rel_err
 from flax import nnx
 
+from dwise_jax.convert import ConversionError, state_from_torch, state_to_torch
 from dwise_jax.models.dwiseneuro import DwiseNeuro
-from dwise_jax.models.torch_mapping import (
-    StateDictMismatch,
-    inv_freq_deviation,
-    state_from_torch,
-    state_to_torch,
-)
 
 
 def build_model(meta) -> DwiseNeuro:
@@ -107,9 +102,15 @@ def test_parity_full_core(full_core_fixture):
 
 
 def test_fixture_inv_freq_matches_recomputed(small_model_fixture, full_core_fixture):
-    # The encoding is recomputed; the fixtures' buffers agree to float32 rounding.
+    # The encoding is recomputed (the converter ignores the `inv_freq` buffers); the fixtures'
+    # buffers agree to float32 rounding (EMA-averaged checkpoints differ by ~1e-5).
     for arrays, _ in (small_model_fixture, full_core_fixture):
-        assert inv_freq_deviation(fixture_state_dict(arrays)) < 1e-6
+        buffers = {k: v for k, v in fixture_state_dict(arrays).items() if k.endswith(".inv_freq")}
+        assert buffers
+        for value in buffers.values():
+            ch = 2 * len(value)
+            ref = 1.0 / 10000 ** (np.arange(0, ch, 2, dtype=np.float64) / ch)
+            assert np.max(np.abs(np.asarray(value, np.float64) - ref) / ref) < 1e-6
 
 
 def test_mapping_round_trip_and_errors(small_model_fixture):
@@ -129,7 +130,7 @@ def test_mapping_round_trip_and_errors(small_model_fixture):
     del bad["core.stem.0.weight"]
     bad["core.stem.9.weight"] = np.zeros(3, np.float32)
     bad["readouts.0.layer.1.bias"] = np.zeros(3, np.float32)
-    with pytest.raises(StateDictMismatch) as info:
+    with pytest.raises(ConversionError) as info:
         state_from_torch(bad, nnx.state(model))
     message = str(info.value)
     assert "missing (1): ['core.stem.0.weight']" in message

@@ -13,13 +13,13 @@ from conftest import model_kwargs
 from flax import nnx
 
 from dwise_jax.models import layers
-from dwise_jax.models.depthwise import depthwise_conv3d
 from dwise_jax.models.dwiseneuro import DwiseNeuro, parameter_shares
 from dwise_jax.models.layers import (
     BatchNorm,
     ChannelDropout,
     DropPath,
     channel_shuffle,
+    depthwise_conv3d,
     grouped_pointwise,
     nearest_downsample,
     positional_encoding_3d,

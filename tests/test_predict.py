@@ -25,10 +25,10 @@ from conftest import (
 from flax import nnx
 
 from dwise_jax import atomic, checkpoint, experiment, metrics, predict, sharding, submission
+from dwise_jax.convert import state_from_torch
 from dwise_jax.data import eval_windows, folds, synthetic, windows
 from dwise_jax.data.sensorium import SensoriumDataset
 from dwise_jax.models.dwiseneuro import DwiseNeuro
-from dwise_jax.models.torch_mapping import state_from_torch
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = "live_test_main"

@@ -35,7 +35,6 @@ def random_stream(seed: int, purpose: str, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed, _PURPOSES.index(purpose), *keys])
 
 
-# ----------------------------------------------------------------------------- videos
 def _smooth(x: np.ndarray, frames: float, axis: int = -1) -> np.ndarray:
     """Causal exponential smoothing with time constant `frames`, starting at x[0]."""
     a = 1.0 / max(frames, 1.0)
@@ -122,7 +121,6 @@ def make_video(seed: int, key: tuple[str, int, int], frames: int) -> np.ndarray:
     return np.rint(np.clip(video, 0, 255)).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- behaviour
 def make_behavior(rng: np.random.Generator, video: np.ndarray, run_bias: float,
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(2, L) [pupil dilation, running speed] and (2, L) pupil centre for one trial."""
@@ -146,7 +144,6 @@ def make_behavior(rng: np.random.Generator, video: np.ndarray, run_bias: float,
     return behavior.astype(np.float32), pupil_center.astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- neurons
 def _contrast_frames(video: np.ndarray) -> np.ndarray:
     """(L, 18 * 32): 2x2-averaged frames in contrast units, the receptive fields' input."""
     small = (video[:, 0::2, 0::2] + video[:, 1::2, 0::2]

@@ -18,23 +18,18 @@ import numpy as np
 from absl import flags
 
 from dwise_jax import cli
+from dwise_jax.data import simulated_v1 as v1
 from dwise_jax.data.sensorium import MODALITIES, TEST_TIERS, TIERS
-from dwise_jax.data.simulated_v1 import (
-    FPS,
-    PARAMETERS,
-    H,
-    W,
-    make_behavior,
-    make_neurons,
-    make_video,
-    random_stream,
-    respond,
-)
+from dwise_jax.metrics import pearson_per_neuron
 
 DEFAULTS = {"mice": 5, "neurons": 100, "trials": 100, "frames": 300}
 SIMULATION_DIR = "simulation"
 ERRORS = (OSError,)  # the command's users' to fix (a full OUT_DIR): one `error:` line, exit 1
 _NAME_HASH = hashlib.md5(b"dwise_jax simulated V1").hexdigest()
+_CEILING_DEFINITION = (
+    "per neuron Pearson r between the noiseless rate and the simulated response over all valid "
+    "frames of the test trials of a mouse, concatenated; per mouse the mean over its neurons, "
+    "overall the mean over all neurons")
 
 
 def mouse_names(count: int) -> list[str]:
@@ -50,7 +45,7 @@ def tier_plan(seed: int, mouse: int, trials: int) -> list[tuple[str, tuple[str, 
     n_train = trials - 4 * n_test - n_none - n_oracle * repeats
     if n_train < 4:
         raise ValueError(f"{trials} trials per mouse are too few for every tier; use >= 20")
-    n_shared = round(PARAMETERS["shared_train_fraction"] * n_train)
+    n_shared = round(v1.PARAMETERS["shared_train_fraction"] * n_train)
     own = mouse + 1  # pool index 0 is the clips every mouse sees
     slots = [("train", ("shared_train", 0, j)) for j in range(n_shared)]
     slots += [("train", ("own", own, j)) for j in range(n_train - n_shared)]
@@ -58,7 +53,7 @@ def tier_plan(seed: int, mouse: int, trials: int) -> list[tuple[str, tuple[str, 
     slots += [(tier, (tier, 0, j)) for tier in TEST_TIERS for j in range(n_test)]
     slots += [("none", ("own", own, n_train - n_shared + j)) for j in range(n_none)]
     # Trial ids are in random order with respect to tiers, as in the real data.
-    return [slots[i] for i in random_stream(seed, "plan", mouse).permutation(len(slots))]
+    return [slots[i] for i in v1.random_stream(seed, "plan", mouse).permutation(len(slots))]
 
 
 def _pad(array: np.ndarray, length: int) -> np.ndarray:
@@ -92,31 +87,25 @@ class _Stats:
             np.save(folder / f"{name}.npy", np.where(seen, value, np.nan).astype(np.float32))
 
 
-def _corr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-row Pearson r, (x - mean) / (population std + 1e-8) as the metrics use."""
-    a = (a - a.mean(1, keepdims=True)) / (a.std(1, keepdims=True) + 1e-8)
-    b = (b - b.mean(1, keepdims=True)) / (b.std(1, keepdims=True) + 1e-8)
-    return (a * b).mean(1)
-
-
 def _write_mouse(root: Path, seed: int, m: int, name: str, n: int, trials: int, frames: int,
                  ) -> dict:
+    """Writes one mouse folder and its kept-aside files; returns its simulation.json info."""
     folder, sim = root / name, root / SIMULATION_DIR
-    neurons = make_neurons(seed, m, n, frames)
+    neurons = v1.make_neurons(seed, m, n, frames)
     plan = tier_plan(seed, m, trials)
     array_length = int(1.1 * frames) + 2 * (m % 3)  # the longest clip plus a few frames
     for d in [*(folder / "data" / x for x in MODALITIES), sim / "truth" / name,
               sim / "rate" / name]:
         d.mkdir(parents=True, exist_ok=True)
-    shapes = {"videos": (H, W), "responses": (n,), "behavior": (2,), "pupil_center": (2,)}
+    shapes = {"videos": (v1.H, v1.W), "responses": (n,), "behavior": (2,), "pupil_center": (2,)}
     stats = {k: _Stats(s + (array_length,)) for k, s in shapes.items()}
     test: dict[str, list] = {"main": [], "bonus": []}
     lengths = []
     for trial_id, (tier, key) in enumerate(plan):
-        video = make_video(seed, key, frames)
-        rng = random_stream(seed, "trial", m, trial_id)
-        behavior, pupil_center = make_behavior(rng, video, neurons["run_bias"])
-        rate, noisy = respond(neurons, video, behavior, rng)
+        video = v1.make_video(seed, key, frames)
+        rng = v1.random_stream(seed, "trial", m, trial_id)
+        behavior, pupil_center = v1.make_behavior(rng, video, neurons["run_bias"])
+        rate, noisy = v1.respond(neurons, video, behavior, rng)
         arrays = {"videos": video.transpose(1, 2, 0), "responses": noisy,
                   "behavior": behavior, "pupil_center": pupil_center}
         if tier in TEST_TIERS:
@@ -137,8 +126,10 @@ def _write_mouse(root: Path, seed: int, m: int, name: str, n: int, trials: int, 
     for modality, stat in stats.items():
         stat.write(folder / "meta" / "statistics" / modality / "all")
     # Per neuron r(rate, response) over the concatenated test trials (each tier has some).
-    ceiling = {part: _corr(*(np.concatenate(x, 1) for x in zip(*pairs, strict=True)))
-               for part, pairs in (("all", test["main"] + test["bonus"]), *test.items())}
+    ceiling = {}
+    for part, pairs in (("all", test["main"] + test["bonus"]), *test.items()):
+        rates, responses = (np.concatenate(x, 1) for x in zip(*pairs, strict=True))
+        ceiling[part] = pearson_per_neuron(rates, responses, axis=1)
     rf = {k: np.round(neurons[k], 4).tolist()
           for k in ("center_x", "center_y", "sigma", "theta", "period", "phase", "tau",
                     "a_run", "a_pupil", "threshold", "events")}
@@ -162,39 +153,25 @@ def check_size(*, mice: int, neurons: int, trials: int, frames: int) -> None:
 def generate(out_dir: str | os.PathLike, *, mice: int = DEFAULTS["mice"],
              neurons: int = DEFAULTS["neurons"], trials: int = DEFAULTS["trials"],
              frames: int = DEFAULTS["frames"], seed: int = 0) -> Path:
-    """Writes a simulated dataset (mouse folders + `simulation/`) into `out_dir`.
-
-    Args:
-        out_dir: the dataset root; created, and must be empty if it exists.
-        mice: number of mouse folders.
-        neurons: neurons per mouse.
-        trials: trials per mouse (>= 20), all tiers included.
-        frames: nominal clip length; clips run 0.8x to 1.1x of it (>= 40).
-        seed: every random draw derives from it; the same seed gives identical files.
-
-    Returns:
-        The root path.
-    """
+    """Writes a simulated dataset (mouse folders + `simulation/`) into `out_dir` (created, and
+    empty if it exists) and returns its path. `trials` per mouse (>= 20) include every tier;
+    clips run 0.8x to 1.1x of `frames` (>= 40); the same `seed` gives identical files."""
     root = Path(out_dir)
     check_size(mice=mice, neurons=neurons, trials=trials, frames=frames)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root}: is not empty; generate writes into a fresh folder")
     infos = [_write_mouse(root, seed, m, name, neurons, trials, frames)
              for m, name in enumerate(mouse_names(mice))]
-    ceiling = {"definition": (
-        "per neuron Pearson r between the noiseless rate and the simulated response over all "
-        "valid frames of the test trials of a mouse, concatenated; per mouse the mean over its "
-        "neurons, overall the mean over all neurons"), "per_mouse": {}, "overall": {}}
-    for part in ("all", "main", "bonus"):
-        per_neuron = [info["_ceiling"][part] for info in infos]
-        ceiling["overall"][part] = round(float(np.mean(np.concatenate(per_neuron))), 4)
-        for info, r in zip(infos, per_neuron, strict=True):
-            ceiling["per_mouse"].setdefault(info["name"], {})[part] = round(float(r.mean()), 4)
-    for info in infos:
-        del info["_ceiling"]
+    per_neuron = [info.pop("_ceiling") for info in infos]  # {"all", "main", "bonus": r}
+    mean = lambda r: round(float(np.mean(r)), 4)
+    ceiling = {"definition": _CEILING_DEFINITION,
+               "per_mouse": {info["name"]: {part: mean(r) for part, r in rs.items()}
+                             for info, rs in zip(infos, per_neuron, strict=True)},
+               "overall": {part: mean(np.concatenate([rs[part] for rs in per_neuron]))
+                           for part in per_neuron[0]}}
     meta = {"generator": "dwise_jax.data.synthetic", "format": 1, "seed": seed, "mice": mice,
-            "neurons": neurons, "trials": trials, "frames": frames, "fps": FPS,
-            "parameters": PARAMETERS, "noise_ceiling": ceiling, "mouse_info": infos}
+            "neurons": neurons, "trials": trials, "frames": frames, "fps": v1.FPS,
+            "parameters": v1.PARAMETERS, "noise_ceiling": ceiling, "mouse_info": infos}
     (root / SIMULATION_DIR / "simulation.json").write_text(json.dumps(meta, indent=1))
     return root
 
@@ -221,10 +198,9 @@ def load_truth(root: str | os.PathLike, mouse_name: str, trial_id: int, *,
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    helps = {"mice": "Mouse folders.", "neurons": "Neurons per mouse.",
-             "trials": "Trials per mouse (>= 20), every tier included.",
-             "frames": "Nominal clip length (>= 40); clips run 0.8x to 1.1x of it."}
-    for name, text in helps.items():
+    for name, text in (("mice", "Mouse folders."), ("neurons", "Neurons per mouse."),
+                       ("trials", "Trials per mouse (>= 20), every tier included."),
+                       ("frames", "Nominal clip length (>= 40); clips run 0.8x to 1.1x of it.")):
         flags.DEFINE_integer(name, DEFAULTS[name], text, flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Every random draw derives from it.", flag_values=fv)
 

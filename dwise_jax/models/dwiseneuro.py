@@ -2,7 +2,7 @@
 
 Inputs `(batch, time, height, width, channels)`; every readout returns `(batch, time, neurons)`
 float32, frame t aligned with input frame t. Numerics follow the original PyTorch model
-(docs/original.md#model, #pitfalls), whose state dict maps one to one (`torch_mapping.py`).
+(docs/original.md#model, #pitfalls), whose state dict maps one to one (`convert.torch_name`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dwise_jax.models.depthwise import depthwise_conv3d, resolve_impl
 from dwise_jax.models.grouped_readouts import grouped_readouts
 from dwise_jax.models.layers import (
     BatchNorm,
@@ -25,9 +24,11 @@ from dwise_jax.models.layers import (
     add_positional_encoding,
     channel_shuffle,
     conv_init,
+    depthwise_conv3d,
     grouped_pointwise,
     nearest_downsample,
     pointwise,
+    resolve_impl,
     softplus,
     tile_channels,
 )
@@ -37,112 +38,59 @@ class InvertedResidual3d(nnx.Module):
     """Expand, spatial (1,3,3) and temporal (5,1,1) depthwise, SE, project, drop path, plus a
     shortcut (nearest downsample, cyclic tiling, BatchNorm)."""
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        *,
-        stride: int,
-        spatial_kernel: int,
-        temporal_kernel: int,
-        expansion_ratio: int,
-        se_reduce_ratio: int,
-        drop_path_rate: float,
-        dtype: Dtype,
-        depthwise_impl: str,
-        rngs: nnx.Rngs,
-    ):
-        mid = in_features * expansion_ratio
-        self.stride = stride
+    def __init__(self, in_features: int, out_features: int, *, stride: int, spatial_kernel: int,
+                 temporal_kernel: int, expansion_ratio: int, se_reduce_ratio: int,
+                 drop_path_rate: float, depthwise_impl: str, rngs: nnx.Rngs):
+        mid, k, kt = in_features * expansion_ratio, spatial_kernel, temporal_kernel
+        self.stride, self.out_features = stride, out_features
         self.depthwise_impl = depthwise_impl
-        self.out_features = out_features
-        self.dtype = dtype
         self.expand_kernel = nnx.Param(conv_init(rngs.params(), (in_features, mid), mid))
         self.expand_bn = BatchNorm(mid)
-        k, kt = spatial_kernel, temporal_kernel
         self.spatial_kernel = nnx.Param(conv_init(rngs.params(), (k, k, mid), k * k))
         self.spatial_bn = BatchNorm(mid)
         self.temporal_kernel = nnx.Param(conv_init(rngs.params(), (kt, mid), kt))
         self.temporal_bn = BatchNorm(mid)
-        self.se = SqueezeExcite(mid, mid // se_reduce_ratio, dtype=dtype, rngs=rngs)
-        self.project_kernel = nnx.Param(
-            conv_init(rngs.params(), (mid, out_features), out_features)
-        )
+        self.se = SqueezeExcite(mid, mid // se_reduce_ratio, rngs=rngs)
+        self.project_kernel = nnx.Param(conv_init(rngs.params(), (mid, out_features),
+                                                  out_features))
         self.project_bn = BatchNorm(out_features)
         self.drop_path = DropPath(drop_path_rate, rngs=rngs)
         self.shortcut_bn = BatchNorm(out_features)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`(batch, time, h, w, c_in)` -> `(batch, time, ceil(h/s), ceil(w/s), c_out)`."""
-        dt = x.dtype
-        y = self.expand_bn(pointwise(x, self.expand_kernel[...]), silu=True)
+        dt, s = x.dtype, self.stride
         k, kt = self.spatial_kernel.shape[0], self.temporal_kernel.shape[0]
-        y = depthwise_conv3d(
-            y,
-            self.spatial_kernel[...].astype(dt)[None],
-            strides=(1, self.stride, self.stride),
-            padding=((0, 0), (k // 2, k // 2), (k // 2, k // 2)),
-            impl=self.depthwise_impl,
-        )
+        y = self.expand_bn(pointwise(x, self.expand_kernel[...]), silu=True)
+        y = depthwise_conv3d(y, self.spatial_kernel[...].astype(dt)[None], (1, s, s),
+                             ((0, 0), (k // 2, k // 2), (k // 2, k // 2)), self.depthwise_impl)
         y = self.spatial_bn(y, silu=True)
-        y = depthwise_conv3d(
-            y,
-            self.temporal_kernel[...].astype(dt)[:, None, None, :],
-            padding=((kt // 2, kt // 2), (0, 0), (0, 0)),
-            impl=self.depthwise_impl,
-        )
-        y = self.temporal_bn(y, silu=True)
-        y = self.se(y)
+        y = depthwise_conv3d(y, self.temporal_kernel[...].astype(dt)[:, None, None, :],
+                             padding=((kt // 2, kt // 2), (0, 0), (0, 0)),
+                             impl=self.depthwise_impl)
+        y = self.se(self.temporal_bn(y, silu=True))
         y = self.project_bn(pointwise(y, self.project_kernel[...]))
-        shortcut = tile_channels(nearest_downsample(x, self.stride), self.out_features)
+        shortcut = tile_channels(nearest_downsample(x, s), self.out_features)
         return self.drop_path(y) + self.shortcut_bn(shortcut)
 
 
 class Core(nnx.Module):
     """Stem (1x1x1 conv + BN) and the inverted-residual blocks, each preceded by PE3d."""
 
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        features: Sequence[int],
-        spatial_strides: Sequence[int],
-        spatial_kernel: int,
-        temporal_kernel: int,
-        expansion_ratio: int,
-        se_reduce_ratio: int,
-        drop_path_rate: float,
-        dtype: Dtype,
-        depthwise_impl: str,
-        rngs: nnx.Rngs,
-    ):
-        features = tuple(features)
+    def __init__(self, *, in_channels: int, features: Sequence[int],
+                 spatial_strides: Sequence[int], drop_path_rate: float, rngs: nnx.Rngs,
+                 **block_kwargs):
         if len(spatial_strides) != len(features):
             raise ValueError("core_features and spatial_strides must have the same length")
         self.stem_kernel = nnx.Param(conv_init(rngs.params(), (in_channels, features[0]),
                                                features[0]))
         self.stem_bn = BatchNorm(features[0])
-        n = len(features)
-        blocks = []
-        for i in range(n):
-            # Channels grow one block before the stride-2 block; the last block keeps its width.
-            c_out = features[i + 1] if i + 1 < n else features[i]
-            blocks.append(
-                InvertedResidual3d(
-                    features[i],
-                    c_out,
-                    stride=spatial_strides[i],
-                    spatial_kernel=spatial_kernel,
-                    temporal_kernel=temporal_kernel,
-                    expansion_ratio=expansion_ratio,
-                    se_reduce_ratio=se_reduce_ratio,
-                    drop_path_rate=drop_path_rate * i / n,
-                    dtype=dtype,
-                    depthwise_impl=depthwise_impl,
-                    rngs=rngs,
-                )
-            )
-        self.blocks = nnx.List(blocks)
+        # Channels grow one block before the stride-2 block; the last block keeps its width.
+        n, outs = len(features), (*features[1:], features[-1])
+        self.blocks = nnx.List([
+            InvertedResidual3d(features[i], outs[i], stride=spatial_strides[i],
+                               drop_path_rate=drop_path_rate * i / n, rngs=rngs, **block_kwargs)
+            for i in range(n)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.stem_bn(pointwise(x, self.stem_kernel[...]))
@@ -154,12 +102,9 @@ class Core(nnx.Module):
 class ShuffleLayer(nnx.Module):
     """Grouped 1x1 conv -> BN -> SiLU -> channel shuffle -> drop path, + BN(tiled shortcut)."""
 
-    def __init__(
-        self, in_features: int, out_features: int, *, groups: int, drop_path_rate: float,
-        rngs: nnx.Rngs,
-    ):
-        self.groups = groups
-        self.out_features = out_features
+    def __init__(self, in_features: int, out_features: int, *, groups: int,
+                 drop_path_rate: float, rngs: nnx.Rngs):
+        self.groups, self.out_features = groups, out_features
         shape = (groups, in_features // groups, out_features // groups)
         self.kernel = nnx.Param(conv_init(rngs.params(), shape, out_features // groups))
         self.bn = BatchNorm(out_features)
@@ -175,18 +120,13 @@ class ShuffleLayer(nnx.Module):
 class Cortex(nnx.Module):
     """Shuffle layers on the pooled core features, `(batch, time, c)` -> `(batch, time, 4096)`."""
 
-    def __init__(
-        self, in_features: int, features: Sequence[int], *, groups: int, drop_path_rate: float,
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, in_features: int, features: Sequence[int], *, groups: int,
+                 drop_path_rate: float, rngs: nnx.Rngs):
         widths = (in_features, *features)
-        self.layers = nnx.List(
-            [
-                ShuffleLayer(widths[j], widths[j + 1], groups=groups,
-                             drop_path_rate=drop_path_rate, rngs=rngs)
-                for j in range(len(features))
-            ]
-        )
+        self.layers = nnx.List([
+            ShuffleLayer(widths[j], widths[j + 1], groups=groups, drop_path_rate=drop_path_rate,
+                         rngs=rngs)
+            for j in range(len(features))])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for layer in self.layers:
@@ -198,12 +138,9 @@ class Readout(nnx.Module):
     """One mouse: Dropout1d, grouped 1x1 conv with bias to ceil(N/g)*g outputs, keep the first N,
     softplus with fixed beta. `(batch, time, c)` -> `(batch, time, neurons)` float32."""
 
-    def __init__(
-        self, in_features: int, neurons: int, *, groups: int, softplus_beta: float,
-        drop_rate: float, rngs: nnx.Rngs,
-    ):
-        self.neurons = neurons
-        self.softplus_beta = softplus_beta
+    def __init__(self, in_features: int, neurons: int, *, groups: int, softplus_beta: float,
+                 drop_rate: float, rngs: nnx.Rngs):
+        self.neurons, self.softplus_beta = neurons, softplus_beta
         padded = math.ceil(neurons / groups) * groups
         self.dropout = ChannelDropout(drop_rate, rngs=rngs)
         shape = (groups, in_features // groups, padded // groups)
@@ -220,58 +157,30 @@ class DwiseNeuro(nnx.Module):
     """The whole model: core -> mean over (height, width) -> cortex -> one readout per mouse.
 
     Arguments are the original's (`params["nn_module"][1]` of its .pth) plus `depthwise_impl`
-    (how depthwise convolutions are computed, models/depthwise.py) and the compute `dtype`
-    (parameters stay float32). Defaults live in `config.model` (`config.model_kwargs`).
+    (`layers.resolve_impl`) and the compute `dtype` (parameters stay float32). Defaults live in
+    `config.model` (`config.model_kwargs`).
     """
 
-    def __init__(
-        self,
-        readout_outputs: Sequence[int],
-        *,
-        in_channels: int,
-        core_features: Sequence[int],
-        spatial_strides: Sequence[int],
-        spatial_kernel: int,
-        temporal_kernel: int,
-        expansion_ratio: int,
-        se_reduce_ratio: int,
-        cortex_features: Sequence[int],
-        groups: int,
-        softplus_beta: float,
-        drop_rate: float,
-        drop_path_rate: float,
-        depthwise_impl: str,
-        dtype: Dtype = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, readout_outputs: Sequence[int], *, in_channels: int,
+                 core_features: Sequence[int], spatial_strides: Sequence[int],
+                 spatial_kernel: int, temporal_kernel: int, expansion_ratio: int,
+                 se_reduce_ratio: int, cortex_features: Sequence[int], groups: int,
+                 softplus_beta: float, drop_rate: float, drop_path_rate: float,
+                 depthwise_impl: str, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         resolve_impl(depthwise_impl)  # an unknown name fails here, not at the first trace
-        self.dtype = dtype
-        self.depthwise_impl = depthwise_impl
+        self.dtype, self.depthwise_impl = dtype, depthwise_impl
         self.readout_outputs = tuple(int(n) for n in readout_outputs)
-        self.core = Core(
-            in_channels=in_channels,
-            features=core_features,
-            spatial_strides=spatial_strides,
-            spatial_kernel=spatial_kernel,
-            temporal_kernel=temporal_kernel,
-            expansion_ratio=expansion_ratio,
-            se_reduce_ratio=se_reduce_ratio,
-            drop_path_rate=drop_path_rate,
-            dtype=dtype,
-            depthwise_impl=depthwise_impl,
-            rngs=rngs,
-        )
-        self.cortex = Cortex(
-            core_features[-1], cortex_features, groups=groups, drop_path_rate=drop_path_rate,
-            rngs=rngs,
-        )
-        self.readouts = nnx.List(
-            [
-                Readout(cortex_features[-1], n, groups=groups, softplus_beta=softplus_beta,
-                        drop_rate=drop_rate, rngs=rngs)
-                for n in self.readout_outputs
-            ]
-        )
+        self.core = Core(in_channels=in_channels, features=tuple(core_features),
+                         spatial_strides=spatial_strides, spatial_kernel=spatial_kernel,
+                         temporal_kernel=temporal_kernel, expansion_ratio=expansion_ratio,
+                         se_reduce_ratio=se_reduce_ratio, drop_path_rate=drop_path_rate,
+                         depthwise_impl=depthwise_impl, rngs=rngs)
+        self.cortex = Cortex(core_features[-1], cortex_features, groups=groups,
+                             drop_path_rate=drop_path_rate, rngs=rngs)
+        self.readouts = nnx.List([
+            Readout(cortex_features[-1], n, groups=groups, softplus_beta=softplus_beta,
+                    drop_rate=drop_rate, rngs=rngs)
+            for n in self.readout_outputs])
 
     def features(self, x: jax.Array) -> jax.Array:
         """Core + spatial mean pool + cortex: `(batch, time, h, w, c)` -> `(batch, time, 4096)`
@@ -280,9 +189,8 @@ class DwiseNeuro(nnx.Module):
         x = jnp.mean(x, axis=(2, 3), dtype=jnp.float32).astype(self.dtype)
         return self.cortex(x)
 
-    def __call__(
-        self, x: jax.Array, readout_index: int | None = None
-    ) -> list[jax.Array] | jax.Array:
+    def __call__(self, x: jax.Array, readout_index: int | None = None,
+                 ) -> list[jax.Array] | jax.Array:
         """All readouts' `(batch, time, neurons_m)` float32 outputs as a list, or the one of
         `readout_index`."""
         features = self.features(x)
@@ -293,11 +201,10 @@ class DwiseNeuro(nnx.Module):
     def own_readouts(self, features: jax.Array, mouse: jax.Array) -> jax.Array:
         """Row b is `self.readouts[mouse[b]](features)[b]`, zero-padded to max_neurons, float32.
 
-        Only each sample's own readout runs (grouped_readouts.py); every readout still draws its
+        Only each sample's own readout runs (`grouped_readouts`); every readout still draws its
         dropout mask for the whole batch, as when all of them run. `mouse` is `(batch,)` int.
         """
-        readouts = list(self.readouts)
-        dt = features.dtype
+        readouts, dt = list(self.readouts), features.dtype
         masks = [r.dropout.draw_mask(features) for r in readouts]
         z = grouped_readouts(
             features, mouse, tuple(r.kernel[...].astype(dt) for r in readouts),
@@ -310,35 +217,19 @@ class DwiseNeuro(nnx.Module):
         return jnp.where(valid[:, None, :], y, 0.0)
 
 
-# --------------------------------------------------------------------------------------------
-# Parameter counts without allocation
-
-
-def _param_count(tree) -> int:
-    return sum(math.prod(v.shape) for v in jax.tree.leaves(tree))
-
-
 def parameter_shares(**kwargs) -> dict[str, int]:
-    """Trainable parameter counts of `DwiseNeuro(**kwargs)` from shapes only (nnx.eval_shape).
-
-    Returns counts for "stem", "core_blocks", "block_<i>", "core", "cortex",
-    "cortex_layer_<j>", "readouts" and "total". BatchNorm running statistics are excluded.
-    """
-    kwargs.pop("rngs", None)
+    """Trainable parameter counts of `DwiseNeuro(**kwargs)` from shapes only (nnx.eval_shape):
+    "stem", "block_<i>", "core_blocks", "core", "cortex_layer_<j>", "cortex", "readouts" and
+    "total". BatchNorm running statistics are excluded."""
     model = nnx.eval_shape(lambda: DwiseNeuro(**kwargs, rngs=nnx.Rngs(0)))
-    params = lambda m: nnx.state(m, nnx.Param)
-    shares = {"stem": math.prod(model.core.stem_kernel.shape)
-              + _param_count(params(model.core.stem_bn))}
-    for i, block in enumerate(model.core.blocks):
-        shares[f"block_{i}"] = _param_count(params(block))
-    shares["core_blocks"] = _param_count(params(model.core.blocks))
-    shares["core"] = _param_count(params(model.core))
-    for j, layer in enumerate(model.cortex.layers):
-        shares[f"cortex_layer_{j}"] = _param_count(params(layer))
-    shares["cortex"] = _param_count(params(model.cortex))
-    shares["readouts"] = _param_count(params(model.readouts))
-    shares["total"] = _param_count(params(model))
-    return shares
+    count = lambda m: sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    core, cortex = model.core, model.cortex
+    shares = {f"block_{i}": count(block) for i, block in enumerate(core.blocks)}
+    shares |= {f"cortex_layer_{j}": count(layer) for j, layer in enumerate(cortex.layers)}
+    return shares | {
+        "stem": math.prod(core.stem_kernel.shape) + count(core.stem_bn),
+        "core_blocks": count(core.blocks), "core": count(core), "cortex": count(cortex),
+        "readouts": count(model.readouts), "total": count(model)}
 
 
 def count_parameters(**kwargs) -> int:

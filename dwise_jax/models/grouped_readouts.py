@@ -1,9 +1,8 @@
 """Each sample's own readout only: the readouts' matmuls over the samples of their own mouse.
 
 Samples are sorted by mouse; readout m multiplies only mouse m's rows, padded to a static
-bucket size chosen by `lax.switch`, with a custom VJP. The result holds, for sample b, the
-first neurons[mouse[b]] pre-activations of its readout, then zeros. Why this way (not
-`ragged_dot`, not plain autodiff): docs/design.md#only-the-readouts-a-batch-needs.
+bucket size chosen by `lax.switch`, with a custom VJP. Why this way (not `ragged_dot`, not
+plain autodiff): docs/design.md#only-the-readouts-a-batch-needs.
 """
 
 from __future__ import annotations
@@ -45,11 +44,6 @@ def _rows(order, start, count, size: int):
     return rows, i < count
 
 
-def _scatter_rows(rows, valid, batch: int):
-    """Scatter targets: padding rows point past the batch and are dropped."""
-    return jnp.where(valid, rows, batch)
-
-
 def _split_groups(x: jax.Array, groups: int) -> jax.Array:
     """(rows..., c) -> (groups, rows, c / groups)."""
     return jnp.swapaxes(x.reshape(-1, groups, x.shape[-1] // groups), 0, 1)
@@ -69,24 +63,23 @@ def _inputs(features, mask, rows, rate):
 def grouped_readouts(features: jax.Array, mouse: jax.Array, kernels: Sequence[jax.Array],
                      biases: Sequence[jax.Array], masks: Sequence[jax.Array] | None,
                      neurons: tuple[int, ...], rate: float) -> jax.Array:
-    """Pre-activations of each sample's own readout: `(batch, time, max(neurons))`.
+    """Pre-activations of each sample's own readout, `(batch, time, max(neurons))`: for sample
+    b the first neurons[mouse[b]] of its readout, then zeros.
 
     Args:
       features: `(batch, time, channels)` cortex output, in the compute dtype.
       mouse: `(batch,)` int, each sample's readout index.
       kernels, biases: per readout, `(groups, channels / groups, padded_m / groups)` and
         `(padded_m,)`, in the compute dtype.
-      masks: per readout, its Dropout1d keep mask `(batch, 1, channels)` (the one drawn for the
-        whole batch, so a sample sees the mask it would see with all readouts), or None.
+      masks: per readout, its Dropout1d keep mask `(batch, 1, channels)` drawn for the whole
+        batch, or None; `rate` is the dropout rate they were drawn with.
       neurons: per readout, its neuron count (outputs past it are padding, sliced off).
-      rate: the dropout rate the masks were drawn with.
     """
     return _forward(features, mouse, kernels, biases, masks, neurons, rate)
 
 
 def _forward(features, mouse, kernels, biases, masks, neurons, rate):
     batch, time, _ = features.shape
-    sizes = bucket_sizes(batch)
     order, counts, starts, branch = _groups(mouse, len(neurons))
     out = jnp.zeros((batch, time, max(neurons)), features.dtype)
 
@@ -96,14 +89,15 @@ def _forward(features, mouse, kernels, biases, masks, neurons, rate):
             x = _split_groups(_inputs(features, mask, rows, rate), kernel.shape[0])
             y = lax.dot_general(x, kernel, (((2,), (1,)), ((0,), (0,))))
             y = _merge_groups(y, (size, time)) + bias
-            return out.at[_scatter_rows(rows, valid, batch), :, :n].set(y[..., :n], mode="drop")
+            # Padding rows point past the batch and are dropped.
+            return out.at[jnp.where(valid, rows, batch), :, :n].set(y[..., :n], mode="drop")
         return run
 
     for m, n in enumerate(neurons):
         skip = lambda out, *_: out
         mask = None if masks is None else masks[m]
-        out = lax.switch(branch[m], [skip, *(make(s, n) for s in sizes)], out, features,
-                         kernels[m], biases[m], mask, order, starts[m], counts[m])
+        out = lax.switch(branch[m], [skip, *(make(s, n) for s in bucket_sizes(batch))], out,
+                         features, kernels[m], biases[m], mask, order, starts[m], counts[m])
     return out
 
 
@@ -117,7 +111,6 @@ def _bwd(neurons, rate, residuals, g):
     # branch's residuals, as much memory as running all readouts.
     features, mouse, kernels, biases, masks = residuals
     batch, time, _ = features.shape
-    sizes = bucket_sizes(batch)
     order, counts, starts, branch = _groups(mouse, len(neurons))
     g = g.astype(features.dtype)
 
@@ -135,20 +128,19 @@ def _bwd(neurons, rate, residuals, g):
                                (size, time))
             if mask is not None:
                 dx = apply_dropout_mask(dx, mask[rows], rate)
-            dfeatures = dfeatures.at[_scatter_rows(rows, valid, batch)].set(dx, mode="drop")
+            dfeatures = dfeatures.at[jnp.where(valid, rows, batch)].set(dx, mode="drop")
             return dfeatures, dkernel.astype(kernel.dtype), dbias.astype(bias.dtype)
         return run
 
     def skip(dfeatures, features, kernel, bias, *_):
         return dfeatures, jnp.zeros_like(kernel), jnp.zeros_like(bias)
 
-    dfeatures = jnp.zeros_like(features)
-    dkernels, dbiases = [], []
+    dfeatures, dkernels, dbiases = jnp.zeros_like(features), [], []
     for m, n in enumerate(neurons):
         mask = None if masks is None else masks[m]
         dfeatures, dk, db = lax.switch(
-            branch[m], [skip, *(make(s, n) for s in sizes)], dfeatures, features, kernels[m],
-            biases[m], mask, order, starts[m], counts[m])
+            branch[m], [skip, *(make(s, n) for s in bucket_sizes(batch))], dfeatures, features,
+            kernels[m], biases[m], mask, order, starts[m], counts[m])
         dkernels.append(dk)
         dbiases.append(db)
     return (dfeatures, None, type(kernels)(dkernels), type(biases)(dbiases), None)

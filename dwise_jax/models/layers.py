@@ -1,5 +1,5 @@
-"""Building blocks of DwiseNeuro: BatchNorm, pointwise ops, positional encoding,
-squeeze-excite, drop path, channel helpers and the fixed-beta softplus.
+"""Building blocks of DwiseNeuro: BatchNorm, pointwise and depthwise convolutions, positional
+encoding, squeeze-excite, drop path, channel helpers and the fixed-beta softplus.
 
 Channels-last: video features `(batch, time, height, width, channels)`, cortex features
 `(batch, time, channels)`. Parameters are float32; activations run in the compute dtype;
@@ -8,6 +8,7 @@ BatchNorm statistics and softplus are float32.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -19,15 +20,12 @@ from flax import nnx
 from jax import lax
 
 Dtype = jnp.dtype | type
+DEPTHWISE_IMPLS = ("auto", "taps", "lax")
 
 
 def conv_init(key: jax.Array, shape: Sequence[int], fan_out: int) -> jax.Array:
     """The original's init: N(0, sqrt(2 / fan_out)), fan_out = prod(kernel) * out / groups."""
     return jax.random.normal(key, tuple(shape), jnp.float32) * math.sqrt(2.0 / fan_out)
-
-
-# --------------------------------------------------------------------------------------------
-# BatchNorm with PyTorch's update rule
 
 
 def _silu_grad(z: jax.Array) -> jax.Array:
@@ -42,11 +40,10 @@ def _batch_norm_train(x, scale, bias, epsilon, silu):
     The custom VJP keeps only x and per-channel vectors (autodiff kept three or four full-size
     intermediates per BatchNorm, which dominated the training step's memory).
     """
-    y, mean, var, _ = _batch_norm_train_fwd_impl(x, scale, bias, epsilon, silu)
-    return y, mean, var
+    return _batch_norm_forward(x, scale, bias, epsilon, silu)[:3]
 
 
-def _batch_norm_train_fwd_impl(x, scale, bias, epsilon, silu):
+def _batch_norm_forward(x, scale, bias, epsilon, silu):
     axes = tuple(range(x.ndim - 1))
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=axes)
@@ -58,7 +55,7 @@ def _batch_norm_train_fwd_impl(x, scale, bias, epsilon, silu):
 
 
 def _batch_norm_train_fwd(x, scale, bias, epsilon, silu):
-    y, mean, var, inv = _batch_norm_train_fwd_impl(x, scale, bias, epsilon, silu)
+    y, mean, var, inv = _batch_norm_forward(x, scale, bias, epsilon, silu)
     return (y, mean, var), (x, mean, inv, scale, bias)
 
 
@@ -87,18 +84,10 @@ class BatchNorm(nnx.Module):
     `num_batches_tracked` (unused with a fixed momentum). Statistics run in float32.
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        *,
-        momentum: float = 0.9,
-        epsilon: float = 1e-5,
-        use_running_average: bool = False,
-    ):
-        self.num_features = num_features
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.use_running_average = use_running_average
+    momentum, epsilon = 0.9, 1e-5
+
+    def __init__(self, num_features: int):
+        self.use_running_average = False
         self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
@@ -123,7 +112,6 @@ class BatchNorm(nnx.Module):
             self.use_running_average = use_running_average
 
 
-# --------------------------------------------------------------------------------------------
 # Pointwise and grouped pointwise layers (einsums: no grouped convolutions, see openxla/xla#47945)
 
 
@@ -132,9 +120,7 @@ def pointwise(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) ->
     # A 2-D matmul: XLA:CPU runs the 5-D einsum's weight gradient about 3 times slower.
     y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel.astype(x.dtype))
     y = y.reshape(*x.shape[:-1], kernel.shape[-1])
-    if bias is not None:
-        y = y + bias.astype(x.dtype)
-    return y
+    return y if bias is None else y + bias.astype(x.dtype)
 
 
 @jax.custom_vjp
@@ -160,16 +146,12 @@ _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
 def grouped_pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Grouped 1x1 convolution in PyTorch's `groups=g` layout, as a batched matmul.
-
-    `x` `(..., c_in)`: group k reads channels `k*c_in/g ..`; `kernel` `(g, c_in/g, c_out/g)`:
-    group k writes channels `k*c_out/g ..`; returns `(..., c_out)`.
-    """
+    """Grouped 1x1 convolution in PyTorch's `groups=g` layout: `x` `(..., c_in)`, `kernel`
+    `(g, c_in/g, c_out/g)` (group k reads channels `k*c_in/g ..`, writes `k*c_out/g ..`)."""
     groups, c_in_g, c_out_g = kernel.shape
-    lead = x.shape[:-1]
     xg = jnp.swapaxes(x.reshape(-1, groups, c_in_g), 0, 1)  # (g, rows, c_in/g): small
     y = _grouped_matmul(xg, kernel.astype(x.dtype))
-    return jnp.swapaxes(y, 0, 1).reshape(*lead, groups * c_out_g)
+    return jnp.swapaxes(y, 0, 1).reshape(*x.shape[:-1], groups * c_out_g)
 
 
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
@@ -184,8 +166,7 @@ def tile_channels(x: jax.Array, channels: int) -> jax.Array:
     c = x.shape[-1]
     if c == channels:
         return x
-    reps = -(-channels // c)
-    return jnp.tile(x, (1,) * (x.ndim - 1) + (reps,))[..., :channels]
+    return jnp.tile(x, (1,) * (x.ndim - 1) + (-(-channels // c),))[..., :channels]
 
 
 def nearest_downsample(x: jax.Array, stride: int) -> jax.Array:
@@ -206,7 +187,99 @@ def nearest_downsample(x: jax.Array, stride: int) -> jax.Array:
     return x
 
 
-# --------------------------------------------------------------------------------------------
+# Depthwise 3-D convolutions: "taps" sums shifted, strided slices times per-channel weights
+# (hand-written VJP), "lax" is XLA's grouped convolution (docs/design.md#depthwise-convolutions).
+
+
+def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
+    """"taps" or "lax": `impl` itself, or for "auto" "taps" on CPU (where XLA's grouped
+    convolution is very slow) and "lax" on any other `backend` (default: JAX's default)."""
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(
+            f"unknown depthwise implementation {impl!r}; expected one of {DEPTHWISE_IMPLS}")
+    if impl != "auto":
+        return impl
+    return "taps" if (backend or jax.default_backend()) == "cpu" else "lax"
+
+
+def _tap_sum(xp, kernel, strides):
+    """sum over taps (a, b, c) of xp[:, a::st, b::sh, c::sw][:out] * kernel[a, b, c]: a valid
+    (unpadded) depthwise correlation, accumulated in float32."""
+    out = [(xp.shape[1 + d] - kernel.shape[d]) // strides[d] + 1 for d in range(3)]
+    acc = None
+    for tap in itertools.product(*map(range, kernel.shape[:3])):
+        limit = [k + (o - 1) * s + 1 for k, o, s in zip(tap, out, strides, strict=True)]
+        sliced = lax.slice(xp, (0, *tap, 0), (xp.shape[0], *limit, xp.shape[4]),
+                           (1, *strides, 1))
+        term = (sliced * kernel[tap]).astype(jnp.float32)
+        acc = term if acc is None else acc + term
+    return acc
+
+
+def _valid_range(size, out, k, stride, pad):
+    """Output positions o with 0 <= o*stride + k - pad < size, as (first, count)."""
+    first = max(0, -(-(pad - k) // stride))
+    last = min(out - 1, (size - 1 + pad - k) // stride)
+    return first, max(0, last - first + 1)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_taps(x, kernel, strides, padding):
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    return _tap_sum(xp, kernel, strides).astype(x.dtype)
+
+
+def _depthwise_taps_fwd(x, kernel, strides, padding):
+    return _depthwise_taps(x, kernel, strides, padding), (x, kernel)
+
+
+def _depthwise_taps_bwd(strides, padding, residuals, g):
+    # Plain autodiff of the tap sum keeps every shifted slice alive for the backward pass and
+    # accumulates dx tap by tap; here dx is one transposed tap sum and dk reads x and g once
+    # per tap, without materialising anything.
+    x, kernel = residuals
+    sizes, outs, ks = x.shape[1:4], g.shape[1:4], kernel.shape[:3]
+    # dx = correlation of the stride-dilated, padded g with the flipped kernel.
+    config = [(0, 0, 0)]
+    for d in range(3):
+        lo = ks[d] - 1 - padding[d][0]
+        hi = sizes[d] + ks[d] - 1 - lo - ((outs[d] - 1) * strides[d] + 1)
+        config.append((lo, hi, strides[d] - 1))
+    gp = lax.pad(g, jnp.zeros((), g.dtype), [*config, (0, 0, 0)])
+    dx = _tap_sum(gp, kernel[::-1, ::-1, ::-1], (1, 1, 1)).astype(x.dtype)
+    # dk[a, b, c] = sum over batch and output positions of x[o*s + k - p] * g[o].
+    dk = jnp.zeros(kernel.shape, jnp.float32)
+    for tap in itertools.product(*map(range, ks)):
+        xs, gs = x, g
+        for d, k in enumerate(tap):
+            first, count = _valid_range(sizes[d], outs[d], k, strides[d], padding[d][0])
+            start = first * strides[d] + k - padding[d][0]
+            xs = lax.slice_in_dim(xs, start, start + (count - 1) * strides[d] + 1, strides[d],
+                                  axis=d + 1)
+            gs = lax.slice_in_dim(gs, first, first + count, axis=d + 1)
+        dk = dk.at[tap].set(
+            jnp.sum(xs.astype(jnp.float32) * gs.astype(jnp.float32), axis=(0, 1, 2, 3)))
+    return dx, dk.astype(kernel.dtype)
+
+
+_depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
+
+
+def depthwise_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1),
+                     padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0), (0, 0)),
+                     impl: str = "auto") -> jax.Array:
+    """Depthwise 3-D convolution with explicit, symmetric zero padding (PyTorch
+    `groups=channels`): `x` `(batch, time, height, width, channels)`, `kernel`
+    `(kt, kh, kw, channels)` in the compute dtype, `impl` "taps", "lax" or "auto"."""
+    impl, strides = resolve_impl(impl), tuple(strides)
+    padding = tuple(tuple(p) for p in padding)
+    if impl == "taps":
+        return _depthwise_taps(x, kernel, strides, padding)
+    return lax.conv_general_dilated(
+        x, kernel[:, :, :, None, :], window_strides=strides, padding=padding,
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=x.shape[-1])
+
+
 # Positional encoding, squeeze-excite, stochastic layers, softplus
 
 
@@ -217,26 +290,22 @@ def pe_frequencies(channels: int) -> np.ndarray:
     return (1.0 / 10000 ** (np.arange(0, ch, 2, dtype=np.float64) / ch)).astype(np.float32)
 
 
-def positional_encoding_3d(
-    time: int, height: int, width: int, channels: int, inv_freq: np.ndarray | None = None
-) -> np.ndarray:
+def positional_encoding_3d(time: int, height: int, width: int, channels: int) -> np.ndarray:
     """The original's 3-D sinusoidal encoding, `(time, height, width, channels)` float32.
 
     Per axis (T, H, W), integer positions p give [sin(p*f_0..), cos(p*f_0..)] (all sines,
     then all cosines); the three blocks are concatenated T|H|W and cut to `channels`.
     A constant: computed with NumPy at trace time for the block's actual size.
     """
-    f = pe_frequencies(channels) if inv_freq is None else np.asarray(inv_freq, np.float32)
+    f = pe_frequencies(channels)
     ch = 2 * f.shape[0]
-
-    def axis_embedding(size):
-        arg = np.arange(size, dtype=np.float32)[:, None] * f[None, :]
-        return np.concatenate([np.sin(arg), np.cos(arg)], axis=-1)
-
     emb = np.zeros((time, height, width, 3 * ch), np.float32)
-    emb[..., :ch] = axis_embedding(time)[:, None, None, :]
-    emb[..., ch : 2 * ch] = axis_embedding(height)[None, :, None, :]
-    emb[..., 2 * ch :] = axis_embedding(width)[None, None, :, :]
+    for axis, size in enumerate((time, height, width)):
+        arg = np.arange(size, dtype=np.float32)[:, None] * f[None, :]
+        shape = [1, 1, 1, ch]
+        shape[axis] = size
+        emb[..., axis * ch : (axis + 1) * ch] = np.concatenate(
+            [np.sin(arg), np.cos(arg)], axis=-1).reshape(shape)
     return emb[..., :channels]
 
 
@@ -249,8 +318,7 @@ def add_positional_encoding(x: jax.Array) -> jax.Array:
 class SqueezeExcite(nnx.Module):
     """Mean over (time, height, width) -> 1x1 reduce + SiLU -> 1x1 expand + sigmoid -> gate."""
 
-    def __init__(self, channels: int, reduced: int, *, dtype: Dtype, rngs: nnx.Rngs):
-        self.dtype = dtype
+    def __init__(self, channels: int, reduced: int, *, rngs: nnx.Rngs):
         self.reduce_kernel = nnx.Param(conv_init(rngs.params(), (channels, reduced), reduced))
         self.reduce_bias = nnx.Param(jnp.zeros((reduced,), jnp.float32))
         self.expand_kernel = nnx.Param(conv_init(rngs.params(), (reduced, channels), channels))
@@ -264,16 +332,13 @@ class SqueezeExcite(nnx.Module):
 
 
 class _SampleDropout(nnx.Module):
-    """Zeroes parts of each sample with probability `rate` and scales the rest by 1 / (1 - rate),
-    in training only; subclasses say which parts (the mask shape)."""
+    """Zeroes parts of each sample (`mask_shape`) with probability `rate` and scales the rest by
+    1 / (1 - rate), in training only."""
 
-    def __init__(self, rate: float, *, rngs: nnx.Rngs, deterministic: bool = False):
+    def __init__(self, rate: float, *, rngs: nnx.Rngs):
         self.rate = rate
-        self.deterministic = deterministic
+        self.deterministic = False
         self.rngs = rngs["dropout"].fork() if rate > 0 else nnx.data(None)
-
-    def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
-        raise NotImplementedError
 
     def draw_mask(self, x: jax.Array) -> jax.Array | None:
         """The keep mask (True = kept) that `self(x)` would apply, drawn from the same stream;
