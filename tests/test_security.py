@@ -7,7 +7,7 @@ Rules, checked on every Python file of the package and of benchmarks/:
   * no module imports pickle, cPickle, marshal, shelve, dill, cloudpickle or joblib, or calls
     `read_pickle`, `yaml.load`, `yaml.unsafe_load`, or the builtins `eval` / `exec`;
   * no `.extract(...)` / `.extractall(...)` call unless it passes tarfile's `filter="data"`: the
-    zip archives are unpacked member by member by `archives.unpack`, after `_members` refused
+    zip archives are unpacked member by member by `download.unpack`, after `_members` refused
     absolute paths, `..`, links and anything outside the mouse folder (tests/test_download.py
     feeds it such archives);
   * only dwise_jax/data/download.py imports a network client (urllib.request, http.client,
@@ -99,11 +99,11 @@ def test_source_follows_the_rules(path):
 
 def test_the_scan_covers_the_package():
     names = {_relative(p) for p in SOURCES}
-    assert {"dwise_jax/convert.py", "dwise_jax/data/layout.py", "dwise_jax/data/download.py",
+    assert {"dwise_jax/convert.py", "dwise_jax/data/sensorium.py", "dwise_jax/data/download.py",
             "dwise_jax/checkpoint.py"} <= names
     # What the rules are about is really there, and passes.
     assert "weights_only=True" in (REPO / "dwise_jax" / "convert.py").read_text()
-    assert "allow_pickle=False" in (REPO / "dwise_jax" / "data" / "layout.py").read_text()
+    assert "allow_pickle=False" in (REPO / "dwise_jax" / "data" / "sensorium.py").read_text()
 
 
 @pytest.mark.parametrize("snippet, finding", [

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dwise_jax.data import dataset_check
 from dwise_jax.data import sensorium as S
+from dwise_jax.data import value_check
 from dwise_jax.data.sensorium import DatasetError, DummyLabelsWarning, SensoriumDataset
 
 UNKNOWN = "dynamic12345-1-1-Video-" + "ab" * 16
@@ -318,7 +318,7 @@ def test_std_of_wrong_shape(small):
 
 
 def test_cli_summary_check_and_error(small, capsys):
-    assert dataset_check.main([str(small.parent), "--check"]) == 0
+    assert value_check.main([str(small.parent), "--check"]) == 0
     out = capsys.readouterr().out
     assert UNKNOWN in out and "checked 3 trials" in out
     (small / "data" / "videos" / "2.npy").unlink()

@@ -14,7 +14,7 @@ import pytest
 from conftest import CLI_TINY, DEMO, FOLD, detach, link_copy, mouse_folder, q, run_module
 
 from dwise_jax import checkpoint
-from dwise_jax.data import dataset_check, folds, synthetic, value_check, windows
+from dwise_jax.data import folds, synthetic, value_check, windows
 from dwise_jax.data.sensorium import DatasetError, SensoriumDataset
 from dwise_jax.data.window_reader import load_window
 
@@ -51,7 +51,7 @@ def train_trial(mouse, fold: int = FOLD) -> int:
 ])
 def test_every_simulated_dataset_passes(tmp_path, capsys, seed, size):
     root = synthetic.generate(tmp_path / "root", seed=seed, **size)
-    assert dataset_check.main([str(root), "--check"]) == 0
+    assert value_check.main([str(root), "--check"]) == 0
     out = capsys.readouterr()
     assert "all valid, every value within its statistics" in out.out and out.err == ""
     # With a wide margin: no value comes within a tenth of the allowed distance.
@@ -68,7 +68,7 @@ def test_every_simulated_dataset_passes(tmp_path, capsys, seed, size):
 
 def test_the_shared_simulated_root_passes(sim_root):
     offenses: list[str] = []
-    assert dataset_check.check_all(SensoriumDataset.open(sim_root), offenses) == 3 * 40
+    assert value_check.check_all(SensoriumDataset.open(sim_root), offenses) == 3 * 40
     assert offenses == []
 
 
@@ -123,7 +123,7 @@ def test_check_names_every_offending_file_value_and_statistic(root, capsys):
     span = np.nanmax(stat_max) - np.nanmin(stat_min)
     behavior = mouse.path_of("behavior", other)
     set_value(behavior, (1, 7), 2e5)  # running speed, frame 7
-    assert dataset_check.main([str(root), "--check"]) == 1
+    assert value_check.main([str(root), "--check"]) == 1
     out = capsys.readouterr()
     lines = out.err.splitlines()
     assert len(lines) == 2, out.err
@@ -155,12 +155,12 @@ def test_check_reads_mean_and_std_without_min_and_max_and_skips_a_modality_witho
     mouse = SensoriumDataset.open(root).mouse(m.name)
     bounds = value_check.mouse_bounds(mouse)
     assert "videos" not in bounds and not bounds["pupil_center"].from_range
-    assert dataset_check.main([str(root), "--check"]) == 0  # still plausible from mean +- 10 std
+    assert value_check.main([str(root), "--check"]) == 0  # still plausible from mean +- 10 std
     capsys.readouterr()
     scale(mouse.path_of("videos", 0), 1e6)  # no statistics: not held to any
     path = mouse.path_of("pupil_center", 1)
     set_value(path, (0, 3), -1e7)
-    assert dataset_check.main([str(root), "--check"]) == 1
+    assert value_check.main([str(root), "--check"]) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"error: {path}: holds -1e+07 at row 0 (horizontal), frame 3, which "
                            f"contradicts the dataset's own statistics: {stats}/pupil_center/all/"

@@ -35,31 +35,16 @@ def validation_windows(dataset: SensoriumDataset, fold: int) -> np.ndarray:
     return np.array(rows, np.int64).reshape(-1, 3)
 
 
-def _strides(stride: int | Sequence[int]) -> tuple[int, ...]:
-    return (int(stride),) if np.ndim(stride) == 0 else tuple(int(s) for s in stride)
-
-
-def trial_anchors(length: int, stride: int | Sequence[int] = 1) -> np.ndarray:
-    """The prediction anchors of a trial for one stride, or the union of several strides'."""
-    anchors = [windows.prediction_anchors(length, s) for s in _strides(stride)]
-    return anchors[0] if len(anchors) == 1 else np.unique(np.concatenate(anchors))
-
-
 def prediction_windows(mouse: Mouse, trials: Iterable[int],
                        stride: int | Sequence[int] = 1) -> np.ndarray:
     """(windows, 3) int64 rows (mouse index, trial id, anchor): every anchor of each trial.
 
     With several strides, the union of their anchors (one pass feeds a `WindowBlender` each).
     """
-    rows = [(mouse.index, int(t), int(a)) for t in trials
-            for a in trial_anchors(int(mouse.lengths[t]), stride)]
+    strides = [int(stride)] if np.ndim(stride) == 0 else [int(s) for s in stride]
+    rows = [(mouse.index, int(t), int(a)) for t in trials for a in np.unique(np.concatenate(
+        [windows.prediction_anchors(int(mouse.lengths[t]), s) for s in strides]))]
     return np.array(rows, np.int64).reshape(-1, 3)
-
-
-def _pad_rows(rows: np.ndarray, multiple: int) -> np.ndarray:
-    """Pads the window table with (-1, -1, -1) rows to a multiple of `multiple`."""
-    pad = -len(rows) % multiple
-    return np.concatenate([rows, np.full((pad, 3), -1, np.int64)])
 
 
 class WindowRecords:
@@ -76,9 +61,8 @@ class WindowRecords:
         m, trial, anchor = (int(v) for v in self.rows[index])
         valid = trial >= 0
         if valid:
-            mouse = self.mice[m]
-            frames, traces, target = load_window(mouse, trial, anchor, self.with_targets,
-                                                  self.arrays)
+            frames, traces, target = load_window(self.mice[m], trial, anchor, self.with_targets,
+                                                 self.arrays)
         else:  # padding of the last batch
             frames = np.zeros((windows.WINDOW_FRAMES, windows.VIDEO_HEIGHT,
                                windows.VIDEO_WIDTH), np.float32)
@@ -94,37 +78,28 @@ class WindowRecords:
         return record
 
 
-def _batches(records: WindowRecords, batch_size: int, shard_index: int, shard_count: int,
-             read_threads: int, read_buffer: int) -> grain.IterDataset:
+def _batches(mice: Sequence[Mouse], rows: np.ndarray, with_targets: bool, batch_size: int,
+             shard_index: int, shard_count: int, read_threads: int,
+             read_buffer: int) -> grain.IterDataset:
+    """Whole batches of the window table `rows`, padded with (-1, -1, -1) rows; this host's
+    share: row r of global batch b on host h is window b * batch_size + h * local + r."""
     if batch_size % shard_count or not 0 <= shard_index < shard_count:
         raise ValueError(f"batch size {batch_size} must split into {shard_count} shards "
                          f"and shard index {shard_index} be one of them")
     local = batch_size // shard_count
-    # Row r of global batch b on host h is window b * batch_size + h * local + r.
-    ds = grain.MapDataset.range(len(records.rows) // shard_count).map(
-        _ShardIndex(batch_size, local, shard_index)).map(records)
-    return ds.batch(local, drop_remainder=True).to_iter_dataset(
-        read_options(read_threads, read_buffer))
-
-
-class _ShardIndex:
-    """This host's flat index j -> the window's row in the padded global table."""
-
-    def __init__(self, batch_size: int, local: int, shard_index: int):
-        self.batch_size, self.local, self.shard_index = batch_size, local, shard_index
-
-    def __call__(self, j: int) -> int:
-        batch, row = divmod(int(j), self.local)
-        return batch * self.batch_size + self.shard_index * self.local + row
+    rows = np.concatenate([rows, np.full((-len(rows) % batch_size, 3), -1, np.int64)])
+    rows = rows.reshape(-1, shard_count, local, 3)[:, shard_index].reshape(-1, 3)
+    records = WindowRecords(mice, rows, with_targets)
+    return grain.MapDataset.range(len(rows)).map(records).batch(
+        local, drop_remainder=True).to_iter_dataset(read_options(read_threads, read_buffer))
 
 
 def validation_batches(dataset: SensoriumDataset, fold: int, batch_size: int = 32, *,
                        shard_index: int = 0, shard_count: int = 1, read_threads: int = 2,
                        read_buffer: int = 2) -> grain.IterDataset:
     """Validation batches of every mouse's validation-fold windows (docs/data.md)."""
-    rows = _pad_rows(validation_windows(dataset, fold), batch_size)
-    records = WindowRecords(dataset.mice, rows, with_targets=True)
-    return _batches(records, batch_size, shard_index, shard_count, read_threads, read_buffer)
+    return _batches(dataset.mice, validation_windows(dataset, fold), True, batch_size,
+                    shard_index, shard_count, read_threads, read_buffer)
 
 
 def prediction_batches(mouse: Mouse, trials: Iterable[int], batch_size: int = 32, *,
@@ -135,9 +110,8 @@ def prediction_batches(mouse: Mouse, trials: Iterable[int], batch_size: int = 32
 
     `stride`: one anchor stride or several (the union of their windows, `prediction_windows`).
     """
-    rows = _pad_rows(prediction_windows(mouse, trials, stride), batch_size)
-    records = WindowRecords([mouse], rows, with_targets=False)
-    return _batches(records, batch_size, shard_index, shard_count, read_threads, read_buffer)
+    return _batches([mouse], prediction_windows(mouse, trials, stride), False, batch_size,
+                    shard_index, shard_count, read_threads, read_buffer)
 
 
 class WindowBlender:
@@ -150,18 +124,16 @@ class WindowBlender:
         self.sums = {int(t): np.zeros((num_neurons, int(n)), np.float64)
                      for t, n in lengths.items()}
         self.counts = {int(t): np.zeros(int(n), np.int64) for t, n in lengths.items()}
-        self.anchor_mask = None
-        if stride is not None:
-            self.anchor_mask = {int(t): np.zeros(int(n), bool) for t, n in lengths.items()}
-            for t, n in lengths.items():
-                self.anchor_mask[int(t)][windows.prediction_anchors(int(n), stride)] = True
+        self.anchors = None if stride is None else {
+            int(t): set(windows.prediction_anchors(int(n), stride).tolist())
+            for t, n in lengths.items()}
 
     def add(self, outputs: np.ndarray, batch: Mapping[str, np.ndarray]) -> None:
         """Adds (B, 16, >= N) outputs of a prediction batch; padded rows are skipped."""
         outputs = np.asarray(outputs)[..., : self.num_neurons]
         for b in np.flatnonzero(batch["valid"]):
             trial, anchor = int(batch["trial"][b]), int(batch["anchor"][b])
-            if self.anchor_mask is not None and not self.anchor_mask[trial][anchor]:
+            if self.anchors is not None and anchor not in self.anchors[trial]:
                 continue
             idx = windows.window_indexes(anchor)
             # One window's 16 indexes are distinct, so a fancy-index add is exact.

@@ -1,17 +1,17 @@
 """The seven cross-validation folds, grouped by a perceptual hash of each trial's video.
 
-The hash, which trials get a fold, each mouse's folds (cached in the user's cache folder, never
-in the dataset) and a balance table. The hash must match the original bit for bit
-(docs/original.md#folds, #fold-hash-is-bit-exact), or folds reshuffle. A mouse is any object
-with `name`, `path`, `num_trials`, `tiers`, `is_real_old`, `labeled_tiers` and `load`.
+The hash must match the original bit for bit (docs/original.md#folds, #fold-hash-is-bit-exact),
+or folds reshuffle. Each mouse's hashes are cached in the user's cache folder, never in the
+dataset. A mouse is any object with `name`, `path`, `tiers`, `is_real_old`, `labeled_tiers`
+and `load` (and `is_labeled` for `labeled_trials`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
@@ -20,21 +20,15 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from dwise_jax.data.layout import first_nan
+from dwise_jax import atomic
+from dwise_jax.data.sensorium import first_nan
 
 NUM_FOLDS = 7
-FOLD_PREFIX = "fold_"
 HASHED_FRAMES = 5
-# New (submitted) mice have real labels only for these tiers; their test tiers keep their names.
-NEW_MOUSE_FOLD_TIERS = frozenset({"train", "oracle"})
-IGNORED_TIER = "none"
 CACHE_ENV = "DWISE_JAX_CACHE"  # the cache folder (default: $XDG_CACHE_HOME or ~/.cache, /dwise_jax)
 _CACHE_VERSION = 1
 
 VideoLoader = Callable[[int], np.ndarray]
-
-
-# --------------------------------------------------------------------------- hashing
 
 
 def frame_phash(frame: np.ndarray) -> int:
@@ -61,11 +55,8 @@ def video_length(video: np.ndarray) -> int:
 
 
 def video_hash(video: np.ndarray) -> int:
-    """XOR of the phashes of the five chosen frames of a (height, width, time) video.
-
-    A Python int in [0, 2**64): keep it one, or np.uint64 (int64 overflows, float64 drops low
-    bits, and either changes ``% 7``).
-    """
+    """XOR of the phashes of the five chosen frames of a (height, width, time) video: an int in
+    [0, 2**64), kept a Python int or np.uint64 (int64 overflows, float64 drops low bits)."""
     result = 0
     for index in video_hash_frames(video_length(video)):
         result ^= frame_phash(video[..., index])
@@ -77,88 +68,50 @@ def fold_of_hash(video_hash_value: int) -> int:
     return int(video_hash_value) % NUM_FOLDS
 
 
-def fold_tier(fold: int) -> str:
-    """The tier name a trial of fold ``fold`` gets, e.g. ``fold_3``."""
-    return f"{FOLD_PREFIX}{fold}"
-
-
-# --------------------------------------------------------------------------- which trials
-
-
 def tiers_with_folds(is_real_old: bool, labeled_tiers: Collection[str]) -> frozenset[str]:
     """The tiers whose trials get a fold: for the five real old mice every labeled tier but
     ``none``; for every other mouse (new, simulated) ``train`` and ``oracle``."""
     if is_real_old:
-        return frozenset(labeled_tiers) - {IGNORED_TIER}
-    return NEW_MOUSE_FOLD_TIERS
+        return frozenset(labeled_tiers) - {"none"}
+    return frozenset({"train", "oracle"})
 
 
 @dataclasses.dataclass(frozen=True)
 class FoldAssignment:
-    """The folds of one mouse's trials.
-
-    Attributes:
-        tiers: (trials,) str, the tiers as stored in tiers.npy.
-        hashes: (trials,) uint64 video hash, 0 where the trial was not hashed.
-        lengths: (trials,) int64 video length used for the frame choice, -1 if not hashed.
-        folds: (trials,) int8 fold 0..6, -1 for trials without a fold.
-    """
+    """The folds of one mouse's trials: `tiers` (trials,) str as in tiers.npy, `hashes`
+    (trials,) uint64 video hash (0 if not hashed), `folds` (trials,) int8, -1 without a fold."""
 
     tiers: np.ndarray
     hashes: np.ndarray
-    lengths: np.ndarray
     folds: np.ndarray
 
     @property
     def tiers_after_folds(self) -> np.ndarray:
         """(trials,) str: ``fold_<k>`` for trials with a fold, the other tiers unchanged."""
-        return apply_folds(self.tiers, self.folds)
+        return np.where(self.folds >= 0, np.char.add("fold_", self.folds.astype(str)), self.tiers)
 
 
-def apply_folds(tiers: np.ndarray, folds: np.ndarray) -> np.ndarray:
-    """Replace the tier of every trial with fold >= 0 by ``fold_<k>`` ((trials,) str)."""
-    out = np.asarray(tiers).astype(object)
-    for trial in np.flatnonzero(np.asarray(folds) >= 0):
-        out[trial] = fold_tier(int(folds[trial]))
-    return out.astype(str)
-
-
-def _needs_fold(tiers: np.ndarray, folded_tiers: Collection[str]) -> np.ndarray:
-    return np.isin(np.asarray(tiers).astype(str), sorted(folded_tiers))
-
-
-def _hash_trials(
-    trials: Iterable[int], load_video: VideoLoader, hashes: np.ndarray, lengths: np.ndarray
-) -> None:
-    for trial in trials:
-        video = load_video(int(trial))
-        lengths[trial] = video_length(video)
-        hashes[trial] = np.uint64(video_hash(video))
-
-
-def _folds_from_hashes(hashes: np.ndarray, needs: np.ndarray) -> np.ndarray:
-    folds = np.full(hashes.shape, -1, np.int8)
+def _assign(tiers: np.ndarray, load_video: VideoLoader, folded_tiers: Collection[str],
+            hashes: np.ndarray, hashed: np.ndarray) -> FoldAssignment:
+    """Hashes the trials of `folded_tiers` not yet `hashed` (both arrays updated in place)."""
+    tiers = np.asarray(tiers).astype(str)
+    needs = np.isin(tiers, sorted(folded_tiers))
+    for trial in np.flatnonzero(needs & ~hashed):
+        hashes[trial] = np.uint64(video_hash(load_video(int(trial))))
+        hashed[trial] = True
+    folds = np.full(tiers.shape, -1, np.int8)
     # uint64 % 7 stays exact in uint64 arithmetic (no float or int64 on the way).
     folds[needs] = (hashes[needs] % np.uint64(NUM_FOLDS)).astype(np.int8)
-    return folds
+    return FoldAssignment(tiers, np.where(needs, hashes, np.uint64(0)), folds)
 
 
-def assign_folds(
-    tiers: np.ndarray, load_video: VideoLoader, folded_tiers: Collection[str]
-) -> FoldAssignment:
-    """Hash the videos of the trials in ``folded_tiers`` and give each its fold.
+def assign_folds(tiers: np.ndarray, load_video: VideoLoader,
+                 folded_tiers: Collection[str]) -> FoldAssignment:
+    """Hash the videos of the trials in ``folded_tiers`` and give each its fold; ``tiers``
+    (trials,) str, ``load_video``: trial id -> (36, 64, T) video."""
+    n = len(tiers)
+    return _assign(tiers, load_video, folded_tiers, np.zeros(n, np.uint64), np.zeros(n, bool))
 
-    ``tiers``: (trials,) str, row = trial id; ``load_video``: trial id -> (36, 64, T) video.
-    """
-    tiers = np.asarray(tiers).astype(str)
-    needs = _needs_fold(tiers, folded_tiers)
-    hashes = np.zeros(tiers.shape, np.uint64)
-    lengths = np.full(tiers.shape, -1, np.int64)
-    _hash_trials(np.flatnonzero(needs), load_video, hashes, lengths)
-    return FoldAssignment(tiers, hashes, lengths, _folds_from_hashes(hashes, needs))
-
-
-# --------------------------------------------------------------------------- mice, caching
 
 # Folds per (mouse folder, tiers.npy size and mtime, fold tiers): computed once per run.
 _MEMO: dict[tuple[Any, ...], FoldAssignment] = {}
@@ -167,10 +120,6 @@ _MEMO: dict[tuple[Any, ...], FoldAssignment] = {}
 def clear_memo() -> None:
     """Forget the folds computed in this run (the on-disk caches stay)."""
     _MEMO.clear()
-
-
-def _tiers_file(mouse: Any) -> Path:
-    return Path(mouse.path) / "meta" / "trials" / "tiers.npy"
 
 
 def cache_file(mouse: Any) -> Path:
@@ -183,77 +132,47 @@ def cache_file(mouse: Any) -> Path:
     return Path(base) / "folds" / f"{folder.name}-{digest}.npz"
 
 
-def _read_cache(path: Path, stamp: tuple[int, int], num_trials: int) -> dict[str, np.ndarray]:
-    """The cached hashes, or an empty dict if the cache is missing, stale or malformed."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in ("version", "stamp", "hashed", "hashes", "lengths")}
-    except Exception:  # any unreadable cache is simply recomputed
-        return {}
-    fresh = (
-        int(data["version"]) == _CACHE_VERSION
-        and tuple(int(v) for v in data["stamp"]) == stamp
-        and all(data[k].shape == (num_trials,) for k in ("hashed", "hashes", "lengths"))
-        and data["hashes"].dtype == np.uint64
-    )
-    return data if fresh else {}
-
-
-def _write_cache(path: Path, stamp: tuple[int, int], arrays: dict[str, np.ndarray]) -> None:
-    """Write the cache atomically (temp file + rename); silently skip if not writable."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=".folds-", suffix=".npz", delete=False
-        ) as f:
-            tmp = f.name
-            np.savez(f, version=np.int64(_CACHE_VERSION), stamp=np.array(stamp), **arrays)
-        os.chmod(tmp, 0o644)  # NamedTemporaryFile makes it 0600; a shared cache folder may be used
-        os.replace(tmp, path)
-    except OSError:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+def _read_cache(path: Path, stamp: tuple[int, int], num_trials: int) -> tuple[np.ndarray, ...]:
+    """(hashes, hashed) from the cache; nothing hashed if it is missing, stale or malformed."""
+    with contextlib.suppress(Exception), np.load(path, allow_pickle=False) as f:
+        if (int(f["version"]) == _CACHE_VERSION and tuple(f["stamp"].tolist()) == stamp
+                and f["hashes"].shape == f["hashed"].shape == (num_trials,)
+                and f["hashes"].dtype == np.uint64):
+            return f["hashes"], f["hashed"].astype(bool)
+    return np.zeros(num_trials, np.uint64), np.zeros(num_trials, bool)
 
 
 def mouse_folds(mouse: Any) -> FoldAssignment:
-    """The folds of a mouse's trials, computed once per run and cached (``cache_file``).
-
-    The cache keeps every hash so far with the size and mtime of tiers.npy (stale or unreadable:
-    ignored; folder not writable: not written), so hashes carry over when the fold tiers change
-    (e.g. once old mice's test labels are downloaded).
-    """
+    """The folds of a mouse's trials, computed once per run and cached (``cache_file``) with
+    the size and mtime of tiers.npy; hashes carry over when the fold tiers change (e.g. once
+    old mice's test labels are downloaded)."""
     tiers = np.asarray(mouse.tiers).astype(str)
     folded_tiers = tiers_with_folds(bool(mouse.is_real_old), mouse.labeled_tiers)
-    try:
-        st = _tiers_file(mouse).stat()
-        stamp = (int(st.st_size), int(st.st_mtime_ns))
-    except (OSError, TypeError):  # TypeError: an in-memory mouse with path None
-        stamp = None
-    if stamp is None:  # not on disk: nothing to key a cache on
-        return assign_folds(tiers, lambda t: mouse.load("videos", t), folded_tiers)
-    key = (str(Path(mouse.path).resolve()), stamp, folded_tiers)
-    if key in _MEMO:
-        return _MEMO[key]
 
-    cache_path = cache_file(mouse)
-    cached = _read_cache(cache_path, stamp, len(tiers))
-    hashed = cached.get("hashed", np.zeros(len(tiers), bool)).astype(bool)
-    hashes = cached.get("hashes", np.zeros(len(tiers), np.uint64)).copy()
-    lengths = cached.get("lengths", np.full(len(tiers), -1, np.int64)).copy()
-    needs = _needs_fold(tiers, folded_tiers)
-    missing = np.flatnonzero(needs & ~hashed)
-    if missing.size:
-        _hash_trials(missing, lambda t: mouse.load("videos", t), hashes, lengths)
-        hashed[missing] = True
-        _write_cache(cache_path, stamp, {"hashed": hashed, "hashes": hashes, "lengths": lengths})
-    hashes = np.where(needs, hashes, np.uint64(0))
-    lengths = np.where(needs, lengths, -1)
-    result = FoldAssignment(tiers, hashes, lengths, _folds_from_hashes(hashes, needs))
-    for array in (result.tiers, result.hashes, result.lengths, result.folds):
-        array.setflags(write=False)  # shared by every caller in this run
-    _MEMO[key] = result
-    return result
+    def load_video(trial: int) -> np.ndarray:
+        return mouse.load("videos", trial)
+
+    try:
+        st = (Path(mouse.path) / "meta" / "trials" / "tiers.npy").stat()
+    except (OSError, TypeError):  # not on disk (TypeError: path None): no cache to key
+        return assign_folds(tiers, load_video, folded_tiers)
+    stamp = (int(st.st_size), int(st.st_mtime_ns))
+    key = (str(Path(mouse.path).resolve()), stamp, folded_tiers)
+    if key not in _MEMO:
+        cache_path = cache_file(mouse)
+        hashes, hashed = _read_cache(cache_path, stamp, len(tiers))
+        known = int(hashed.sum())
+        result = _assign(tiers, load_video, folded_tiers, hashes, hashed)
+        if hashed.sum() > known:
+            # Atomic, readable by others (a shared cache folder); an unwritable one is skipped.
+            with contextlib.suppress(OSError), atomic.atomic_path(cache_path, ".npz") as tmp:
+                np.savez(tmp, version=np.int64(_CACHE_VERSION), stamp=np.array(stamp),
+                         hashes=hashes, hashed=hashed)
+                tmp.chmod(0o644)
+        for array in (result.tiers, result.hashes, result.folds):
+            array.setflags(write=False)  # shared by every caller in this run
+        _MEMO[key] = result
+    return _MEMO[key]
 
 
 def trial_folds(mouse: Any) -> np.ndarray:
@@ -273,9 +192,6 @@ def fold_tiers(mouse: Any) -> np.ndarray:
     return mouse_folds(mouse).tiers_after_folds
 
 
-# --------------------------------------------------------------------------- balance
-
-
 def fold_counts(folds: np.ndarray) -> np.ndarray:
     """(NUM_FOLDS,) int64: number of trials per fold (trials with fold -1 are not counted)."""
     folds = np.asarray(folds)
@@ -289,11 +205,9 @@ def fold_balance(mice: Iterable[Any]) -> dict[str, np.ndarray]:
 
 def format_fold_balance(balance: dict[str, np.ndarray]) -> str:
     """A plain-text table of ``fold_balance`` (one row per mouse and a total row)."""
-    header = "mouse".ljust(24) + "".join(f"{fold_tier(k):>8}" for k in range(NUM_FOLDS))
-    rows = [header]
-    total = np.zeros(NUM_FOLDS, np.int64)
-    for name, counts in balance.items():
-        total += counts
-        rows.append(name[:23].ljust(24) + "".join(f"{int(c):>8}" for c in counts))
-    rows.append("total".ljust(24) + "".join(f"{int(c):>8}" for c in total))
-    return "\n".join(rows)
+    rows = [(name, counts) for name, counts in balance.items()]
+    rows.append(("total", sum(balance.values(), np.zeros(NUM_FOLDS, np.int64))))
+    lines = ["mouse".ljust(24) + "".join(f"{f'fold_{k}':>8}" for k in range(NUM_FOLDS))]
+    lines += [name[:23].ljust(24) + "".join(f"{int(c):>8}" for c in counts)
+              for name, counts in rows]
+    return "\n".join(lines)

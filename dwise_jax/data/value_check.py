@@ -1,4 +1,6 @@
-"""Values that contradict the dataset's own statistics (`meta/statistics/<modality>/all`).
+"""`python -m dwise_jax.data.sensorium ROOT [--check]`: a dataset root's summary, its seven
+folds' balance, and with --check every trial validated and every value held to the mouse's own
+statistics (`meta/statistics/<modality>/all`).
 
 A value more than `RANGE_WIDTHS` recorded ranges outside its channel's recorded range is
 implausible (docs/data.md#values-the-datasets-statistics-rule-out). `scan_trial` reads whole
@@ -7,32 +9,30 @@ trial files (`--check`); `check_window` tests the window a loader just read.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from absl import flags
 
-from dwise_jax.data.layout import DatasetError, check_float, load_npy
-from dwise_jax.data.sensorium import Mouse
+from dwise_jax import cli
+from dwise_jax.data import folds
+from dwise_jax.data.sensorium import DatasetError, Mouse, SensoriumDataset, check_float, load_npy
 
 RANGE_WIDTHS = 10.0
 STD_WIDTHS = 10.0
-CHECKED = ("videos", "responses", "behavior", "pupil_center")
+ERRORS = (DatasetError,)  # the command's users' to fix: one `error:` line, exit 1
 _ROW_NAMES = {"behavior": ("pupil dilation", "running speed"),
               "pupil_center": ("horizontal", "vertical")}
 
 
 @dataclass(frozen=True)
 class Bounds:
-    """Allowed values of one modality of one mouse.
-
-    Attributes:
-      low, high: (channels,) float64 allowed bounds, or (1,) for one bound for every channel.
-      recorded_low, recorded_high: the recorded range they derive from, same shape.
-      from_range: True when from min.npy/max.npy, False when from mean.npy +- 10 std.npy.
-      span: the modality's whole recorded range (max of max - min of min), the margin's unit.
-    """
+    """Allowed values [low, high] of one modality of one mouse: (channels,) float64, or (1,)
+    for every channel. They lie `RANGE_WIDTHS` x `span` (the modality's whole recorded range)
+    outside the recorded range: min.npy/max.npy if `from_range`, else mean.npy +- 10 std.npy."""
 
     modality: str
     folder: Path
@@ -43,14 +43,12 @@ class Bounds:
     from_range: bool
     span: float
 
-    def channel_index(self, channel: int) -> int:
-        return channel if self.low.shape[0] > 1 else 0
-
     def describe(self, value: float, channel: int, where: str) -> str:
         """The message for `value` of `channel` at `where` (e.g. 'frame 10')."""
-        c = self.channel_index(channel)
+        per_channel = self.low.shape[0] > 1
+        c = channel if per_channel else 0
         above = value > self.high[c]
-        what = _channel_name(self.modality, channel) if self.low.shape[0] > 1 else (
+        what = _channel_name(self.modality, channel) if per_channel else (
             "any pixel" if self.modality == "videos" else "any row")
         if self.from_range:
             stat = self.folder / ("max.npy" if above else "min.npy")
@@ -75,9 +73,7 @@ def _fmt(x: float) -> str:
 def _channel_name(modality: str, channel: int) -> str:
     if modality == "responses":
         return f"neuron {channel}"
-    if modality in _ROW_NAMES:
-        return f"row {channel} ({_ROW_NAMES[modality][channel]})"
-    return f"channel {channel}"
+    return f"row {channel} ({_ROW_NAMES[modality][channel]})"
 
 
 def _per_channel(array: np.ndarray, channels: int | None, reduce) -> np.ndarray:
@@ -107,16 +103,13 @@ def modality_bounds(mouse: Mouse, modality: str) -> Bounds | None:
     channels = {"videos": None, "responses": mouse.num_neurons}.get(modality, 2)
     lo, hi = _read(folder, "min"), _read(folder, "max")
     from_range = lo is not None and hi is not None
-    if from_range:
-        rec_lo, rec_hi = _per_channel(lo, channels, np.nanmin), _per_channel(hi, channels,
-                                                                             np.nanmax)
-    else:
+    if not from_range:
         mean, std = _read(folder, "mean"), _read(folder, "std")
         if mean is None or std is None or np.shape(mean) != np.shape(std):
             return None
         mean, std = np.asarray(mean, np.float64), np.abs(np.asarray(std, np.float64))
-        rec_lo = _per_channel(mean - STD_WIDTHS * std, channels, np.nanmin)
-        rec_hi = _per_channel(mean + STD_WIDTHS * std, channels, np.nanmax)
+        lo, hi = mean - STD_WIDTHS * std, mean + STD_WIDTHS * std
+    rec_lo, rec_hi = _per_channel(lo, channels, np.nanmin), _per_channel(hi, channels, np.nanmax)
     if rec_lo.shape != rec_hi.shape:  # min per channel, max not (or the reverse): one range
         rec_lo, rec_hi = np.atleast_1d(np.nanmin(rec_lo)), np.atleast_1d(np.nanmax(rec_hi))
     with warnings.catch_warnings():
@@ -140,28 +133,37 @@ def mouse_bounds(mouse: Mouse) -> dict[str, Bounds]:
     on it, so Grain workers that receive it after the first window get them too)."""
     bounds = mouse.__dict__.get("_value_bounds")
     if bounds is None:
-        bounds = {m: b for m in CHECKED if (b := modality_bounds(mouse, m)) is not None}
+        bounds = {m: b for m in ("videos", "responses", "behavior", "pupil_center")
+                  if (b := modality_bounds(mouse, m)) is not None}
         mouse.__dict__["_value_bounds"] = bounds
     return bounds
 
 
-def _first_violation(bounds: Bounds, array: np.ndarray, channel_axis: int | None,
-                     ) -> tuple[tuple[int, ...], float] | None:
-    """(index, value) of the value of `array` farthest outside `bounds` (NaN ignored), or None;
-    `channel_axis` None: one bound for every value."""
-    array = np.asarray(array)
-    if bounds.low.shape[0] > 1 and channel_axis is not None:
-        shape = [1] * array.ndim
-        shape[channel_axis] = -1
-        low, high = bounds.low.reshape(shape), bounds.high.reshape(shape)
-    else:
-        low, high = bounds.low[0], bounds.high[0]
+def _offense(mouse: Mouse, trial: int, bounds: Bounds, array: np.ndarray,
+             frames: np.ndarray | None = None) -> str | None:
+    """The message naming the value of `array` (as on disk: channels first, time last) farthest
+    outside `bounds` (NaN ignored), or None. `frames`: the trial frames of a window's times."""
+    low, high = bounds.low, bounds.high
+    per_channel = low.shape[0] > 1 and bounds.modality != "videos"
+    low, high = (low[:, None], high[:, None]) if per_channel else (low[0], high[0])
+    axis = -1 if per_channel else None
     with np.errstate(invalid="ignore"):
+        # The cheap test first: the extremes (per channel) against the bounds.
+        if ((array.min(axis=axis, keepdims=True) >= low).all()
+                and (array.max(axis=axis, keepdims=True) <= high).all()):
+            return None
         excess = np.maximum(array - high, low - array)  # > 0 outside; NaN stays NaN
         if not np.nanmax(excess, initial=0.0) > 0:
             return None
-    index = np.unravel_index(int(np.nanargmax(excess)), array.shape)
-    return tuple(int(i) for i in index), float(array[index])
+    index = tuple(int(i) for i in np.unravel_index(int(np.nanargmax(excess)), array.shape))
+    where = (f"frame {index[-1]}" if frames is None
+             else f"frame {int(frames[index[-1]])} of trial {trial}")
+    if bounds.modality == "videos":
+        channel, where = 0, f"pixel ({index[0]}, {index[1]}), {where}"
+    else:
+        channel, where = index[0], f"{_channel_name(bounds.modality, index[0])}, {where}"
+    return (f"{mouse.path_of(bounds.modality, trial)}: "
+            + bounds.describe(float(array[index]), channel, where))
 
 
 def scan_trial(mouse: Mouse, trial: int, arrays: dict[str, np.ndarray] | None = None,
@@ -172,63 +174,76 @@ def scan_trial(mouse: Mouse, trial: int, arrays: dict[str, np.ndarray] | None = 
     for modality, bounds in mouse_bounds(mouse).items():
         # Unlabeled trials' dummy responses are checked too: zeros are plausible values.
         array = (arrays or {}).get(modality)
-        if array is None:
-            array = mouse.load(modality, trial)
-        array = np.asarray(array)
-        if modality == "videos":
-            found = _first_violation(bounds, array, None)
-            if found:
-                (row, col, frame), value = found
-                messages.append(f"{mouse.path_of(modality, trial)}: " + bounds.describe(
-                    value, 0, f"pixel ({row}, {col}), frame {frame}"))
-        else:
-            found = _first_violation(bounds, array, 0)
-            if found:
-                (channel, frame), value = found
-                messages.append(f"{mouse.path_of(modality, trial)}: " + bounds.describe(
-                    value, channel, f"{_channel_name(modality, channel)}, frame {frame}"))
+        array = mouse.load(modality, trial) if array is None else array
+        if message := _offense(mouse, trial, bounds, np.asarray(array)):
+            messages.append(message)
     return messages
 
 
 def check_window(bounds: dict[str, Bounds], mouse: Mouse, trial: int,
                  frame_indexes: np.ndarray, frames: np.ndarray, traces: np.ndarray,
                  target: np.ndarray | None) -> None:
-    """Raises DatasetError naming the file, trial and frame when a loaded window holds a value
-    that contradicts the statistics (`bounds` = `mouse_bounds(mouse)`).
-
-    frame_indexes (16,) are the window's frames in the trial; frames (16, 36, 64), traces
-    (16, 4) and target (16, neurons) as `window_reader.load_window` returns them (a ReLU'd
-    value is outside the bounds only if the file's value was).
+    """Raises DatasetError naming the file, trial and frame when a window as `load_window`
+    returns it (frames at the trial's `frame_indexes`) holds a value that contradicts the
+    statistics (`bounds` = `mouse_bounds(mouse)`); a ReLU'd value is out only if the file's was.
     """
-    parts = [("videos", frames, None), ("behavior", traces[:, :2], 1),
-             ("pupil_center", traces[:, 2:], 1)]
+    parts = {"videos": np.moveaxis(frames, 0, -1), "behavior": traces[:, :2].T,
+             "pupil_center": traces[:, 2:].T}
     if target is not None:
-        parts.append(("responses", target, 1))
-    for modality, values, channel_axis in parts:
-        b = bounds.get(modality)
-        if b is None:
-            continue
-        # The cheap test: the window's extremes (per channel) against the bounds.
-        if channel_axis is None or b.low.shape[0] == 1:
-            if b.low[0] <= values.min() and values.max() <= b.high[0]:
-                continue
-        elif _within(b, values):
-            continue
-        found = _first_violation(b, values, channel_axis)
-        if found is None:
-            continue
-        index, value = found
-        frame = int(frame_indexes[index[0]])
-        if modality == "videos":
-            channel, where = 0, f"pixel ({index[1]}, {index[2]}), frame {frame} of trial {trial}"
-        else:
-            channel = index[1]
-            where = f"{_channel_name(modality, channel)}, frame {frame} of trial {trial}"
-        raise DatasetError(f"{mouse.path_of(modality, trial)}: " + b.describe(value, channel,
-                                                                              where))
+        parts["responses"] = target.T
+    for modality, values in parts.items():
+        if modality in bounds and (
+                message := _offense(mouse, trial, bounds[modality], values, frame_indexes)):
+            raise DatasetError(message)
 
 
-def _within(bounds: Bounds, values: np.ndarray) -> bool:
-    """Per-channel test of (time, channels) values."""
-    return bool((values.min(axis=0) >= bounds.low).all() and
-                (values.max(axis=0) <= bounds.high).all())
+# ----------------------------------------------------------------------------- the command
+def check_all(dataset: SensoriumDataset, offenses: list[str] | None = None) -> int:
+    """Validates every trial and std file of every mouse; returns the number of trials. With
+    `offenses`, also appends the `scan_trial` lines of every trial, and goes on scanning."""
+    count = 0
+    for mouse in dataset.mice:
+        mouse.response_std()
+        for trial_id in range(mouse.num_trials):
+            trial = mouse.load_trial(trial_id)
+            if offenses is not None:
+                offenses += scan_trial(mouse, trial_id, {
+                    "videos": trial.video, "behavior": trial.behavior,
+                    "pupil_center": trial.pupil_center, "responses": trial.responses})
+            count += 1
+    return count
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_boolean("check", False, "Load and validate every trial, and hold every value to "
+                         "the mouse's meta/statistics.", flag_values=fv)
+
+
+def run(fv: flags.FlagValues, args: list[str]) -> int:
+    if len(args) != 1:
+        raise cli.UsageError(f"expected one argument, the dataset ROOT (got {len(args)})")
+    dataset = SensoriumDataset.open(args[0])
+    print(dataset.summary())
+    if fv.check:
+        offenses: list[str] = []
+        count = check_all(dataset, offenses)
+        for line in offenses:
+            print(f"error: {line}", file=sys.stderr)
+        if offenses:
+            print(f"checked {count} trials: {len(offenses)} trial files hold values that "
+                  "contradict the dataset's own statistics (listed on stderr)")
+            return 1
+        print(f"checked {count} trials: all valid, every value within its statistics")
+    print("\ntrials per fold (perceptual video hash % 7):")
+    print(folds.format_fold_balance(folds.fold_balance(dataset.mice)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command in process (`argv` without the program name; default: sys.argv).
+
+    `python -m dwise_jax.data.sensorium` runs that module as `__main__`, whose own `DatasetError`
+    is not the class the dataset raises; this module's import of it is.
+    """
+    return cli.call(define_flags, run, sys.argv[1:] if argv is None else argv,
+                    "python -m dwise_jax.data.sensorium", __doc__, errors=ERRORS)

@@ -25,19 +25,12 @@ MAX_OPEN_ARRAYS = 32768
 _OPEN_LOCK = threading.Lock()
 
 
-def open_array(mouse: Mouse, modality: str, trial: int) -> np.ndarray:
-    """`mouse.load(modality, trial)` (checked memory map), safe to call from several threads."""
-    with _OPEN_LOCK:
-        return mouse.load(modality, trial)
-
-
 class TrialArrays:
     """Checked memory maps of trial files, opened once per process and kept (LRU): re-opening
     per window made a sample twice as slow (docs/data.md#windows-and-batches). Each process
     (each Grain worker) fills its own cache; pickling sends an empty one."""
 
-    def __init__(self, max_arrays: int = MAX_OPEN_ARRAYS):
-        self.max_arrays = max_arrays
+    def __init__(self):
         self._maps: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()  # Grain's read threads share one cache
 
@@ -45,30 +38,19 @@ class TrialArrays:
         """`mouse.load(modality, trial)`, memoised."""
         key = (str(mouse.path), modality, int(trial))
         with self._lock:
-            array = self._maps.get(key)
-            if array is not None:
+            if (array := self._maps.get(key)) is not None:
                 self._maps.move_to_end(key)
                 return array
-        array = open_array(mouse, modality, trial)
+        with _OPEN_LOCK:
+            array = mouse.load(modality, trial)
         with self._lock:
             self._maps[key] = array
-            while len(self._maps) > self.max_arrays:
+            while len(self._maps) > MAX_OPEN_ARRAYS:
                 self._maps.popitem(last=False)
         return array
 
-    def __getstate__(self) -> dict[str, int]:
-        return {"max_arrays": self.max_arrays}
-
-    def __setstate__(self, state: dict[str, int]) -> None:
-        self.__init__(state["max_arrays"])
-
-
-def _check_finite(mouse: Mouse, modality: str, trial: int, window: np.ndarray,
-                  anchor: int) -> None:
-    # A window inside the valid length never holds NaN; one that does means a damaged file.
-    if not np.isfinite(window).all():
-        raise DatasetError(f"{mouse.path_of(modality, trial)}: holds NaN or inf inside the "
-                           f"trial, in the window of frames {anchor - windows.BEHIND}..{anchor}")
+    def __reduce__(self) -> tuple[type, tuple]:
+        return TrialArrays, ()
 
 
 def load_window(mouse: Mouse, trial: int, anchor: int, targets: bool = True,
@@ -77,14 +59,13 @@ def load_window(mouse: Mouse, trial: int, anchor: int, targets: bool = True,
     """Compact inputs and target of the window ending at `anchor` (>= 30) of a trial.
 
     Returns frames (16, 36, 64) float32, traces (16, 4) float32 and targets (16, neurons)
-    float32 ReLU'd (None unless `targets`). `arrays`: a cache of open maps (default: none).
+    float32 ReLU'd (None unless `targets`). `arrays`: a cache of open maps (default: a fresh one).
     Raises DatasetError naming the file when it is missing, unreadable, too short, holds NaN
     inside the trial or values the dataset's statistics rule out (`value_check`).
     """
-    trial_arrays = {}
+    arrays, trial_arrays = arrays or TrialArrays(), {}
     for modality in ("videos", "behavior", "pupil_center") + (("responses",) if targets else ()):
-        array = (arrays.load(mouse, modality, trial) if arrays
-                 else open_array(mouse, modality, trial))
+        array = arrays.load(mouse, modality, trial)
         if array.shape[-1] <= anchor:
             raise DatasetError(f"{mouse.path_of(modality, trial)}: has {array.shape[-1]} "
                                f"frames, but the trial is {mouse.lengths[trial]} frames long")
@@ -97,25 +78,21 @@ def load_window(mouse: Mouse, trial: int, anchor: int, targets: bool = True,
     except OSError as err:  # an I/O error while the memory map is read
         raise DatasetError(f"{mouse.path_of('videos', trial)} (or its sibling files): read "
                            f"failed ({err})") from None
-    _check_finite(mouse, "videos", trial, frames, anchor)
-    for modality, rows in (("behavior", traces[:, :2]), ("pupil_center", traces[:, 2:])):
-        _check_finite(mouse, modality, trial, rows, anchor)
-    if target is not None:
-        _check_finite(mouse, "responses", trial, target, anchor)
+    # A window inside the valid length never holds NaN; one that does means a damaged file.
+    for modality, values in (("videos", frames), ("behavior", traces[:, :2]),
+                             ("pupil_center", traces[:, 2:]), ("responses", target)):
+        if values is not None and not np.isfinite(values).all():
+            raise DatasetError(f"{mouse.path_of(modality, trial)}: holds NaN or inf inside the "
+                               f"trial, in the window of frames {anchor - windows.BEHIND}.."
+                               f"{anchor}")
     # Values far outside the dataset's own statistics stop here, before they reach a gradient.
-    value_check.check_window(_value_bounds(mouse), mouse, trial, windows.window_indexes(anchor),
-                             frames, traces, target)
-    return frames, traces, target
-
-
-def _value_bounds(mouse: Mouse) -> dict[str, value_check.Bounds]:
-    """`value_check.mouse_bounds(mouse)`; the first call per mouse and process reads the
-    statistics files under _OPEN_LOCK (np.load, see there)."""
     bounds = mouse.__dict__.get("_value_bounds")
-    if bounds is None:
-        with _OPEN_LOCK:
+    if bounds is None:  # the first window of this mouse in this process reads the statistics
+        with _OPEN_LOCK:  # np.load, see there
             bounds = value_check.mouse_bounds(mouse)
-    return bounds
+    value_check.check_window(bounds, mouse, trial, windows.window_indexes(anchor), frames,
+                             traces, target)
+    return frames, traces, target
 
 
 def pad_neurons(targets: np.ndarray, num_neurons: int) -> np.ndarray:
