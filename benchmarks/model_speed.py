@@ -44,7 +44,7 @@ def reconstruct_row(fv: flags.FlagValues, chunk: int) -> dict:
                                            *rng.normal(size=(2, 2, length)))
     targets, moment = rng.gamma(1.0, 1.0, (length, n)).astype(np.float32), np.zeros_like(video)
     cfg = reconstruct.ReconConfig(chunk=chunk, model_axis=fv.model_axis)
-    key, plan = inference.cached_plan(length, 1, chunk)
+    plan = inference.WindowPlan.of(length, 1, chunk)
     grads = jax.jit(reconstruct.window_grads, static_argnums=(0, 5))
     states, inputs = [ens.subset([k]).states for k in range(m)], (video, traces, targets)
 
@@ -59,7 +59,7 @@ def reconstruct_row(fv: flags.FlagValues, chunk: int) -> dict:
         return np.asarray(reconstruct.adam_step(video, moment, total / m, mask, step, cfg)[0])
 
     batched = lambda: np.asarray(reconstruct.iteration(
-        ens.graphdef, ens.states, video, moment, traces, targets, key, 0, cfg, mask, step)[0])
+        ens.graphdef, ens.states, video, moment, traces, targets, plan, 0, cfg, mask, step)[0])
     out, update = {"models": m, "length": length, "windows": int(plan.valid.sum())}, {}
     for way, fn in (("batched", batched), ("loop", loop)):
         start = time.perf_counter()

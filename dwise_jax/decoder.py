@@ -47,16 +47,19 @@ def _stack(pairs, lags, mean, std):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def _solve(x, y, x_mean, y_mean, alphas):
-    """{alpha: weights} from one eigendecomposition of the centred normal matrix."""
+def _solve(x, y, alphas):
+    """(x mean, y mean, {alpha: ridge weights}): one eigendecomposition for every alpha."""
+    x_mean, y_mean = x.mean(0), y.mean(0)
     xc = x - x_mean
     values, vectors = np.linalg.eigh(xc.T @ xc)
     projected = vectors.T @ (xc.T @ (y - y_mean))
     scale = max(float(values.mean()), 1e-12)
-    return {a: vectors @ (projected / (values + a * scale)[:, None]) for a in alphas}
+    fits = {a: vectors @ (projected / (values + a * scale)[:, None]) for a in alphas}
+    return x_mean, y_mean, fits
 
 
-def _corr(a: np.ndarray, b: np.ndarray) -> float:
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of all the elements of a and b; 0 where either is constant."""
     a, b = a - a.mean(), b - b.mean()
     denom = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / denom) if denom > 0 else 0.0
@@ -73,16 +76,12 @@ def fit(pairs: list[tuple[np.ndarray, np.ndarray]], score_mask: np.ndarray, lags
     mean, std = allr.mean(1), np.maximum(allr.std(1), 1e-6)
     order = np.random.default_rng(seed).permutation(len(pairs))
     held = max(1, len(pairs) // 5)
-    fit_pairs = [pairs[i] for i in order[held:]]
-    val_pairs = [pairs[i] for i in order[:held]]
-    x, y = _stack(fit_pairs, lags, mean, std)
-    xv, yv = _stack(val_pairs, lags, mean, std)
-    x_mean, y_mean = x.mean(0), y.mean(0)
+    x, y = _stack([pairs[i] for i in order[held:]], lags, mean, std)
+    xv, yv = _stack([pairs[i] for i in order[:held]], lags, mean, std)
+    x_mean, y_mean, fits = _solve(x, y, ALPHA_GRID)
     pixels = np.asarray(score_mask, bool).ravel()
-    scores = {a: _corr((y_mean + (xv - x_mean) @ w)[:, pixels], yv[:, pixels])
-              for a, w in _solve(x, y, x_mean, y_mean, ALPHA_GRID).items()}
-    alpha = max(scores, key=scores.get)
-    x, y = np.concatenate([x, xv]), np.concatenate([y, yv])
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    weights = _solve(x, y, x_mean, y_mean, (alpha,))[alpha]
-    return RidgeDecoder(lags, mean, std, x_mean, y_mean, weights, alpha)
+    scores = {a: correlation((y_mean + (xv - x_mean) @ w)[:, pixels], yv[:, pixels])
+              for a, w in fits.items()}
+    alpha = max(scores, key=scores.get)  # refitted on all the fitting trials
+    x_mean, y_mean, fits = _solve(np.concatenate([x, xv]), np.concatenate([y, yv]), (alpha,))
+    return RidgeDecoder(lags, mean, std, x_mean, y_mean, fits[alpha], alpha)

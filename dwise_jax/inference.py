@@ -1,24 +1,23 @@
-"""A trained ensemble as one object: fold models stacked for `vmap`, whole-trial prediction and
-differentiable functions of the video for in-silico experiments (docs/insilico.md).
-
-Predict's sliding windows and mean blend, but all windows of a trial (scanned in chunks, so
-memory is bounded by the chunk) and all models in one jitted function. Arrays in the dataset's
-layout: video (36, 64, T), behavior and pupil_center (2, T); the NaN tail is ignored.
+"""A trained ensemble as one object: fold models stacked on a model axis, whole-trial prediction
+and differentiable functions of the video, and what the in-silico commands share
+(docs/insilico.md). Arrays in the dataset's layout: video (36, 64, T), behavior and
+pupil_center (2, T); the NaN tail is ignored.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
-from dwise_jax import checkpoint, experiment, forward
+from dwise_jax import checkpoint, cli, experiment, forward
 from dwise_jax.data import windows
 from dwise_jax.data.sensorium import Mouse, first_nan
 
@@ -28,12 +27,15 @@ DEFAULT_CHUNK = 32  # windows per model evaluated at once inside the jitted scan
 @dataclass(frozen=True)
 class WindowPlan:
     """A trial's windows, padded to whole chunks: frame indexes (K, C, 16), valid (K, C) and
-    how many valid windows cover each frame, (L,)."""
+    how many valid windows cover each frame, (L,). Hashable by its settings (a static jit
+    argument)."""
 
     length: int
-    index: np.ndarray
-    valid: np.ndarray
-    counts: np.ndarray
+    anchor_stride: int
+    chunk: int
+    index: np.ndarray = field(compare=False)
+    valid: np.ndarray = field(compare=False)
+    counts: np.ndarray = field(compare=False)
 
     @classmethod
     def of(cls, length: int, anchor_stride: int = 1, chunk: int = DEFAULT_CHUNK) -> WindowPlan:
@@ -41,14 +43,9 @@ class WindowPlan:
         pad = -len(anchors) % chunk
         idx = windows.window_indexes(np.concatenate([anchors, np.full(pad, anchors[-1])]))
         valid = np.arange(len(idx)) < len(anchors)
-        counts = windows.window_counts(length, anchors)
-        return cls(length, idx.reshape(-1, chunk, windows.WINDOW_FRAMES),
-                   valid.reshape(-1, chunk), counts)
-
-
-def _apply(graphdef, state, frames, traces, readout_index: int):
-    """One model on (C, 16, 36, 64) frames and (C, 16, 4) traces -> (C, 16, N) float32."""
-    return forward.apply(graphdef, (state,), frames, traces, readout_index)
+        return cls(int(length), int(anchor_stride), int(chunk),
+                   idx.reshape(-1, chunk, windows.WINDOW_FRAMES), valid.reshape(-1, chunk),
+                   windows.window_counts(length, anchors))
 
 
 def over_models(fn, states, model_axis: str = "map"):
@@ -62,15 +59,14 @@ def over_models(fn, states, model_axis: str = "map"):
 
 
 def models_apply(graphdef, states, frames, traces, readout_index: int, model_axis: str = "map"):
-    """Every stacked model on the same windows: (M, C, 16, N)."""
-    return over_models(lambda s: _apply(graphdef, s, frames, traces, readout_index), states,
-                       model_axis)
+    """Every stacked model on the same windows (C, 16, 36, 64), (C, 16, 4): (M, C, 16, N)."""
+    return over_models(lambda s: forward.apply(graphdef, (s,), frames, traces, readout_index),
+                       states, model_axis)
 
 
 def trial_outputs(graphdef, states, video, traces, plan: WindowPlan, readout_index: int):
     """Each model's blended prediction of a trial, differentiable in the video: video
-    (L, 36, 64) float32 and traces (L, 4) -> (M, L, N) float32, each frame's mean over the
-    windows covering it."""
+    (L, 36, 64) float32 and traces (L, 4) -> (M, L, N), each frame's mean over its windows."""
     def body(sums, chunk):
         idx, valid = chunk
         out = models_apply(graphdef, states, video[idx], traces[idx], readout_index)
@@ -86,35 +82,35 @@ def trial_outputs(graphdef, states, video, traces, plan: WindowPlan, readout_ind
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _predict_jit(graphdef, states, video, traces, plan_key, readout_index):
-    plan = _PLANS[plan_key]
+def _predict_jit(graphdef, states, video, traces, plan: WindowPlan, readout_index: int):
     return jnp.mean(trial_outputs(graphdef, states, video, traces, plan, readout_index), 0)
 
 
-_PLANS: dict[tuple, WindowPlan] = {}
-
-
-def cached_plan(length: int, anchor_stride: int = 1, chunk: int = DEFAULT_CHUNK
-                ) -> tuple[tuple, WindowPlan]:
-    """A hashable key (for jit's static arguments) and its WindowPlan."""
-    key = (int(length), int(anchor_stride), int(chunk))
-    if key not in _PLANS:
-        _PLANS[key] = WindowPlan.of(*key)
-    return key, _PLANS[key]
-
-
-def trial_arrays(video, behavior, pupil_center, length: int | None = None):
-    """Dataset-layout arrays -> (L, 36, 64) video and (L, 4) traces, float32, valid frames."""
+def trial_arrays(video, behavior, pupil_center):
+    """Dataset-layout arrays -> (L, 36, 64) video and (L, 4) traces, float32, the frames before
+    the video's first NaN."""
     video = np.asarray(video, np.float32)
     if video.ndim != 3 or video.shape[:2] != (windows.VIDEO_HEIGHT, windows.VIDEO_WIDTH):
         raise ValueError(f"video must be (36, 64, T), got {video.shape}")
-    length = first_nan(video[0, 0]) if length is None else int(length)
+    length = first_nan(video[0, 0])
     frames = np.moveaxis(video[:, :, :length], -1, 0)
     traces = windows.traces_of(np.asarray(behavior)[:, :length],
                                np.asarray(pupil_center)[:, :length])
     if not (np.isfinite(frames).all() and np.isfinite(traces).all()):
         raise ValueError(f"the first {length} frames of the trial hold NaN or inf")
     return frames, traces
+
+
+def load_windows(mouse: Mouse, rows: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The (trial, anchor) windows of a mouse: frames (K, 16, 36, 64) and traces (K, 16, 4)."""
+    load = functools.lru_cache(maxsize=1)(mouse.load_trial)  # a trial's windows come together
+    frames, traces = [], []
+    for trial, anchor in rows:
+        data = load(trial)
+        f, t = windows.compact_window(data.video, data.behavior, data.pupil_center, anchor)
+        frames.append(f)
+        traces.append(t)
+    return np.stack(frames), np.stack(traces)
 
 
 @dataclass
@@ -149,9 +145,9 @@ class Ensemble:
                 anchor_stride: int = 1, chunk: int = DEFAULT_CHUNK) -> np.ndarray:
         """(N, L) float32: the ensemble mean of the sliding-window blend of one trial."""
         frames, traces = trial_arrays(video, behavior, pupil_center)
-        key, _ = cached_plan(len(frames), anchor_stride, chunk)
-        out = _predict_jit(self.graphdef, self.states, jnp.asarray(frames),
-                           jnp.asarray(traces), key, self.readout_index(mouse))
+        out = _predict_jit(self.graphdef, self.states, jnp.asarray(frames), jnp.asarray(traces),
+                           WindowPlan.of(len(frames), anchor_stride, chunk),
+                           self.readout_index(mouse))
         return np.asarray(out, np.float32).T
 
     def video_function(self, behavior, pupil_center, mouse: Mouse | str, length: int, *,
@@ -160,8 +156,7 @@ class Ensemble:
         prediction with the behaviour and pupil held as given."""
         traces = jnp.asarray(windows.traces_of(np.asarray(behavior)[:, :length],
                                                np.asarray(pupil_center)[:, :length]))
-        _, plan = cached_plan(length, anchor_stride, chunk)
-        index = self.readout_index(mouse)
+        plan, index = WindowPlan.of(length, anchor_stride, chunk), self.readout_index(mouse)
         return lambda video: trial_outputs(self.graphdef, self.states, video, traces, plan,
                                            index)
 
@@ -200,3 +195,32 @@ def data_root(workdir: str | Path, ensemble: Ensemble, given: str | None = None)
     """--data_root, else the folds' config.json (as predict)."""
     folders = {i: Path(m["directory"]) for i, m in enumerate(ensemble.members)}
     return experiment.resolve_data_root(folders, given)
+
+
+def define_flags(fv: flags.FlagValues, out: str, settings: type, lists: dict) -> None:
+    """The flags of an in-silico command: the ensemble's, --out (default `out`), each field of
+    the `settings` dataclass, and `lists` {name: (default, help)}."""
+    for name, default, text in (
+            ("experiment", None, "Experiment name(s), comma-separated."),
+            ("workdir", "workdir", "Work folder holding <experiment>/fold_<k>."),
+            ("data_root", None, "Dataset root (default: the folds' config.json)."),
+            ("out", None, f"Output folder (default {out}).")):
+        flags.DEFINE_string(name, default, text, flag_values=fv)
+    lists = {"folds": (None, "Fold models to use (default: every fold found)."), **lists}
+    for name, (default, text) in lists.items():
+        flags.DEFINE_list(name, default, text, flag_values=fv)
+    for f in fields(settings):
+        define = {"int": flags.DEFINE_integer, "str": flags.DEFINE_string}.get(
+            f.type, flags.DEFINE_float)
+        define(f.name, f.default, f"{settings.__name__}.{f.name}", flag_values=fv)
+
+
+def parse_flags(fv: flags.FlagValues, args: list[str], settings: type, ints: tuple[str, ...]):
+    """(the `settings` dataclass from its flags, {name: list of int or None} of `ints`)."""
+    if args:
+        raise cli.UsageError(f"unexpected arguments: {args}")
+    try:
+        return (settings(**{f.name: fv[f.name].value for f in fields(settings)}),
+                {k: [int(v) for v in fv[k].value] if fv[k].value else None for k in ints})
+    except ValueError as e:
+        raise cli.UsageError(f"--{', --'.join(ints)} take integers ({e})") from None

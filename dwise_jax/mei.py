@@ -1,10 +1,9 @@
 """`python -m dwise_jax.mei --experiment NAME --mouse M --neurons 3,17`: most exciting inputs.
 
 For each chosen neuron, the 16-frame window that maximises its ensemble-mean predicted response
-within a contrast budget (`level + delta`, ||delta||_2 <= `norm`, pixels in 0..255; by default
-those of a typical training window), behaviour and pupil held at the mouse's median. Outputs
-under `<workdir>/insilico/<experiment>/mei/<mouse>/`; method and report:
-docs/insilico.md#most-exciting-inputs.
+within a contrast budget (by default that of a typical training window), behaviour and pupil
+held at the mouse's median. Outputs under `<workdir>/insilico/<experiment>/mei/<mouse>/`;
+method and report: docs/insilico.md#most-exciting-inputs.
 """
 
 from __future__ import annotations
@@ -75,22 +74,12 @@ def _responses(graphdef, states, frames, traces, readout_index):
 
 def training_windows(mouse: Mouse, count: int, seed: int):
     """Sampled training windows (K, 16, 36, 64), their traces, and the median traces (4,)."""
-    trials = [int(t) for t in mouse.trial_ids("train")] or [
+    trials = mouse.trial_ids("train").tolist() or [
         t for t in range(mouse.num_trials) if mouse.is_labeled(t)]
-    rng = np.random.default_rng(seed)
     rows = [(t, int(a)) for t in trials for a in windows.validation_anchors(int(mouse.lengths[t]))]
-    pick = rng.choice(len(rows), min(count, len(rows)), replace=False)
-    cache, frames, traces = {}, [], []
-    for i in sorted(pick):
-        t, a = rows[i]
-        if t not in cache:
-            cache = {t: mouse.load_trial(t)}
-        d = cache[t]
-        f, tr = windows.compact_window(d.video, d.behavior, d.pupil_center, a)
-        frames.append(f)
-        traces.append(tr)
-    traces = np.stack(traces)
-    return np.stack(frames), traces, np.median(traces.reshape(-1, 4), axis=0)
+    pick = np.random.default_rng(seed).choice(len(rows), min(count, len(rows)), replace=False)
+    frames, traces = inference.load_windows(mouse, [rows[i] for i in sorted(pick)])
+    return frames, traces, np.median(traces.reshape(-1, 4), axis=0)
 
 
 def energy_centre(mei: np.ndarray, level: float) -> tuple[float, float]:
@@ -125,31 +114,31 @@ def find_meis(ens: inference.Ensemble, mouse: Mouse, neurons: list[int],
     """MEIs of `neurons`; returns {"meis" (K, 16, 36, 64), "response" (K,), "best_train" (K,),
     "norm", "level", "traces" (4,)}."""
     index = ens.readout_index(mouse)
-    bad = [n for n in neurons if not 0 <= n < mouse.num_neurons]
-    if bad:
+    if bad := [n for n in neurons if not 0 <= n < mouse.num_neurons]:
         raise experiment.PredictionError(f"{mouse.path}: has neurons 0..{mouse.num_neurons - 1}, "
-                                      f"not {bad}")
-    frames, traces, median = training_windows(mouse, cfg.train_windows, cfg.seed)
+                                         f"not {bad}")
+    frames, _, median = training_windows(mouse, cfg.train_windows, cfg.seed)
     level = float(frames.mean()) if cfg.level < 0 else cfg.level
     centred = frames - frames.mean(axis=(1, 2, 3), keepdims=True)
     norm = cfg.norm or float(np.median(np.sqrt(np.sum(centred ** 2, axis=(1, 2, 3)))))
-    held = np.broadcast_to(median.astype(np.float32), (cfg.batch, windows.WINDOW_FRAMES, 4))
-    train = np.concatenate([np.asarray(_responses(  # the same held behaviour as the MEIs'
-        ens.graphdef, ens.states, jnp.asarray(frames[i:i + cfg.batch]),
-        jnp.asarray(held[: len(frames[i:i + cfg.batch])]), index))
-        for i in range(0, len(frames), cfg.batch)])
+
+    def held(k: int):  # k windows' traces, behaviour and pupil at the median
+        return jnp.asarray(np.broadcast_to(median.astype(np.float32),
+                                           (k, windows.WINDOW_FRAMES, 4)))
+
+    batches = [frames[i:i + cfg.batch] for i in range(0, len(frames), cfg.batch)]
+    train = np.concatenate([np.asarray(_responses(ens.graphdef, ens.states, jnp.asarray(f),
+                                                  held(len(f)), index)) for f in batches])
     rng = np.random.default_rng(cfg.seed)
     meis, reached = [], []
     for start in range(0, len(neurons), cfg.batch):
         chosen = np.asarray(neurons[start:start + cfg.batch], np.int32)
-        k = len(chosen)
-        delta = rng.normal(0, 1, (k, windows.WINDOW_FRAMES, windows.VIDEO_HEIGHT,
+        delta = rng.normal(0, 1, (len(chosen), windows.WINDOW_FRAMES, windows.VIDEO_HEIGHT,
                                   windows.VIDEO_WIDTH)).astype(np.float32)
         delta *= 0.1 * norm / np.sqrt(np.sum(delta[0] ** 2))
-        held = np.broadcast_to(median.astype(np.float32), (k, windows.WINDOW_FRAMES, 4))
-        mei, response = _optimise(ens.graphdef, ens.states, jnp.asarray(delta),
-                                  jnp.asarray(held), index, jnp.asarray(chosen), cfg,
-                                  jnp.float32(norm), jnp.float32(level))
+        mei, response = _optimise(ens.graphdef, ens.states, jnp.asarray(delta), held(len(chosen)),
+                                  index, jnp.asarray(chosen), cfg, jnp.float32(norm),
+                                  jnp.float32(level))
         meis.append(np.asarray(mei))
         reached.append(np.asarray(response))
     return {"meis": np.concatenate(meis), "response": np.concatenate(reached),
@@ -167,17 +156,15 @@ def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
     dataset = SensoriumDataset.open(inference.data_root(workdir, ens, data_root))
     if mouse_name not in dataset.names:
         raise experiment.PredictionError(f"{dataset.root}: has no mouse {mouse_name}; its mice "
-                                      f"are {dataset.names}")
+                                         f"are {dataset.names}")
     mouse = dataset.mouse(mouse_name)
     name = ",".join(sorted(experiments))
     out = Path(out) if out else Path(workdir) / "insilico" / name / "mei" / mouse_name
     (out / "report.json").unlink(missing_ok=True)
-    held_out = None
-    if best > 0:
-        neurons, held_out = best_neurons(ens, mouse, best)
+    neurons, held_out = best_neurons(ens, mouse, best) if best > 0 else (neurons, None)
     found = find_meis(ens, mouse, neurons, cfg)
     truth = None
-    if baseline.is_simulated(dataset):
+    if baseline.is_simulated(dataset):  # the true receptive fields
         info = {m["name"]: m for m in synthetic.load_info(dataset.root)["mouse_info"]}
         truth = info[mouse_name]["receptive_fields"]
     rows = []
@@ -209,37 +196,20 @@ def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    for name, default, text in (
-            ("experiment", None, "Experiment name(s), comma-separated."),
-            ("mouse", None, "Mouse folder name."),
-            ("workdir", "workdir", "Work folder holding <experiment>/fold_<k>."),
-            ("data_root", None, "Dataset root (default: the folds' config.json)."),
-            ("out", None, "Output folder (default <workdir>/insilico/<experiment>/mei/<mouse>).")):
-        flags.DEFINE_string(name, default, text, flag_values=fv)
-    flags.DEFINE_list("neurons", None, "Neuron indexes (0-based, readout order).", flag_values=fv)
+    inference.define_flags(fv, "<workdir>/insilico/<experiment>/mei/<mouse>", MeiConfig,
+                           {"neurons": (None, "Neuron indexes (0-based, readout order).")})
+    flags.DEFINE_string("mouse", None, "Mouse folder name.", flag_values=fv)
     flags.DEFINE_integer("best", 0, "Instead of --neurons: the N neurons best predicted on "
                                     "held-out trials.", flag_values=fv)
-    flags.DEFINE_list("folds", None, "Fold models to use (default: every fold found).",
-                      flag_values=fv)
-    for f in MeiConfig.__dataclass_fields__.values():
-        define = flags.DEFINE_integer if f.type == "int" else flags.DEFINE_float
-        define(f.name, f.default, f"MeiConfig.{f.name}", flag_values=fv)
 
 
 def run(f: flags.FlagValues, args: list[str]) -> int:
-    if args:
-        raise cli.UsageError(f"unexpected arguments: {args}")
+    cfg, ints = inference.parse_flags(f, args, MeiConfig, ("neurons", "folds"))
     if not f.experiment or not f.mouse or bool(f.neurons) == (f.best > 0):
         raise cli.UsageError("--experiment, --mouse and one of --neurons or --best are required")
     logging.set_verbosity(logging.WARNING)
-    try:
-        cfg = MeiConfig(**{k: f[k].value for k in MeiConfig.__dataclass_fields__})
-        neurons = [int(n) for n in f.neurons] if f.neurons else None
-        fold_ids = [int(k) for k in f.folds] if f.folds else None
-    except ValueError as e:
-        raise cli.UsageError(f"--neurons and --folds take integers ({e})") from None
-    mei_command(f.workdir, f.experiment.split(","), f.mouse, neurons, best=f.best, cfg=cfg,
-                fold_ids=fold_ids, data_root=f.data_root, out=f.out)
+    mei_command(f.workdir, f.experiment.split(","), f.mouse, ints["neurons"], best=f.best,
+                cfg=cfg, fold_ids=ints["folds"], data_root=f.data_root, out=f.out)
     return 0
 
 

@@ -1,10 +1,8 @@
 """`python -m dwise_jax.reconstruct --experiment NAME --split SPLIT`: movies from responses.
 
-The published method (Bauer, Margrie & Clopath, eLife 2026) on the project's ensemble: from
-mid-grey, a trial's video is optimised so that the models' predictions match the recorded
-responses (normalised window gradients of the Poisson NLL, averaged over windows and models,
-masked, clipped, Adam's first moment), one jitted function per iteration. Each trial only by
-models that never trained on it. Method, outputs, report: docs/insilico.md#movie-reconstruction.
+The published method (Bauer, Margrie & Clopath, eLife 2026) on the project's ensemble, one
+jitted function per iteration, each trial only by models that never trained on it. Method,
+outputs, report: docs/insilico.md#movie-reconstruction.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
-from dwise_jax import cli, decoder, experiment, inference, insilico_report, losses, report
+from dwise_jax import cli, decoder, experiment, forward, inference, insilico_report, losses, report
 from dwise_jax.data import folds, windows
 from dwise_jax.data.sensorium import TEST_TIERS, Mouse, SensoriumDataset
 
@@ -47,18 +45,13 @@ class ReconConfig:
     decoder_trials: int = 128  # at most this many fitting trials per mouse and fold group
 
 
-# --------------------------------------------------------------------------- the iteration
-
-
 def window_grads(graphdef, states, frames, traces, targets, readout_index: int,
                  model_axis: str = "map"):
-    """Per model and window, the normalised gradient of the window's Poisson NLL on its frames.
-
-    frames (C, 16, 36, 64), traces (C, 16, 4), targets (C, 16, N) -> (M, C, 16, 36, 64) unit
-    L2 norm per (model, window), and the (M, C) losses.
-    """
+    """Per model and window, the gradient of the window's Poisson NLL on its frames, unit L2
+    norm: frames (C, 16, 36, 64), traces (C, 16, 4), targets (C, 16, N) -> (M, C, 16, 36, 64)
+    and the (M, C) losses."""
     def loss(state, f):
-        pred = inference._apply(graphdef, state, f, traces, readout_index)
+        pred = forward.apply(graphdef, (state,), f, traces, readout_index)
         per_window = jnp.sum(losses.poisson_nll(pred, targets), axis=(1, 2))
         return jnp.sum(per_window), per_window
 
@@ -88,20 +81,17 @@ def direction(graphdef, states, video, traces, targets, plan: inference.WindowPl
     return jnp.mean(sums / counts, axis=0), total / (num_models * plan.valid.sum())
 
 
-@functools.lru_cache(maxsize=8)
-def _blur_matrix(size: int, sigma: float) -> np.ndarray:
-    """(size, size): row i is a Gaussian around i, cut at the edges and renormalised."""
-    x = np.arange(size)
-    m = np.exp(-0.5 * ((x[:, None] - x[None, :]) / sigma) ** 2)
-    return (m / m.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
 def blur(x, sigma: float):
     """A Gaussian blur of `sigma` pixels over the last two axes (height, width); none at 0."""
     if sigma <= 0:
         return x
-    rows, cols = _blur_matrix(x.shape[-2], sigma), _blur_matrix(x.shape[-1], sigma)
-    return jnp.einsum("ij,...jk,lk->...il", rows, x, cols)
+
+    def gaussian(size: int) -> np.ndarray:  # row i: around i, cut at the edges, renormalised
+        d = np.arange(size)[:, None] - np.arange(size)[None, :]
+        m = np.exp(-0.5 * (d / sigma) ** 2)
+        return (m / m.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    return jnp.einsum("ij,...jk,lk->...il", gaussian(x.shape[-2]), x, gaussian(x.shape[-1]))
 
 
 def adam_step(video, moment, grad, mask, step, cfg: ReconConfig):
@@ -115,14 +105,12 @@ def adam_step(video, moment, grad, mask, step, cfg: ReconConfig):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
-def iteration(graphdef, states, video, moment, traces, targets, plan_key, readout_index,
-              cfg: ReconConfig, mask, step):
+def iteration(graphdef, states, video, moment, traces, targets, plan: inference.WindowPlan,
+              readout_index: int, cfg: ReconConfig, mask, step):
     """One whole reconstruction iteration of a trial: (video, moment, loss)."""
-    plan = inference._PLANS[plan_key]
     grad, loss = direction(graphdef, states, video, traces, targets, plan, readout_index,
                            cfg.model_axis)
-    grad = blur(grad, cfg.smooth_sigma)
-    video, moment = adam_step(video, moment, grad, mask, step, cfg)
+    video, moment = adam_step(video, moment, blur(grad, cfg.smooth_sigma), mask, step, cfg)
     return video, moment, loss
 
 
@@ -130,35 +118,27 @@ def score(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:
     """Pearson r and RMSE of the pixels inside `mask` over frames SKIP_FRAMES.. (L, 36, 64)."""
     a = np.asarray(recon[SKIP_FRAMES:], np.float64)[:, mask].ravel()
     b = np.asarray(truth[SKIP_FRAMES:], np.float64)[:, mask].ravel()
-    if a.size < 2 or a.std() == 0 or b.std() == 0:
-        r = 0.0
-    else:
-        r = float(np.corrcoef(a, b)[0, 1])
-    return {"corr": r, "rmse": float(np.sqrt(np.mean((a - b) ** 2)))}
+    return {"corr": decoder.correlation(a, b), "rmse": float(np.sqrt(np.mean((a - b) ** 2)))}
 
 
 def reconstruct_trial(ens: inference.Ensemble, traces, targets, mask: np.ndarray,
                       cfg: ReconConfig, readout_index: int, truth: np.ndarray | None = None,
                       score_mask: np.ndarray | None = None):
     """Reconstructs one trial; returns (video (L, 36, 64) float32, curve of scores)."""
-    length = len(traces)
-    key, _ = inference.cached_plan(length, cfg.anchor_stride, cfg.chunk)
-    video = jnp.full((length, windows.VIDEO_HEIGHT, windows.VIDEO_WIDTH), cfg.init, jnp.float32)
+    plan = inference.WindowPlan.of(len(traces), cfg.anchor_stride, cfg.chunk)
+    video = jnp.full((len(traces), windows.VIDEO_HEIGHT, windows.VIDEO_WIDTH), cfg.init,
+                     jnp.float32)
     moment = jnp.zeros_like(video)
     traces, targets = jnp.asarray(traces), jnp.asarray(targets)
     mask = jnp.asarray(mask, jnp.float32)
     curve = []
-    for step in range(cfg.iterations):
+    for done in range(1, cfg.iterations + 1):
         video, moment, loss = iteration(ens.graphdef, ens.states, video, moment, traces,
-                                        targets, key, readout_index, cfg, mask, step)
-        done = step + 1
+                                        targets, plan, readout_index, cfg, mask, done - 1)
         if truth is not None and (done % cfg.eval_every == 0 or done == cfg.iterations):
             curve.append({"iteration": done, "loss": float(loss),
                           **score(np.asarray(video), truth, score_mask)})
     return np.asarray(video, np.float32), curve
-
-
-# --------------------------------------------------------------------------- the mask
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -181,38 +161,28 @@ def top_share(energy: np.ndarray, share: float) -> np.ndarray:
 def population_mask(ens: inference.Ensemble, mouse: Mouse, trials: list[int],
                     cfg: ReconConfig, seed: int = 0) -> dict:
     """The screen area that drives the mouse's predicted population activity, from
-    `cfg.mask_windows` windows of `trials` (docs/insilico.md#movie-reconstruction): {"energy"
-    (36, 64), max 1; "update", "score": the pixels holding those fractions of the energy}."""
+    `cfg.mask_windows` windows of `trials`: {"energy" (36, 64), max 1; "update", "score": the
+    pixels holding those fractions of the energy}."""
     rng = np.random.default_rng(seed)
     rows = [(t, a) for t in trials for a in windows.prediction_anchors(int(mouse.lengths[t]), 8)]
     pick = rng.choice(len(rows), min(cfg.mask_windows, len(rows)), replace=False)
     index = ens.readout_index(mouse)
     energy = np.zeros((windows.VIDEO_HEIGHT, windows.VIDEO_WIDTH))
     for start in range(0, len(pick), cfg.chunk):
-        batch = [rows[i] for i in pick[start:start + cfg.chunk]]
-        frames, traces = zip(*(windows.compact_window(*_trial_inputs(mouse, t), a)
-                               for t, a in batch), strict=True)
-        energy += np.asarray(_energy(ens.graphdef, ens.states, jnp.asarray(np.stack(frames)),
-                                     jnp.asarray(np.stack(traces)), index), np.float64)
+        frames, traces = inference.load_windows(
+            mouse, [rows[i] for i in pick[start:start + cfg.chunk]])
+        energy += np.asarray(_energy(ens.graphdef, ens.states, jnp.asarray(frames),
+                                     jnp.asarray(traces), index), np.float64)
     energy = np.asarray(blur(energy, cfg.smooth_sigma), np.float64)
     energy = energy / max(energy.max(), 1e-30)
     return {"energy": energy.astype(np.float32), "update": top_share(energy, cfg.update_fraction),
             "score": top_share(energy, cfg.score_fraction)}
 
 
-def _trial_inputs(mouse: Mouse, trial: int):
-    data = mouse.load_trial(trial)
-    return data.video, data.behavior, data.pupil_center
-
-
-# --------------------------------------------------------------------------- the baseline
-
-
 def fit_decoder(dataset: SensoriumDataset, mouse: Mouse, held_folds: set[int] | None,
                 score_mask: np.ndarray, cfg: ReconConfig) -> decoder.RidgeDecoder | None:
-    """The linear decoder fitted on the mouse's labeled trials outside `held_folds` (None: the
-    labeled trials of every fold; the test splits have none), evenly thinned to
-    `cfg.decoder_trials`. None when `cfg.decoder_lags` is 0."""
+    """The linear decoder baseline, fitted on the mouse's labeled trials outside `held_folds`
+    (None: every fold's), evenly thinned to `cfg.decoder_trials`; None if `decoder_lags` is 0."""
     if cfg.decoder_lags <= 0:
         return None
     ids = folds.labeled_trials(mouse, set(range(folds.NUM_FOLDS)) - set(held_folds or ()))
@@ -225,45 +195,31 @@ def fit_decoder(dataset: SensoriumDataset, mouse: Mouse, held_folds: set[int] | 
     return decoder.fit(pairs, score_mask, cfg.decoder_lags)
 
 
-# --------------------------------------------------------------------------- the split
-
-
 def trial_groups(ens: inference.Ensemble, dataset: SensoriumDataset, split: str,
                  mice: list[str] | None, trials: list[int] | None):
     """[(mouse, member indexes, trial ids)]: each trial with the models that never saw it."""
     experiment.check_split(split)
-    if split != "folds" and not report.is_scored(dataset, split):
+    if not report.is_scored(dataset, split):
         raise experiment.PredictionError(f"{dataset.root}: split {split} has no recorded "
-                                      "responses to reconstruct from (use --split folds)")
-    unknown = sorted(set(mice or ()) - set(dataset.names))
-    if unknown:
+                                         "responses to reconstruct from (use --split folds)")
+    if unknown := sorted(set(mice or ()) - set(dataset.names)):
         raise experiment.PredictionError(f"{dataset.root}: has no mice {unknown}; its mice are "
-                                      f"{dataset.names}")
+                                         f"{dataset.names}")
     chosen = [dataset.mouse(m) for m in mice] if mice else list(dataset.mice)
     groups = []
     for mouse in chosen:
         ens.readout_index(mouse)
         if split == "folds":
-            for k in sorted(set(ens.folds)):
-                members = tuple(i for i, f in enumerate(ens.folds) if f == k)
-                ids = folds.labeled_trials(mouse, {k})
-                groups.append((mouse, members, ids))
+            groups += [(mouse, tuple(i for i, f in enumerate(ens.folds) if f == k),
+                        folds.labeled_trials(mouse, {k})) for k in sorted(set(ens.folds))]
         else:
-            groups.append((mouse, tuple(range(ens.size)), [int(t) for t in
-                                                           mouse.trial_ids(split)]))
-    if trials is not None:
-        groups = [(m, g, [t for t in ids if t in trials]) for m, g, ids in groups]
-    groups = [g for g in groups if g[2]]
-    if not groups:
+            groups.append((mouse, tuple(range(ens.size)), mouse.trial_ids(split).tolist()))
+    groups = [(m, g, [t for t in ids if trials is None or t in trials]) for m, g, ids in groups]
+    if not (groups := [g for g in groups if g[2]]):
         raise experiment.PredictionError(f"{dataset.root}: no trials of split {split} for mice "
-                                      f"{[m.name for m in chosen]}, trials {trials}, folds "
-                                      f"{sorted(set(ens.folds))}")
+                                         f"{[m.name for m in chosen]}, trials {trials}, folds "
+                                         f"{sorted(set(ens.folds))}")
     return groups
-
-
-def ensemble_sizes(sizes: tuple[int, ...], available: int) -> list[int]:
-    """The ensemble sizes to score (0 = all), capped at `available`, ascending, distinct."""
-    return sorted({available if s <= 0 else min(s, available) for s in sizes})
 
 
 def reconstruct_split(workdir: str | Path, experiments: list[str], split: str, *,
@@ -271,7 +227,8 @@ def reconstruct_split(workdir: str | Path, experiments: list[str], split: str, *
                       trials: list[int] | None = None, fold_ids: list[int] | None = None,
                       sizes: tuple[int, ...] = (1, 2, 4, 0), data_root: str | None = None,
                       out: str | Path | None = None) -> dict:
-    """Reconstructs the chosen trials; writes arrays, strips, movies, masks and the report."""
+    """Reconstructs the chosen trials, each with every ensemble size of `sizes` (0: all);
+    writes arrays, strips, movies, masks and the report."""
     ens = inference.load_ensemble(workdir, experiments, fold_ids)
     dataset = SensoriumDataset.open(inference.data_root(workdir, ens, data_root))
     groups = trial_groups(ens, dataset, split, mice, trials)
@@ -281,7 +238,7 @@ def reconstruct_split(workdir: str | Path, experiments: list[str], split: str, *
     masks, rows = {}, []
     for mouse, members, ids in groups:
         if mouse.name not in masks:
-            train = [int(t) for t in mouse.trial_ids("train")] or ids
+            train = mouse.trial_ids("train").tolist() or ids
             masks[mouse.name] = population_mask(ens, mouse, train[:16], cfg)
             insilico_report.save_mask(out / "masks", mouse.name, masks[mouse.name])
         mask = masks[mouse.name]
@@ -291,24 +248,22 @@ def reconstruct_split(workdir: str | Path, experiments: list[str], split: str, *
             data = mouse.load_trial(trial)
             truth, traces = inference.trial_arrays(data.video, data.behavior, data.pupil_center)
             responses = report.load_target(dataset, split, mouse, trial)
-            targets = np.maximum(responses, 0).T
             row = {"mouse": mouse.name, "trial": trial, "folds": [ens.folds[i] for i in members],
                    "by_size": {}}
-            for size in ensemble_sizes(sizes, len(members)):
-                sub = ens.subset(members[:size])
-                video, curve = reconstruct_trial(sub, traces, targets, mask["update"], cfg,
-                                                 ens.readout_index(mouse), truth, mask["score"])
+            for size in sorted({min(s, len(members)) if s > 0 else len(members) for s in sizes}):
+                video, curve = reconstruct_trial(
+                    ens.subset(members[:size]), traces, np.maximum(responses, 0).T,
+                    mask["update"], cfg, ens.readout_index(mouse), truth, mask["score"])
                 row["by_size"][size] = {"final": curve[-1], "curve": curve}
+            best = row["by_size"][max(row["by_size"])]["final"]
+            text = f"{mouse.name} trial {trial}: corr {best['corr']:.4f} rmse {best['rmse']:.2f}"
             if linear is not None:
                 row["linear"] = score(linear.decode(responses), truth, mask["score"])
                 row["linear"].update(lags=linear.lags, alpha=linear.alpha)
+                text += f"; linear decoder corr {row['linear']['corr']:.4f}"
             insilico_report.save_video(out / mouse.name, trial, video, truth)
             rows.append(row)
-            best = row["by_size"][max(row["by_size"])]["final"]
-            base = (f"; linear decoder corr {row['linear']['corr']:.4f}"
-                    if "linear" in row else "")
-            print(f"{mouse.name} trial {trial}: corr {best['corr']:.4f} rmse {best['rmse']:.2f}"
-                  + base)
+            print(text)
     meta = {"experiments": sorted(experiments), "split": split, "data_root": str(dataset.root),
             "config": asdict(cfg), "members": ens.members}
     path = insilico_report.reconstruction_report(out, rows, masks, meta)
@@ -316,42 +271,21 @@ def reconstruct_split(workdir: str | Path, experiments: list[str], split: str, *
     return {"directory": out, "rows": rows, "report": path}
 
 
-# --------------------------------------------------------------------------- command line
-
-
 def define_flags(fv: flags.FlagValues) -> None:
-    for name, default, text in (
-            ("experiment", None, "Experiment name(s), comma-separated."),
-            ("split", None, f"folds or a scored test split ({', '.join(TEST_TIERS)})."),
-            ("workdir", "workdir", "Work folder holding <experiment>/fold_<k>."),
-            ("data_root", None, "Dataset root (default: the folds' config.json)."),
-            ("out", None, "Output folder (default <workdir>/insilico/<experiment>/reconstruct/"
-                          "<split>).")):
-        flags.DEFINE_string(name, default, text, flag_values=fv)
-    for name, default, text in (
-            ("mice", None, "Mouse folder names (default: all)."),
-            ("trials", None, "Trial ids (default: all of the split)."),
-            ("folds", None, "Fold models to use (default: every fold found)."),
-            ("ensemble_sizes", ["1", "2", "4", "0"], "Ensemble sizes scored (0: all).")):
-        flags.DEFINE_list(name, default, text, flag_values=fv)
-    for f in ReconConfig.__dataclass_fields__.values():
-        define = {"int": flags.DEFINE_integer, "str": flags.DEFINE_string}.get(
-            f.type, flags.DEFINE_float)
-        define(f.name, f.default, f"ReconConfig.{f.name}", flag_values=fv)
+    inference.define_flags(fv, "<workdir>/insilico/<experiment>/reconstruct/<split>", ReconConfig,
+                           {"mice": (None, "Mouse folder names (default: all)."),
+                            "trials": (None, "Trial ids (default: all of the split)."),
+                            "ensemble_sizes": (["1", "2", "4", "0"],
+                                               "Ensemble sizes scored (0: all).")})
+    flags.DEFINE_string("split", None, f"folds or a scored test split ({', '.join(TEST_TIERS)}).",
+                        flag_values=fv)
 
 
 def run(f: flags.FlagValues, args: list[str]) -> int:
-    if args:
-        raise cli.UsageError(f"unexpected arguments: {args}")
+    cfg, ints = inference.parse_flags(f, args, ReconConfig, ("trials", "folds", "ensemble_sizes"))
     if not f.experiment or not f.split:
         raise cli.UsageError("--experiment and --split are required")
     logging.set_verbosity(logging.WARNING)
-    try:
-        cfg = ReconConfig(**{k: f[k].value for k in ReconConfig.__dataclass_fields__})
-        ints = {k: [int(v) for v in f[k].value] if f[k].value else None
-                for k in ("trials", "folds", "ensemble_sizes")}
-    except ValueError as e:
-        raise cli.UsageError(f"--trials, --folds, --ensemble_sizes take integers ({e})") from None
     reconstruct_split(f.workdir, f.experiment.split(","), f.split, cfg=cfg, mice=f.mice,
                       trials=ints["trials"], fold_ids=ints["folds"],
                       sizes=tuple(ints["ensemble_sizes"] or (0,)), data_root=f.data_root,

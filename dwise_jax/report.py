@@ -105,22 +105,24 @@ class SplitScorer:
 
 
 def _table(scores: SplitScores) -> list[list[str]]:
-    ceiling = scores.ceiling.mouse_means if scores.ceiling else {}
-    rows = [["mouse", "neurons", "trials", "correlation"] + (["noise ceiling"] if ceiling else [])]
-    names = list(scores.scores.per_mouse)
+    """The scores table, header first; a noise-ceiling column where there is a ceiling."""
+    got, ceiling, names = scores.scores, scores.ceiling, list(scores.scores.per_mouse)
+    rows = [["mouse", "neurons", "trials", "correlation", "noise ceiling"]]
     for mouse, short in zip(names, _short(names), strict=True):
-        r = scores.scores.per_mouse[mouse]
-        rows.append([short, str(r.size), str(scores.trials[mouse]), f"{np.mean(r):.4f}"]
-                    + ([f"{ceiling[mouse]:.4f}"] if ceiling else []))
-    for label, value, ceil in (
-            ("all neurons", scores.scores.neuron_mean,
-             scores.ceiling.neuron_mean if scores.ceiling else None),
-            ("mean over mice", scores.scores.mouse_mean,
-             scores.ceiling.mouse_mean if scores.ceiling else None)):
-        rows.append([f"**{label}**", str(scores.scores.per_neuron.size),
-                     str(sum(scores.trials.values())), f"**{value:.4f}**"]
-                    + ([f"{ceil:.4f}"] if ceiling else []))
-    return rows
+        r = got.per_mouse[mouse]
+        rows.append([short, str(r.size), str(scores.trials[mouse]), f"{np.mean(r):.4f}",
+                     f"{ceiling.mouse_means[mouse]:.4f}" if ceiling else ""])
+    for label, value, ceil in (("all neurons", got.neuron_mean, ceiling and ceiling.neuron_mean),
+                               ("mean over mice", got.mouse_mean, ceiling and ceiling.mouse_mean)):
+        rows.append([f"**{label}**", str(got.per_neuron.size), str(sum(scores.trials.values())),
+                     f"**{value:.4f}**", f"{ceil:.4f}" if ceiling else ""])
+    return rows if ceiling else [r[:-1] for r in rows]
+
+
+def markdown_table(rows: list[list]) -> list[str]:
+    """The lines of a Markdown table, the first row its header."""
+    lines = ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return [lines[0], "|" + " --- |" * len(rows[0]), *lines[1:]]
 
 
 def print_scores(scores: SplitScores) -> None:
@@ -139,19 +141,32 @@ def _short(names: list[str]) -> list[str]:
     return short if len(set(short)) == len(short) else names
 
 
-def _save(fig, path: Path) -> None:
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
     with atomic.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    pyplot().close(fig)
+
+
+def write_markdown(path: Path, lines: list[str]) -> Path:
+    with atomic.atomic_path(path, suffix=".md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _plot_correlations(scores: SplitScores, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     names = list(scores.scores.per_mouse)
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 3, 4))
+    fig, ax = pyplot().subplots(figsize=(1.2 * len(names) + 3, 4))
     data = [scores.scores.per_mouse[m] for m in names]
     ax.violinplot(data, showmedians=True)
     ax.plot(range(1, len(names) + 1), [np.mean(d) for d in data], "ro", label="mean")
@@ -163,15 +178,12 @@ def _plot_correlations(scores: SplitScores, path: Path) -> None:
     ax.set_ylabel("per-neuron correlation")
     ax.set_title(f"{scores.split}: per-neuron correlation, mean {scores.scores.neuron_mean:.4f}")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plot_traces(scores: SplitScores, examples: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     names = [m for m in scores.scores.per_mouse if m in examples]
-    fig, axes = plt.subplots(len(names), 2, figsize=(12, 2.2 * len(names)), squeeze=False)
+    fig, axes = pyplot().subplots(len(names), 2, figsize=(12, 2.2 * len(names)), squeeze=False)
     for row, (name, short) in enumerate(zip(names, _short(names), strict=True)):
         r = scores.scores.per_mouse[name]
         order = np.argsort(r)
@@ -190,16 +202,13 @@ def _plot_traces(scores: SplitScores, examples: dict, path: Path) -> None:
             ax.tick_params(labelsize=7)
             ax.set_title(f"{short} trial {trial}: {label} neuron {neuron} (r = {r[neuron]:.3f} "
                          "over all trials)", fontsize=9)
-    axes[-1, 0].set_xlabel("frame (30 Hz)")
-    axes[-1, 1].set_xlabel("frame (30 Hz)")
-    fig.tight_layout()
-    _save(fig, path)
+    for ax in axes[-1]:
+        ax.set_xlabel("frame (30 Hz)")
+    save_figure(fig, path)
 
 
 def _plot_strides(rows: list[dict], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.8))
     x = [r["windows_per_300_frames"] for r in rows]
     ax.plot(x, [r["correlation"] for r in rows], "o-")
     for r, xi in zip(rows, x, strict=True):
@@ -209,32 +218,24 @@ def _plot_strides(rows: list[dict], path: Path) -> None:
     ax.set_xlabel("forward passes per 300-frame trial")
     ax.set_ylabel("correlation (all neurons)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_report(directory: str | Path, scores: SplitScores, examples: dict,
                  manifest: dict) -> Path:
     """Writes report.md, scores.json and the plots into `directory`; returns report.md."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     directory = Path(directory)
     summary = scores.to_json()
-    folds = ", ".join(f"{f['fold']} (step {f['step']}, {f['source']})"
-                      for f in manifest.get("folds", []))
-    title = manifest.get("experiment", "")
-    lines = [f"# {title}: {scores.split}", "",
+    lines = [f"# {manifest.get('experiment', '')}: {scores.split}", "",
              f"- data: `{manifest.get('data_root')}`"]
-    if folds:
-        lines.append(f"- folds: {folds}")
+    if manifest.get("folds"):
+        lines.append("- folds: " + ", ".join(f"{f['fold']} (step {f['step']}, {f['source']})"
+                                             for f in manifest["folds"]))
     if manifest.get("experiments"):
         lines.append(f"- ensemble of: {', '.join(manifest['experiments'])}")
     lines += [f"- anchor stride: {scores.main}",
-              f"- score: {METRIC}; raw predictions, no precision normalisation", ""]
-    table = _table(scores)
-    lines += ["| " + " | ".join(table[0]) + " |", "|" + " --- |" * len(table[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in table[1:]]
+              f"- score: {METRIC}; raw predictions, no precision normalisation", "",
+              *markdown_table(_table(scores))]
     if scores.ceiling:
         lines += ["", "Noise ceiling: the same score of the simulation's noiseless rate against "
                       "the same responses (what a perfect model of the simulated neurons gets)."]
@@ -246,18 +247,16 @@ def write_report(directory: str | Path, scores: SplitScores, examples: dict,
               "![best and median neurons](traces.png)"]
     if "strides" in summary:
         _plot_strides(summary["strides"], directory / "stride.png")
+        full = summary["strides"][0]["windows_per_300_frames"]
         lines += ["", "## Correlation against anchor stride", "",
                   "Blended from the same stride-1 windows, each stride taking its own anchors "
-                  "(`--anchor_stride S` runs only those).", "",
-                  "| anchor stride | forward passes per 300-frame trial | share of stride 1 | "
-                  "correlation | mean over mice |", "| --- | --- | --- | --- | --- |"]
-        full = summary["strides"][0]["windows_per_300_frames"]
-        lines += [f"| {r['stride']} | {r['windows_per_300_frames']} | "
-                  f"{r['windows_per_300_frames'] / full:.2f} | {r['correlation']:.4f} | "
-                  f"{r['correlation_mouse_mean']:.4f} |" for r in summary["strides"]]
+                  "(`--anchor_stride S` runs only those).", ""]
+        lines += markdown_table(
+            [["anchor stride", "forward passes per 300-frame trial", "share of stride 1",
+              "correlation", "mean over mice"]]
+            + [[r["stride"], r["windows_per_300_frames"],
+                f"{r['windows_per_300_frames'] / full:.2f}", f"{r['correlation']:.4f}",
+                f"{r['correlation_mouse_mean']:.4f}"] for r in summary["strides"]])
         lines += ["", "![correlation against stride](stride.png)"]
     atomic.write_json(directory / "scores.json", {**summary, "manifest": manifest})
-    path = directory / "report.md"
-    with atomic.atomic_path(path, suffix=".md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    return path
+    return write_markdown(directory / "report.md", lines)
