@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
@@ -28,9 +29,7 @@ from dwise_jax import config as config_lib
 MODEL_SPEC_FILE = "model.json"
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_FILE = "manifest.json"
-# checkpoints/ keeps the latest step and the one before it (the fallback if the latest is bad),
-# and the best validated step.
-KEEP_LATEST = 2
+KEEP_LATEST = 2  # the latest step and the one before it (the fallback if the latest is bad)
 MODEL_SPEC_FORMAT = "dwise_jax.model_spec/1"
 
 
@@ -45,15 +44,9 @@ def fold_dir(workdir: str | os.PathLike, experiment: str, fold: int) -> Path:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What is needed to rebuild a fold's network.
-
-    Attributes:
-      constructor: keyword arguments of `DwiseNeuro` (as JSON: tuples become lists), without
-        `rngs` and `dtype`. `readout_outputs` holds the neuron count of each readout.
-      mice: mouse folder names in readout order (same length as `readout_outputs`).
-      source: where the weights came from, e.g. "trained" or "converted from model-017-....pth".
-      extra: free-form provenance (original epoch and val_corr of a converted file, ...).
-    """
+    """What is needed to rebuild a fold's network: `DwiseNeuro`'s keyword arguments as JSON
+    (no `rngs`, `dtype`; `readout_outputs` holds each readout's neuron count), the mice in readout
+    order, where the weights came from ("trained", "converted from ...") and free provenance."""
 
     constructor: dict[str, Any]
     mice: list[str]
@@ -91,37 +84,29 @@ def read_model_spec(directory: str | os.PathLike) -> ModelSpec:
     if raw.get("format") != MODEL_SPEC_FORMAT:
         raise CheckpointError(f"{path}: unknown format {raw.get('format')!r}")
     try:
-        return ModelSpec(
-            constructor=raw["constructor"],
-            mice=list(raw["mice"]),
-            source=raw["source"],
-            extra=raw.get("extra", {}),
-        )
+        return ModelSpec(raw["constructor"], list(raw["mice"]), raw["source"],
+                         raw.get("extra", {}))
     except KeyError as e:
         raise CheckpointError(f"{path}: missing field {e}") from None
 
 
-def _options(create: bool) -> ocp.CheckpointManagerOptions:
-    policy = cm.AnyPreservationPolicy([
-        cm.LatestN(n=KEEP_LATEST),
-        cm.BestN(get_metric_fn=_metric, n=1, keep_checkpoints_without_metrics=False)])
-    return ocp.CheckpointManagerOptions(create=create, preservation_policy=policy,
-                                        best_fn=_metric, best_mode="max",
-                                        enable_async_checkpointing=False)
-
-
-def _metric(metrics: dict) -> float:
+def _val_corr(metrics: dict) -> float:
     return float(metrics["val_corr"])
 
 
 class FoldCheckpoints:
-    """The Orbax CheckpointManager of a fold's `checkpoints/`; a context manager."""
+    """The Orbax CheckpointManager of a fold's `checkpoints/`: keeps the latest two steps and the
+    best validated one; a context manager."""
 
     def __init__(self, directory: str | os.PathLike, create: bool = True):
-        # Orbax refuses relative paths ("Checkpoint path should be absolute"), and the default
-        # workdir of every command is the relative "workdir".
+        # Orbax refuses relative paths, and every command's default workdir is "workdir".
         self.path = (Path(directory) / CHECKPOINTS_DIR).absolute()
-        self.manager = ocp.CheckpointManager(self.path, options=_options(create))
+        policy = cm.AnyPreservationPolicy([
+            cm.LatestN(n=KEEP_LATEST),
+            cm.BestN(get_metric_fn=_val_corr, n=1, keep_checkpoints_without_metrics=False)])
+        self.manager = ocp.CheckpointManager(self.path, options=ocp.CheckpointManagerOptions(
+            create=create, preservation_policy=policy, best_fn=_val_corr, best_mode="max",
+            enable_async_checkpointing=False))
 
     def save(self, step: int, items: dict[str, Any], val_corr: float | None = None) -> None:
         """Saves named pytrees as step `step`, then its manifest; `val_corr` (None/NaN: not
@@ -140,7 +125,8 @@ class FoldCheckpoints:
             raise
         if jax.process_index() == 0:  # Orbax saved collectively; one process writes this
             atomic.write_json(step_dir / MANIFEST_FILE, _file_digests(step_dir))
-        _barrier(f"manifest_{step}")
+        if jax.process_count() > 1:  # nobody reads a step before its manifest
+            multihost_utils.sync_global_devices(f"manifest_{step}")
 
     def close(self) -> None:
         self.manager.close()
@@ -157,12 +143,6 @@ def save(directory: str | os.PathLike, step: int, items: dict[str, Any],
     """One step saved into a fold folder (see FoldCheckpoints.save)."""
     with FoldCheckpoints(directory) as checkpoints:
         checkpoints.save(step, items, val_corr)
-
-
-def _barrier(name: str) -> None:
-    """Waits for every process (no-op on one): nobody reads a step before its manifest."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def _file_digests(step_dir: Path) -> dict[str, list]:
@@ -199,124 +179,108 @@ def verify(directory: str | os.PathLike, step: int) -> str | None:
     return None
 
 
-def _reader(directory: str | os.PathLike) -> FoldCheckpoints | None:
-    if not (Path(directory) / CHECKPOINTS_DIR).is_dir():
-        return None
-    return FoldCheckpoints(directory, create=False)
-
-
 def all_steps(directory: str | os.PathLike) -> list[int]:
     """The complete steps of a fold folder, newest first."""
-    reader = _reader(directory)
-    if reader is None:
-        return []
-    with reader:
+    with FoldCheckpoints(directory, create=False) as reader:
         return sorted(reader.manager.all_steps(), reverse=True)
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:
     """The newest complete step of a fold folder, or None if it has none."""
-    steps = all_steps(directory)
-    return steps[0] if steps else None
+    return next(iter(all_steps(directory)), None)
 
 
 def best_step(directory: str | os.PathLike) -> int | None:
     """The kept step with the best validation correlation, or None if none was validated."""
-    reader = _reader(directory)
-    if reader is None:
-        return None
-    with reader:
+    with FoldCheckpoints(directory, create=False) as reader:
         return reader.manager.best_step()
 
 
 def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
             step: int | None = None, targets: dict[str, Any] | None = None,
             ) -> tuple[int, dict[str, Any]]:
-    """Restores named items of a fold folder's checkpoint.
+    """Restores named items of a fold folder's checkpoint as (step, {name: tree}).
 
-    Args:
-      directory: the fold folder.
-      names: which items to read.
-      step: which step. When None, the newest step that verifies and restores: a corrupted
-        newer step is reported on stderr and skipped.
-      targets: optional abstract trees (jax.ShapeDtypeStruct leaves, with shardings where
-        wanted) per item name; without one an item comes back as NumPy arrays.
-
-    Returns:
-      (step, {name: tree}).
+    `step=None` takes the newest step that verifies and restores (a damaged newer step is
+    reported on stderr and skipped). `targets` holds abstract trees per name (ShapeDtypeStruct
+    leaves, with shardings where wanted); an item without one comes back as NumPy arrays.
     """
-    directory = Path(directory)
-    series = directory / CHECKPOINTS_DIR
+    series = Path(directory) / CHECKPOINTS_DIR
     steps = all_steps(directory) if step is None else [step]
     if not steps:
         raise CheckpointError(f"{series}: no checkpoint found")
+    args = ocp.args.Composite(**{name: ocp.args.StandardRestore((targets or {}).get(name))
+                                 for name in names})
     problems = []
-    for candidate in steps:
-        try:
-            items = _restore_step(directory, candidate, names, targets or {})
-        except CheckpointError as e:
+    with FoldCheckpoints(directory, create=False) as reader:
+        for candidate in steps:
+            problem = verify(directory, candidate)
+            if problem is None:
+                try:
+                    restored = reader.manager.restore(candidate, args=args)
+                    if problems:
+                        print(f"warning: using step {candidate} of {series} instead",
+                              file=sys.stderr)
+                    return candidate, {name: restored[name] for name in names}
+                except (FileNotFoundError, KeyError, ValueError, OSError) as e:
+                    problem = (f"{reader.path / str(candidate)}: cannot restore {list(names)} "
+                               f"({e})")
             if step is not None:
-                raise
-            problems.append(str(e))
-            print(f"warning: skipping a bad checkpoint: {e}", file=sys.stderr)
-            continue
-        if problems:
-            print(f"warning: using step {candidate} of {series} instead",
-                  file=sys.stderr)
-        return candidate, items
+                raise CheckpointError(problem)
+            problems.append(problem)
+            print(f"warning: skipping a bad checkpoint: {problem}", file=sys.stderr)
     raise CheckpointError(f"{series}: no readable checkpoint ({'; '.join(problems)})")
 
 
-def _restore_step(directory: Path, step: int, names: tuple[str, ...], targets: dict[str, Any],
-                  ) -> dict[str, Any]:
-    problem = verify(directory, step)
-    if problem is not None:
-        raise CheckpointError(problem)
-    args = {name: ocp.args.StandardRestore(targets.get(name)) for name in names}
-    with FoldCheckpoints(directory, create=False) as reader:
-        try:
-            restored = reader.manager.restore(step, args=ocp.args.Composite(**args))
-        except (FileNotFoundError, KeyError, ValueError, OSError) as e:
-            raise CheckpointError(f"{reader.path / str(step)}: cannot restore {list(names)} "
-                                  f"({e})") from None
-    return {name: restored[name] for name in names}
+def read_ema(directory: str | os.PathLike, expected: dict[str, Any], step: int | None = None,
+             ) -> tuple[int, dict[str, Any]]:
+    """The EMA weights of a step (the newest readable when None) as (step, {"params",
+    "batch_stats"}) in the structure, dtypes and shardings of `expected` (leaves: arrays or
+    ShapeDtypeStructs), from the train state's layout or the one merged tree of checkpoints
+    written before 2026-12-06. Read as stored, then fitted: restoring into the model's shapes
+    would make a mismatch look like a damaged step (and send restore() to an older one)."""
+    step, items = restore(directory, ("ema",), step=step)
+    stored = items["ema"]
+    try:
+        if set(stored) == set(expected):
+            weights = _fit(expected, stored)
+        else:  # the merged tree: each part takes its own leaves
+            weights = {name: _fit(part, stored, partial=True) for name, part in expected.items()}
+    except ValueError as e:
+        raise CheckpointError(
+            f"{Path(directory) / CHECKPOINTS_DIR / str(step)}: its EMA weights do not fit the "
+            f"architecture in {MODEL_SPEC_FILE} ({e})") from None
+    return step, weights
 
 
-def _fit(expected: dict, stored: dict, where: str = "") -> dict:
+def _fit(expected: dict, stored: dict, where: str = "", partial: bool = False) -> dict:
     """`stored` in the structure of `expected` (Orbax gives keys back as strings, e.g. readout
-    indexes), or ValueError naming the first entry that is missing, extra or of another shape."""
+    indexes), or ValueError naming the first entry that is missing, extra (unless `partial`)
+    or of another shape."""
     if not isinstance(stored, dict):
         raise ValueError(f"{where} is an array, the architecture has parameters under it")
     names = {str(k): k for k in stored}
     missing = sorted(str(k) for k in expected if str(k) not in names)
-    extra = sorted(set(names) - {str(k) for k in expected})
+    extra = [] if partial else sorted(set(names) - {str(k) for k in expected})
     if missing or extra:
         raise ValueError(f"{where or '/'}: missing {missing}, unexpected {extra}")
     out = {}
     for key, value in expected.items():
         found, name = stored[names[str(key)]], f"{where}/{key}"
         if isinstance(value, dict):
-            out[key] = _fit(value, found, name)
+            out[key] = _fit(value, found, name, partial)
         elif isinstance(found, dict) or tuple(found.shape) != tuple(value.shape):
             shape = "a subtree" if isinstance(found, dict) else f"shape {tuple(found.shape)}"
             raise ValueError(f"{name} has {shape}, the architecture needs {tuple(value.shape)}")
         else:
-            out[key] = found
+            out[key] = jax.device_put(np.asarray(found, value.dtype),
+                                      getattr(value, "sharding", None))
     return out
 
 
 def load_ema_model(directory: str | os.PathLike, dtype: Any = None, step: int | None = None):
-    """The EMA model of a fold folder, ready for prediction (eval mode).
-
-    Args:
-      directory: the fold folder (holding model.json and checkpoints/).
-      dtype: compute dtype (float32 by default); parameters are float32 whatever it is.
-      step: which checkpoint step; the newest when None.
-
-    Returns:
-      (model, spec, step).
-    """
-    import jax
+    """(the EMA model of a fold folder in eval mode, its ModelSpec, its step); `dtype` is the
+    compute dtype (float32 by default), parameters are float32 whatever it is."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -330,31 +294,10 @@ def load_ema_model(directory: str | os.PathLike, dtype: Any = None, step: int | 
                        rngs=nnx.Rngs(0))
     states = {"params": nnx.state(model, nnx.Param),
               "batch_stats": nnx.state(model, nnx.BatchStat)}
-    expected = {k: nnx.to_pure_dict(v) for k, v in states.items()}
-    # Read as stored, then fitted here: restoring into the model's shapes would make a
-    # mismatch look like a damaged step (and send restore() to an older one).
-    step, items = restore(directory, ("ema",), step=step)
-    stored = items["ema"]
-    if set(stored) != set(expected):  # written before 2026-12-06: one merged tree
-        stored = {k: _subtree(stored, v) for k, v in expected.items()}
-    try:
-        weights = _fit(expected, stored)
-    except ValueError as e:
-        raise CheckpointError(
-            f"{Path(directory) / CHECKPOINTS_DIR / str(step)}: its EMA weights do not fit the "
-            f"architecture in {MODEL_SPEC_FILE} ({e})") from None
+    step, weights = read_ema(directory, {k: nnx.to_pure_dict(v) for k, v in states.items()},
+                             step)
     for name, state in states.items():
-        nnx.replace_by_pure_dict(state, jax.tree.map(lambda w, e: jnp.asarray(w, e.dtype),
-                                                     weights[name], expected[name]))
+        nnx.replace_by_pure_dict(state, weights[name])
         nnx.update(model, state)
     model.eval()
     return model, spec, step
-
-
-def _subtree(stored: dict, template: dict) -> dict:
-    """The part of `stored` with `template`'s keys (missing keys are left for _fit to name)."""
-    names = {str(k): k for k in stored}
-    return {k: (_subtree(stored[names[str(k)]], v)
-                if isinstance(v, dict) and isinstance(stored[names[str(k)]], dict)
-                else stored[names[str(k)]])
-            for k, v in template.items() if str(k) in names}

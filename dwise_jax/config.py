@@ -1,20 +1,17 @@
-"""Experiment configs: the defaults of every field (the original's true_batch_001 recipe).
+"""Experiment configs: the default of every setting (the original's true_batch_001 recipe).
 
-Every field used anywhere lives here (configs are loaded locked, so a typo in an override is an
-error, and code never repeats a default with `.get(key, default)`). Experiment files change only
-what differs.
+Configs are loaded locked (a typo in an override is an error) and code never repeats a default;
+experiment files change only what differs.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+import runpy
+from pathlib import Path
 
 import ml_collections
-
-# The true_batch_001 architecture (docs/original.md#model); readout sizes come from the dataset.
-CORE_FEATURES = (64, 64, 64, 64, 128, 128, 128, 256, 256)
-SPATIAL_STRIDES = (2, 1, 1, 1, 2, 1, 1, 2, 1)
-CORTEX_FEATURES = (1024, 2048, 4096)
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -27,29 +24,28 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Folds to train; each fold k trains on the other six and validates on k.
     config.folds = (0, 1, 2, 3, 4, 5, 6)
 
+    # The true_batch_001 architecture (docs/original.md#model); readout sizes come from the data.
     config.model = ml_collections.ConfigDict()
     config.model.in_channels = 5
-    config.model.core_features = CORE_FEATURES
-    config.model.spatial_strides = SPATIAL_STRIDES
+    config.model.core_features = (64, 64, 64, 64, 128, 128, 128, 256, 256)
+    config.model.spatial_strides = (2, 1, 1, 1, 2, 1, 1, 2, 1)
     config.model.spatial_kernel = 3
     config.model.temporal_kernel = 5
     config.model.expansion_ratio = 7
     config.model.se_reduce_ratio = 32
-    config.model.cortex_features = CORTEX_FEATURES
+    config.model.cortex_features = (1024, 2048, 4096)
     config.model.groups = 2
     config.model.softplus_beta = 0.07
     config.model.drop_rate = 0.4
     config.model.drop_path_rate = 0.1
-    # Compute dtype of the training forward pass: "float32" or "bfloat16" (the original used
-    # fp16 autocast). Parameters, BatchNorm statistics and the loss stay float32; validation and
-    # prediction run in float32, as in the original.
+    # The training forward pass: "float32" or "bfloat16" (the original: fp16 autocast). Weights,
+    # statistics and loss stay float32; validation and prediction run in float32, as originally.
     config.model.compute_dtype = "float32"
     # Readout bias start: "zeros" (the original) or "response_mean" (softplus returns each
     # neuron's mean response at the start; for short runs, see dwise_jax/readout_bias.py).
     config.model.readout_bias_init = "zeros"
-    # How the depthwise convolutions are computed (not what): "auto" (the tap sum on CPU, XLA's
-    # grouped convolution on GPU and TPU; dwise_jax/models/depthwise.py), "taps" or "lax".
-    # Stored in model.json; "auto" is resolved on the machine that runs the model.
+    # How (not what) depthwise convolutions compute: "auto" (the tap sum on CPU, XLA's grouped
+    # convolution on GPU/TPU, resolved where the model runs; models/layers.py), "taps", "lax".
     config.model.depthwise_impl = "auto"
 
     config.data = ml_collections.ConfigDict()
@@ -84,6 +80,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
 # Experiment names become folders under the workdir: no separators, no "..".
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# The config.model settings that are not DwiseNeuro arguments: how training computes and starts.
+TRAINING_ONLY = ("compute_dtype", "readout_bias_init")
 
 
 class ConfigError(ValueError):
@@ -91,46 +89,26 @@ class ConfigError(ValueError):
 
 
 def load_config_file(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-    """Loads `get_config()` of a config file, applies dotted overrides, returns it locked.
-
-    Args:
-      path: a Python file defining `get_config()`.
-      overrides: {"optim.base_lr": 1e-3, ...}; an unknown key raises an error (locked config).
-    """
-    import importlib.util
-    from pathlib import Path
-
+    """Loads `get_config()` of a config file, applies dotted overrides ({"optim.base_lr": 1e-3}:
+    an unknown key is an error), returns it locked."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{file}: no such config file")
-    spec = importlib.util.spec_from_file_location(f"dwise_jax_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    module = runpy.run_path(str(file))
+    if "get_config" not in module:
         raise ConfigError(f"{file}: defines no get_config()")
     try:
-        config = module.get_config()
+        config = module["get_config"]()
     except TypeError as e:  # a value of another type than the default's
         raise ConfigError(f"{file}: {e}") from None
     config.lock()
+    check_keys(overrides or {})
     for key, value in (overrides or {}).items():
-        check_key(key)
-        target = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = getattr(target, parent)
         try:
-            setattr(target, leaf, value)  # a locked ConfigDict refuses a change of type
+            config.update_from_flattened_dict({key: value})  # locked: refuses a change of type
         except TypeError as e:
             raise ConfigError(f"config key {key!r}: {e}") from None
     return config
-
-
-def check_key(key: str) -> None:
-    """Raises ConfigError, with the closest setting, for a dotted key that names no setting."""
-    known = dict(_leaves(get_base_config()))
-    if key not in known:
-        raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, known)}")
 
 
 def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):
@@ -142,26 +120,15 @@ def _leaves(config: ml_collections.ConfigDict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def _did_you_mean(key: str, known) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def check_known_keys(config: ml_collections.ConfigDict) -> None:
-    """Every setting must be one of `get_base_config()`'s: an experiment file builds on the
-    unlocked base config, where a misspelt key would add a new, unused setting. (A value of
-    another type is refused by ml_collections itself.)"""
-    base = dict(_leaves(get_base_config()))
-    for key, _ in _leaves(config):
-        if key not in base:
-            raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, base)}; every "
-                              "setting has its default in dwise_jax/config.py")
-
-
-# The config.model settings that are not DwiseNeuro arguments: how training computes and starts.
-TRAINING_ONLY = ("compute_dtype", "readout_bias_init")
+def check_keys(keys, suffix: str = "") -> None:
+    """Raises ConfigError, with the closest setting, for the first dotted key that names no
+    setting of `get_base_config()`."""
+    known = [key for key, _ in _leaves(get_base_config())]
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}{suffix}")
 
 
 def model_kwargs(config: ml_collections.ConfigDict, readout_outputs: list[int]) -> dict:
@@ -174,7 +141,10 @@ def model_kwargs(config: ml_collections.ConfigDict, readout_outputs: list[int]) 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     """Raises ConfigError naming the field for unknown keys and impossible values."""
-    check_known_keys(config)
+    # An experiment file builds on the unlocked base config, where a misspelt key would add a
+    # new, unused setting. (A value of another type is refused by ml_collections itself.)
+    check_keys((key for key, _ in _leaves(config)),
+               "; every setting has its default in dwise_jax/config.py")
     d, o, m = config.data, config.optim, config.model
     checks = [
         (all(_FOLDER_NAME.fullmatch(name) for name in (config.experiment,

@@ -22,13 +22,11 @@ from dwise_jax import config as config_lib
 def define_flags(fv: flags.FlagValues) -> None:
     config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. "
                                     "configs/true_batch.py.", flag_values=fv, lock_config=True)
-    flags.DEFINE_string("workdir", None, "Work folder (overrides config.workdir).",
-                        flag_values=fv)
-    flags.DEFINE_string("data_root", None, "Dataset root (overrides config.data_root).",
-                        flag_values=fv)
-    flags.DEFINE_string("folds", None, "Comma-separated folds (overrides config.folds).",
-                        flag_values=fv)
-    flags.DEFINE_string("profile_steps", None, "START:END steps to trace.", flag_values=fv)
+    for name, help_text in (("workdir", "Work folder (overrides config.workdir)."),
+                            ("data_root", "Dataset root (overrides config.data_root)."),
+                            ("folds", "Comma-separated folds (overrides config.folds)."),
+                            ("profile_steps", "START:END steps to trace.")):
+        flags.DEFINE_string(name, None, help_text, flag_values=fv)
     flags.DEFINE_bool("dump_hlo", False, "Write the optimised HLO of the train step.",
                       flag_values=fv)
     flags.DEFINE_integer("max_steps", None, "Stop each fold after this many steps (smoke runs; "
@@ -39,10 +37,8 @@ def train_and_evaluate(config, workdir: str | Path, *, folds: list[int] | None =
                        **options) -> dict[int, float]:
     """Trains the given folds (default: config.folds) one after the other; returns {fold:
     val_corr of its last epoch's EMA weights}."""
-    results = {}
-    for fold in folds if folds is not None else list(config.folds):
-        results[fold] = fold_run.train_fold(config, Path(workdir), fold, **options)
-    return results
+    return {fold: fold_run.train_fold(config, Path(workdir), fold, **options)
+            for fold in (folds if folds is not None else config.folds)}
 
 
 def _parse_profile(text: str | None) -> tuple[int, int] | None:
@@ -80,18 +76,17 @@ def check_args(args: list[str]) -> None:
     """A missing --config file and a `--config.KEY=...` override of a key that names no setting
     are one-line errors (ml_collections raises them as tracebacks)."""
     args = args[:args.index("--")] if "--" in args else args
-    for i, arg in enumerate(args):
+    for arg, following in zip(args, [*args[1:], ""], strict=True):
         name, _, value = arg.lstrip("-").partition("=")
         if not arg.startswith("-"):
             continue
         if name == "config":
-            value = value or (args[i + 1] if i + 1 < len(args) else "")
-            file = value.split(":")[0]  # config_flags allows FILE:ARGUMENT
-            if value and not Path(file).is_file():
+            value = value or following  # config_flags allows FILE:ARGUMENT
+            if value and not Path(value.split(":")[0]).is_file():
                 raise config_lib.ConfigError(f"--config {value}: no such config file")
         elif name.startswith("config."):
             try:
-                config_lib.check_key(name[len("config."):])
+                config_lib.check_keys([name[len("config."):]])
             except config_lib.ConfigError as e:
                 raise config_lib.ConfigError(f"--{name}: {e}") from None
 
@@ -106,13 +101,9 @@ def run(fv: flags.FlagValues, args: list[str]) -> int:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     stop.install()  # SIGTERM, Ctrl-C: see dwise_jax/stop.py
     try:
-        with config.unlocked():
-            if fv.workdir:
-                config.workdir = fv.workdir
-            if fv.data_root:
-                config.data_root = fv.data_root
-            if fv.folds:
-                config.folds = _parse_folds(fv.folds)
+        overrides = {"workdir": fv.workdir, "data_root": fv.data_root,
+                     "folds": fv.folds and _parse_folds(fv.folds)}
+        config.update({key: value for key, value in overrides.items() if value})
         config_lib.validate(config)
         check_workdir(config.workdir)
         if sharding.is_main_process():

@@ -150,7 +150,7 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
 @pytest.mark.parametrize("layout", ["train_state", "merged_before_2026_12_06"])
 def test_load_ema_model_reads_the_train_states_layout_and_the_older_merged_one(tmp_path, layout):
     """The EMA item is {"params", "batch_stats"}, as the train state holds it; checkpoints written
-    before 2026-12-06 hold one merged tree and still load, to the same weights."""
+    before 2026-12-06 hold one merged tree and still load (and resume), to the same weights."""
     from flax import nnx
 
     from dwise_jax.models.dwiseneuro import DwiseNeuro
@@ -176,6 +176,11 @@ def test_load_ema_model_reads_the_train_states_layout_and_the_older_merged_one(t
     for path, value in _leaves(stats):
         np.testing.assert_array_equal(
             _get(nnx.to_pure_dict(nnx.state(loaded, nnx.BatchStat)), path), value)
+    # A resumed run reads the EMA the same way, into the train state's abstract layout.
+    want = {"params": params, "batch_stats": stats}
+    step, ema = checkpoint.read_ema(tmp_path, jax.eval_shape(lambda t: t, want))
+    assert step == 4 and all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(ema))
+    jax.tree.map(np.testing.assert_array_equal, ema, want)
 
 
 def _leaves(tree, path=()):
