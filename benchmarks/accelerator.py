@@ -21,8 +21,8 @@ from flax import nnx
 
 from dwise_jax import config as config_lib
 from dwise_jax import optim, process_env, sharding, train_step
-from dwise_jax.models.depthwise import resolve_impl
 from dwise_jax.models.dwiseneuro import DwiseNeuro, count_parameters
+from dwise_jax.models.layers import resolve_impl
 
 ORIGINAL_SAMPLES_PER_S = 35  # the original, fp16 autocast, one RTX A6000 (configs/true_batch.py)
 TINY_NEURONS = (37, 41, 29)  # --tiny: common.TINY_MODEL with three small readouts
@@ -87,9 +87,8 @@ def synthetic_batch(batch: int, neurons) -> dict:
     mask = np.arange(max(neurons))[None, :] < np.asarray(neurons)[mouse][:, None]
     targets = rng.gamma(0.5, 1.0, size=(batch, 16, max(neurons)))
     frames, traces = common.windows(batch)
-    return {"frames": frames, "traces": traces, "partner_frames": frames[::-1],
-            "partner_traces": traces[::-1], "mouse": mouse, "neuron_mask": mask,
-            "box": np.tile(np.int32([[10, 12, 40, 50]]), (batch, 1)),
+    return {"frames": frames, "traces": traces, "partner_traces": traces[::-1], "mouse": mouse,
+            "neuron_mask": mask, "box": np.tile(np.int32([[10, 12, 40, 50]]), (batch, 1)),
             "targets": np.where(mask[:, None, :], targets, 0.0).astype(np.float32)}
 
 

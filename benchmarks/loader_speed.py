@@ -11,6 +11,7 @@ import common
 import jax
 from absl import flags
 
+from dwise_jax import config as config_lib
 from dwise_jax.data import pipeline, synthetic
 from dwise_jax.data.sensorium import SensoriumDataset
 
@@ -37,15 +38,16 @@ def run(fv: flags.FlagValues) -> int:
         print(f"generating {fv.root} ...", flush=True)
         synthetic.generate(fv.root, mice=2, neurons=8000, trials=30, frames=300, seed=0)
     dataset = SensoriumDataset.open(fv.root)
-    config = lambda workers: pipeline.TrainStreamConfig(
-        fold=0, batch_size=fv.batch_size, num_workers=workers, read_threads=fv.read_threads)
-    size = sum(v.nbytes for v in next(pipeline.TrainStream(dataset, config(0))).values())
+    config = config_lib.get_base_config()
+    config.data.update(batch_size=fv.batch_size, num_workers=0)
+    size = sum(v.nbytes for v in next(pipeline.TrainStream(dataset, config, fold=0)).values())
     print(f"{len(dataset.mice)} mice x {dataset.mice[0].num_neurons} neurons, batch "
           f"{fv.batch_size} ({size / 2**20:.1f} MiB on the host), read_threads "
           f"{fv.read_threads}, device_put {fv.device_put} ({jax.devices()[0].platform})")
     print("| workers | samples/s (median) | min - max | runs |\n| --- | --- | --- | --- |")
     for workers in map(int, fv.workers):
-        with pipeline.TrainStream(dataset, config(workers)) as stream:
+        config.data.num_workers = workers
+        with pipeline.TrainStream(dataset, config, fold=0, read_threads=fv.read_threads) as stream:
             _seconds(stream, fv.warmup, fv.device_put)
             rates = [fv.batches * fv.batch_size / _seconds(stream, fv.batches, fv.device_put)
                      for _ in range(fv.repeats)]

@@ -136,11 +136,7 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
     dataset = SensoriumDataset.open(config.data_root)
     d = config.data
     steps_per_epoch = d.train_epoch_size // d.batch_size
-    stream_config = pipeline.TrainStreamConfig(
-        fold=fold, batch_size=d.batch_size, epoch_size=d.train_epoch_size, seed=config.seed,
-        cutmix_alpha=d.cutmix_alpha, cutmix_prob=d.cutmix_prob, num_workers=d.num_workers,
-        worker_buffer_size=d.prefetch_buffer_size, shard_index=jax.process_index(),
-        shard_count=jax.process_count())
+    shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
 
     # Model.
     kwargs = config_lib.model_kwargs(config, dataset.num_neurons)
@@ -184,7 +180,7 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
     _check_fold_folder(directory, config, spec)
     logbook = Logbook(directory, enabled=is_main, tensorboard=config.log.tensorboard,
                       plot=config.log.plot)
-    stream = pipeline.TrainStream(dataset, stream_config)
+    stream = pipeline.TrainStream(dataset, config, fold=fold, **shard)
     resume_step = checkpoint.latest_step(directory)
     checkpoints = checkpoint.FoldCheckpoints(directory)  # latest two steps and the best one
     if resume_step is not None:
@@ -220,7 +216,7 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
     score = val_history[-1] if val_history else math.nan
     val_batch = d.val_batch_size
     if dump_hlo and is_main:
-        first = sharding.put_batch(_first_batch(dataset, stream_config), mesh)
+        first = sharding.put_batch(_first_batch(dataset, config, fold, shard), mesh)
         hlo = train.lower(state, first, *step_args).compile().as_text()
         with atomic.atomic_path(directory / "train_step.hlo.txt") as tmp:
             tmp.write_text(hlo)
@@ -360,8 +356,8 @@ def _check_losses(unchecked: list, fold: int, directory: Path) -> None:
                 f"in {directory}")
 
 
-def _first_batch(dataset, stream_config) -> dict:
-    with pipeline.TrainStream(dataset, stream_config) as probe:
+def _first_batch(dataset, config, fold: int, shard: dict) -> dict:
+    with pipeline.TrainStream(dataset, config, fold=fold, **shard) as probe:
         return next(probe)
 
 
@@ -378,8 +374,10 @@ def _save(checkpoints: checkpoint.FoldCheckpoints, state, stream, step: int,
 
 
 def _restore(directory: Path, template) -> tuple[dict, dict]:
+    """The train state and loader state of the newest readable step; the EMA read by
+    `checkpoint.read_ema` (either EMA layout) from that same step."""
     abstract = jax.eval_shape(lambda t: t, template)
-    _, items = checkpoint.restore(directory, ("state", "ema", "loader"), targets={
-        "state": {k: v for k, v in abstract.items() if k != "ema"}, "ema": abstract["ema"]})
-    return ({**items["state"], "ema": items["ema"]},
-            pipeline.decode_state(items["loader"]["state"]))
+    step, items = checkpoint.restore(directory, ("state", "loader"), targets={
+        "state": {k: v for k, v in abstract.items() if k != "ema"}})
+    _, ema = checkpoint.read_ema(directory, abstract["ema"], step)
+    return {**items["state"], "ema": ema}, pipeline.decode_state(items["loader"]["state"])

@@ -328,3 +328,13 @@ def records(path: Path, skip: int = 0) -> list[dict]:
         except ValueError:
             continue
     return out
+
+
+def stream_config(seed: int = 0, **data):
+    """An experiment config for a training stream: the base config with `seed` and these
+    config.data fields (num_workers 0 unless given: load in the test's process)."""
+    config = config_lib.get_base_config()
+    config.seed = seed
+    config.data.num_workers = 0
+    config.data.update(data)
+    return config

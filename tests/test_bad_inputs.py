@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEMO, REPO, link_copy, model_kwargs, mouse_folder, q, run_module
+from conftest import DEMO, REPO, link_copy, model_kwargs, mouse_folder, q, run_module, stream_config
 
 from dwise_jax import atomic, checkpoint, process_env
 from dwise_jax import config as config_lib
-from dwise_jax.data import dataset_check, sensorium
+from dwise_jax.data import sensorium, value_check
 from dwise_jax.data.sensorium import TIERS, DatasetError
 
 TRUE_BATCH = str(REPO / "configs" / "true_batch.py")
@@ -188,7 +188,7 @@ def root(sim_root, tmp_path) -> Path:
 @pytest.mark.parametrize("damage", DATASET_CASES, ids=lambda f: f.__name__)
 def test_bad_dataset(root, damage, capsys):
     expected = damage(mouse_folder(root))
-    assert dataset_check.main([str(root), "--check"]) == 1
+    assert value_check.main([str(root), "--check"]) == 1
     err = capsys.readouterr().err
     assert re.fullmatch(f"error: {expected}\n", err), err
 
@@ -201,8 +201,8 @@ def test_a_mouse_without_training_trials(root):
             lambda a: np.where(np.isin(a, ["train", "oracle"]), "none", a))
     dataset = sensorium.SensoriumDataset.open(root)  # a valid root, but nothing to train on
     with pytest.raises(DatasetError) as err:
-        pipeline.TrainStream(dataset, pipeline.TrainStreamConfig(fold=0, batch_size=4,
-                                                                 epoch_size=12, seed=0))
+        pipeline.TrainStream(dataset, stream_config(batch_size=4, train_epoch_size=12),
+                             fold=0)
     assert str(err.value) == f"{m}: has no training trial outside fold 0"
 
 
@@ -328,7 +328,7 @@ def test_prediction_of_a_missing_experiment(tmp_path):
 
 
 def test_dataset_command_line_on_a_missing_root(tmp_path, capsys):
-    assert dataset_check.main([str(tmp_path / "nope")]) == 1
+    assert value_check.main([str(tmp_path / "nope")]) == 1
     expected = f"error: {tmp_path / 'nope'}: dataset root folder is missing\n"
     assert capsys.readouterr().err == expected
 
@@ -357,7 +357,7 @@ DATA_CLI_CASES = [
     ("download_of_an_unknown_mouse", "download",
      lambda tmp: [f"--root={tmp / 'out'}", "--mice=dynamic1-1-1-Video-" + "0" * 32], 1,
      lambda tmp: "no archive for ['dynamic1-1-1-Video-" + "0" * 32 + "']"),
-    ("dataset_without_a_root", "dataset_check", lambda tmp: ["--check"], 2,
+    ("dataset_without_a_root", "value_check", lambda tmp: ["--check"], 2,
      lambda tmp: "expected one argument, the dataset ROOT (got 0) (see --help)"),
 ]
 

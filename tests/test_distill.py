@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import model_kwargs
+from conftest import model_kwargs, stream_config
 from flax import nnx
 
 from dwise_jax import checkpoint, experiment, fold_run, losses, predict, train_step
@@ -76,8 +76,8 @@ def _leaves(tree):
 
 def test_train_step_uses_a_frozen_eval_mode_teacher(sim_root):
     dataset = SensoriumDataset.open(sim_root)
-    with pipeline.TrainStream(dataset, pipeline.TrainStreamConfig(
-            fold=0, batch_size=4, epoch_size=12, seed=1)) as stream:
+    with pipeline.TrainStream(
+            dataset, stream_config(seed=1, batch_size=4, train_epoch_size=12), fold=0) as stream:
         batches = [next(stream), next(stream)]
     # The teacher has dropout: in train mode its predictions would be random.
     teacher = DwiseNeuro(**model_kwargs(dataset.num_neurons, **TINY_MODEL, expansion_ratio=3),

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import HANG_TIMEOUT_S
+from conftest import HANG_TIMEOUT_S, stream_config
 
 from dwise_jax.data import eval_windows, folds, pipeline, synthetic, window_reader, windows
 from dwise_jax.data.sensorium import DatasetError, SensoriumDataset
@@ -32,10 +32,12 @@ def sim(sim_root) -> SensoriumDataset:
     return SensoriumDataset.open(sim_root)
 
 
-def _config(**kwargs) -> pipeline.TrainStreamConfig:
+def _stream(root, fold=0, num_epochs=2, shard_index=0, shard_count=1, seed=3,
+            **data) -> pipeline.TrainStream:
     # 3 mice x 8 samples = 24 per epoch, 6 batches of 4: per-mouse counts are exact.
-    base = {"fold": 0, "batch_size": 4, "epoch_size": 24, "num_epochs": 2, "seed": 3}
-    return pipeline.TrainStreamConfig(**{**base, **kwargs})
+    config = stream_config(seed=seed, **{"batch_size": 4, "train_epoch_size": 24, **data})
+    return pipeline.TrainStream(root, config, fold=fold, num_epochs=num_epochs,
+                                shard_index=shard_index, shard_count=shard_count)
 
 
 def _take(stream: pipeline.TrainStream, n: int) -> list[dict[str, np.ndarray]]:
@@ -54,7 +56,7 @@ def _assert_batches_equal(a: list[dict], b: list[dict]) -> None:
 @pytest.fixture(scope="module")
 def reference(sim) -> list[dict[str, np.ndarray]]:
     """Both epochs of the 0-worker stream."""
-    with pipeline.TrainStream(sim, _config()) as stream:
+    with _stream(sim) as stream:
         return _take(stream, 12)
 
 
@@ -62,7 +64,7 @@ def reference(sim) -> list[dict[str, np.ndarray]]:
 
 
 def test_each_mouse_gets_its_share_and_draws_stay_in_range(sim, reference):
-    stream = pipeline.TrainStream(sim, _config())
+    stream = _stream(sim)
     assert stream.steps_per_epoch == 6 and stream.num_neurons == 12
     for epoch in (0, 1):
         mice = np.concatenate([b["mouse"] for b in reference[6 * epoch: 6 * epoch + 6]])
@@ -83,19 +85,19 @@ def test_each_mouse_gets_its_share_and_draws_stay_in_range(sim, reference):
 
 
 def test_streams_are_deterministic_and_epochs_differ(sim, reference):
-    with pipeline.TrainStream(sim, _config()) as stream:
+    with _stream(sim) as stream:
         _assert_batches_equal(_take(stream, 12), reference)
-    samples = pipeline.TrainStream(sim, _config()).samples
+    samples = _stream(sim).samples
     draws = [[samples.draw(e, p) for p in range(24)] for e in (0, 1)]
     assert [(d.mouse, d.trial, d.anchor) for d in draws[0]] != [
         (d.mouse, d.trial, d.anchor) for d in draws[1]]
-    other = pipeline.TrainStream(sim, _config(seed=4)).samples
+    other = _stream(sim, seed=4).samples
     assert [other.draw(0, p).anchor for p in range(24)] != [d.anchor for d in draws[0]]
 
 
 def test_cutmix_is_applied_with_probability_p(sim):
     for prob, low, high in ((0.5, 0.45, 0.55), (0.0, 0.0, 0.0), (1.0, 0.99, 1.0)):
-        samples = pipeline.TrainStream(sim, _config(cutmix_prob=prob, epoch_size=1500)).samples
+        samples = _stream(sim, cutmix_prob=prob, train_epoch_size=1500).samples
         fractions = np.array([windows.box_fraction(samples.draw(0, p).box)
                               for p in range(samples.epoch_length)])
         applied = fractions > 0
@@ -104,8 +106,18 @@ def test_cutmix_is_applied_with_probability_p(sim):
             assert 0.2 < fractions[applied].mean() < 0.45
 
 
+def _apply_cutmix(x1, y1, x2, y2, box):
+    """The original's CutMix on full model inputs (16, 64, 64, 5): x2's box pasted into x1 in
+    every channel and frame, targets (1 - a) y1 + a y2 with a the box's share of the canvas."""
+    r1, c1, r2, c2 = box
+    x = x1.copy()
+    x[:, r1:r2, c1:c2, :] = x2[:, r1:r2, c1:c2, :]
+    a = np.float32((r2 - r1) * (c2 - c1) / 4096)
+    return x, (1.0 - a) * y1 + a * y2
+
+
 def test_training_sample_equals_direct_computation(sim, reference):
-    samples = pipeline.TrainStream(sim, _config()).samples
+    samples = _stream(sim).samples
     inputs = np.concatenate([np.asarray(pipeline.device_inputs(reference[0])),
                              np.asarray(jax.jit(pipeline.device_inputs)(reference[1]))])
     batch = {k: np.concatenate([reference[0][k], reference[1][k]]) for k in reference[0]}
@@ -122,7 +134,7 @@ def test_training_sample_equals_direct_computation(sim, reference):
 
         x1, y1 = direct(d.trial, d.anchor)
         x2, y2 = direct(d.partner_trial, d.partner_anchor)
-        x, y = windows.apply_cutmix(x1, y1, x2, y2, d.box, xp=np)
+        x, y = _apply_cutmix(x1, y1, x2, y2, d.box)
         mixed += bool(d.box.any())
         np.testing.assert_array_equal(inputs[position], x)
         np.testing.assert_array_equal(batch["targets"][position, :, :12], y)
@@ -137,13 +149,13 @@ def test_targets_are_padded_and_masked(sim):
     record = pipeline.build_sample(mouse, draw, num_neurons=20)
     assert record["targets"].shape == (16, 20) and not record["targets"][:, 12:].any()
     np.testing.assert_array_equal(record["neuron_mask"], np.arange(20) < 12)
-    assert not record["partner_frames"].any() and not record["box"].any()
+    assert not record["partner_traces"].any() and not record["box"].any()
 
 
 def test_shards_split_every_global_batch(sim, reference):
     halves = []
     for shard in (0, 1):
-        with pipeline.TrainStream(sim, _config(shard_index=shard, shard_count=2)) as stream:
+        with _stream(sim, shard_index=shard, shard_count=2) as stream:
             halves.append(_take(stream, 3))
     joined = [{k: np.concatenate([h0[k], h1[k]]) for k in h0}
               for h0, h1 in zip(*halves, strict=True)]
@@ -292,18 +304,18 @@ def test_one_pass_over_several_strides_blends_each(sim):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumed_stream_sees_the_same_batches(sim, reference, workers):
-    with pipeline.TrainStream(sim, _config(num_workers=workers)) as first:
+    with _stream(sim, num_workers=workers) as first:
         before = _take(first, 4)
         state = json.loads(json.dumps(first.get_state()))
     assert state["next_batch"] == 4
-    with pipeline.TrainStream(sim, _config(num_workers=workers)) as resumed:
+    with _stream(sim, num_workers=workers) as resumed:
         resumed.set_state(state)
         assert resumed.epoch == 0
         after = _take(resumed, 4)  # crosses into epoch 1
         assert resumed.epoch == 1
     _assert_batches_equal(before + after, reference[:8])
     with pytest.raises(ValueError, match="seed 3"):
-        pipeline.TrainStream(sim, _config(seed=5)).set_state(state)
+        _stream(sim, seed=5).set_state(state)
 
 
 def _shadow_root(sim_root: Path, target: Path) -> Path:
@@ -318,7 +330,7 @@ def _shadow_root(sim_root: Path, target: Path) -> Path:
 
 def test_missing_file_raises_dataset_error_naming_it(sim_root, tmp_path):
     root = _shadow_root(sim_root, tmp_path / "shadow")
-    stream = pipeline.TrainStream(root, _config())
+    stream = _stream(root)
     d = stream.samples.draw(0, 0)
     path = stream.dataset.mice[d.mouse].path_of("responses", d.trial)
     os.unlink(path)
@@ -330,13 +342,15 @@ _WORKER_ERROR_SCRIPT = """
 import multiprocessing, sys, time
 from absl import flags
 flags.FLAGS.mark_as_parsed()
+from dwise_jax.config import get_base_config
 from dwise_jax.data import pipeline
 from dwise_jax.data.sensorium import DatasetError
 
 
 def main(root):
-    config = pipeline.TrainStreamConfig(fold=0, batch_size=4, epoch_size=24, num_workers=2)
-    stream = pipeline.TrainStream(root, config)
+    config = get_base_config()
+    config.data.update(batch_size=4, train_epoch_size=24, num_workers=2)
+    stream = pipeline.TrainStream(root, config, fold=0)
     d = stream.samples.draw(0, 4)  # the first batch of worker 1
     path = stream.dataset.mice[d.mouse].path_of("videos", d.trial)
     data = path.read_bytes()
@@ -378,7 +392,7 @@ def test_worker_error_surfaces_in_main_process(sim_root, tmp_path):
 def test_state_goes_into_a_fold_checkpoint(sim, tmp_path):
     from dwise_jax import checkpoint
 
-    stream = pipeline.TrainStream(sim, _config())
+    stream = _stream(sim)
     stream.set_state(stream.get_state() | {"next_batch": 5})
     state = stream.get_state()
     assert pipeline.decode_state(json.dumps(state)) == state

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import gradient_errors, model_kwargs
+from conftest import gradient_errors, model_kwargs, stream_config
 from flax import nnx
 
 from dwise_jax import losses, train_step
@@ -109,8 +109,8 @@ def test_own_readouts_equal_readout_rows_in_eval_mode():
 @pytest.mark.parametrize("iter_size", [1, 2])
 def test_train_step_needed_equals_all(sim_root, iter_size):
     dataset = SensoriumDataset.open(sim_root)
-    with pipeline.TrainStream(dataset, pipeline.TrainStreamConfig(
-            fold=0, batch_size=8, epoch_size=24, seed=5, cutmix_prob=0.5)) as stream:
+    with pipeline.TrainStream(dataset, stream_config(
+            seed=5, batch_size=8, train_epoch_size=24, cutmix_prob=0.5), fold=0) as stream:
         batch = next(stream)
     results = {}
     for readouts in ("all", "needed"):

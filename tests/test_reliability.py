@@ -33,6 +33,7 @@ from conftest import (
     link_copy,
     model_kwargs,
     records,
+    stream_config,
     train_command,
 )
 
@@ -229,8 +230,8 @@ def test_bfloat16_keeps_the_loss_and_the_softplus_in_float32(sim_root):
     from dwise_jax.models.dwiseneuro import DwiseNeuro
 
     dataset = SensoriumDataset.open(sim_root)
-    with pipeline.TrainStream(dataset, pipeline.TrainStreamConfig(
-            fold=0, batch_size=4, epoch_size=12, seed=0)) as stream:
+    with pipeline.TrainStream(
+            dataset, stream_config(batch_size=4, train_epoch_size=12), fold=0) as stream:
         batch = next(stream)
     model = DwiseNeuro(**model_kwargs(
         dataset.num_neurons, core_features=(8, 8, 16), spatial_strides=(2, 2, 2),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLI_TINY, DEMO, HANG_TIMEOUT_S, REPO, TINY, checkpoint_leaves, model_kwargs
+from conftest import (
+    CLI_TINY,
+    DEMO,
+    HANG_TIMEOUT_S,
+    REPO,
+    TINY,
+    checkpoint_leaves,
+    model_kwargs,
+    stream_config,
+)
 
 from dwise_jax import checkpoint, fold_run
 from dwise_jax import config as config_lib
@@ -53,6 +63,28 @@ def test_tiny_training_writes_everything(sim_root, tmp_path):
                                       if p.name.startswith("dynamic")]
     # A finished fold resumes to nothing and reports the same score.
     assert train_and_evaluate(config, tmp_path, folds=[1])[1] == pytest.approx(scores[1])
+
+    # A run saved with the EMA as one merged tree (the layout before 2026-12-06) resumes to
+    # the same final state as the run above.
+    old = tmp_path / "old"
+    train_and_evaluate(config, old, folds=[1], max_steps=3)
+    old_fold = checkpoint.fold_dir(old, "demo", 1)
+    step, items = checkpoint.restore(old_fold, ("state", "ema", "loader"))
+    shutil.rmtree(old_fold / "checkpoints")
+    checkpoint.save(old_fold, step, {**items, "ema": _merge(items["ema"])})
+    assert train_and_evaluate(config, old, folds=[1])[1] == scores[1]
+    a, b = (dict(checkpoint_leaves(_final_state(f))) for f in (fold, old_fold))
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        np.testing.assert_array_equal(value, b[key], err_msg=key)
+
+
+def _merge(ema: dict) -> dict:
+    """The older checkpoint layout: params and batch_stats merged into one tree."""
+    def merge(x, y):
+        return {k: merge(x[k], y[k]) if k in x and k in y else x.get(k, y.get(k))
+                for k in x.keys() | y.keys()}
+    return merge(ema["params"], ema["batch_stats"])
 
 
 def test_refuses_another_architecture_or_config(sim_root, tmp_path):
@@ -171,8 +203,8 @@ def test_bfloat16_train_step_keeps_float32_params_and_loss(sim_root):
     from dwise_jax.models.dwiseneuro import DwiseNeuro
 
     dataset = SensoriumDataset.open(sim_root)
-    with pipeline.TrainStream(dataset, pipeline.TrainStreamConfig(
-            fold=0, batch_size=4, epoch_size=12, seed=0)) as stream:
+    with pipeline.TrainStream(
+            dataset, stream_config(batch_size=4, train_epoch_size=12), fold=0) as stream:
         batch = next(stream)
     losses = {}
     for dtype in (jnp.float32, jnp.bfloat16):

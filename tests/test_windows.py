@@ -89,6 +89,13 @@ def test_input_layout_by_hand():
             traces[..., c, None, None], (2, 16, 64, 64)))
 
 
+def _compact(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(frames, traces) of a model input built by expand_inputs (checked by the round trip)."""
+    frames, traces = x[..., 14:50, :, 0], x[..., 0, 0, 1:]
+    np.testing.assert_array_equal(windows.expand_inputs(frames, traces, xp=np), x)
+    return frames, traces
+
+
 @pytest.mark.parametrize("seed", ["0", "1", "2", "7"])
 def test_cutmix_equals_fixture(pipeline_fixture, seed):
     f, meta = pipeline_fixture
@@ -96,13 +103,14 @@ def test_cutmix_equals_fixture(pipeline_fixture, seed):
     box = windows.cutmix_box(draw["lam_drawn"], draw["center_cx"], draw["center_cy"])
     np.testing.assert_array_equal(box, f[f"cutmix/seed{seed}/box"])
     assert windows.box_fraction(box) == pytest.approx(draw["area_fraction"], abs=0)
+    (frames1, traces1), (frames2, traces2) = _compact(_cl(f["cutmix/x1"])), _compact(
+        _cl(f["cutmix/x2"]))
+    frames, y = windows.cutmix(frames1, f["cutmix/y1"].T, frames2, f["cutmix/y2"].T, box)
     for xp in (np, windows.jnp):
-        x, y = windows.apply_cutmix(_cl(f["cutmix/x1"]), f["cutmix/y1"].T,
-                                    _cl(f["cutmix/x2"]), f["cutmix/y2"].T, box, xp=xp)
+        x = windows.expand_inputs(frames, traces1, box, traces2, xp=xp)
         np.testing.assert_array_equal(np.asarray(x), _cl(f[f"cutmix/seed{seed}/inputs"]))
-        expected = f[f"cutmix/seed{seed}/target"].T
-        err = np.abs(np.asarray(y) - expected).max() / np.abs(expected).max()
-        assert err < 1e-5
+    expected = f[f"cutmix/seed{seed}/target"].T
+    assert np.abs(y - expected).max() / np.abs(expected).max() < 1e-5
 
 
 def test_cutmix_box_geometry_by_hand():
@@ -114,17 +122,22 @@ def test_cutmix_box_geometry_by_hand():
     np.testing.assert_array_equal(windows.cutmix_box(1e-4, 10, 10), [10, 10, 10, 10])
 
 
-def test_cutmix_mixing_by_hand_batched():
-    x1 = np.zeros((2, 3, 64, 64, 5), np.float32)
-    x2 = np.ones((2, 3, 64, 64, 5), np.float32)
-    y1 = np.zeros((2, 3, 7), np.float32)
-    y2 = np.full((2, 3, 7), 2.0, np.float32)
-    boxes = np.array([[0, 0, 32, 16], [0, 0, 0, 0]])
-    x, y = windows.apply_cutmix(x1, y1, x2, y2, boxes, xp=np)
-    assert x[0].sum() == 3 * 32 * 16 * 5 and x[0, :, :32, :16].all()
-    assert not x[1].any()
-    np.testing.assert_allclose(y[0], 2.0 * 32 * 16 / 4096)
-    np.testing.assert_array_equal(y[1], 0.0)
+def test_cutmix_by_hand():
+    frames1, frames2 = np.zeros((3, 36, 64), np.float32), np.ones((3, 36, 64), np.float32)
+    traces1, traces2 = np.zeros((3, 4), np.float32), np.full((3, 4), 3.0, np.float32)
+    y1, y2 = np.zeros((3, 7), np.float32), np.full((3, 7), 2.0, np.float32)
+    # Rows 0..31 of the canvas: the video's rows 0..17 (canvas 14..31); columns 0..15.
+    box = np.array([0, 0, 32, 16])
+    frames, y = windows.cutmix(frames1, y1, frames2, y2, box)
+    assert frames.sum() == 3 * 18 * 16 and frames[:, :18, :16].all()
+    np.testing.assert_allclose(y, 2.0 * 32 * 16 / 4096)
+    x = windows.expand_inputs(frames, traces1, box, traces2, xp=np)
+    assert (x[:, :32, :16, 1:] == 3.0).all() and x[..., 1:].sum() == 3 * 32 * 16 * 4 * 3.0
+    assert x[..., 0].sum() == 3 * 18 * 16
+    empty = np.zeros(4, np.int64)
+    frames, y = windows.cutmix(frames1, y1, frames2, y2, empty)
+    assert not frames.any() and not y.any()
+    assert not windows.expand_inputs(frames, traces1, empty, traces2, xp=np).any()
 
 
 def test_draw_cutmix_is_deterministic_and_applies_with_probability():

@@ -15,7 +15,6 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dwise_jax.data import folds, windows
@@ -33,42 +32,6 @@ _ORDER, _SAMPLE = 1, 2
 # An endless stream still needs a finite Grain length; 2**40 batches never run out.
 _ENDLESS_BATCHES = 2**40
 _STATE_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainStreamConfig:
-    """What the training stream draws and how it loads.
-
-    Attributes:
-        fold: validation fold (0..6), whose trials are left out; None trains on all folds.
-        batch_size: global batch size, all hosts together (the original: 32).
-        epoch_size: samples per epoch; each mouse gets epoch_size // num_mice (72000 -> 7200).
-        num_epochs: epochs in the stream; None for an endless stream.
-        seed: every random draw derives from it.
-        cutmix_alpha, cutmix_prob: lambda ~ Beta(alpha, alpha), applied with probability p.
-        num_workers: Grain worker processes (0: load in this process with threads).
-        worker_buffer_size: batches each worker prepares ahead.
-        read_threads, read_buffer: threads and batches prefetched per process.
-        shard_index, shard_count: this host's share of every global batch (multi-host).
-    """
-
-    fold: int | None
-    batch_size: int = 32
-    epoch_size: int = 72000
-    num_epochs: int | None = None
-    seed: int = 0
-    cutmix_alpha: float = 1.0
-    cutmix_prob: float = 0.5
-    num_workers: int = 0
-    worker_buffer_size: int = 2
-    read_threads: int = 2
-    read_buffer: int = 2
-    shard_index: int = 0
-    shard_count: int = 1
-
-    @property
-    def local_batch_size(self) -> int:
-        return self.batch_size // self.shard_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,19 +61,15 @@ def training_trials(mouse: Mouse, fold: int | None) -> np.ndarray:
 def build_sample(mouse: Mouse, draw: SampleDraw, num_neurons: int,
                  arrays: TrialArrays | None = None) -> dict[str, np.ndarray]:
     """One sample of the training batch format from its draw (targets padded to num_neurons)."""
-    frames, traces, y1 = load_window(mouse, draw.trial, draw.anchor, arrays=arrays)
-    a = windows.box_fraction(draw.box)
-    if a > 0:
-        partner_frames, partner_traces, y2 = load_window(mouse, draw.partner_trial,
-                                                         draw.partner_anchor, arrays=arrays)
-        # The same float32 arithmetic as windows.apply_cutmix.
-        targets = (1.0 - a) * y1 + a * y2
-    else:  # an empty box pastes nothing: the partner is never read
-        partner_frames, partner_traces, targets = np.zeros_like(frames), np.zeros_like(
-            traces), y1
+    frames, traces, targets = load_window(mouse, draw.trial, draw.anchor, arrays=arrays)
+    partner_traces = np.zeros_like(traces)
+    if windows.box_fraction(draw.box) > 0:  # an empty box pastes nothing: no partner is read
+        partner_frames, partner_traces, partner_targets = load_window(
+            mouse, draw.partner_trial, draw.partner_anchor, arrays=arrays)
+        frames, targets = windows.cutmix(frames, targets, partner_frames, partner_targets,
+                                         draw.box)
     return {
-        "frames": frames, "traces": traces,
-        "partner_frames": partner_frames, "partner_traces": partner_traces,
+        "frames": frames, "traces": traces, "partner_traces": partner_traces,
         "box": np.asarray(draw.box, np.int32), "mouse": np.int32(mouse.index),
         "targets": pad_neurons(targets, num_neurons),
         "neuron_mask": neuron_mask(mouse.num_neurons, num_neurons),
@@ -120,23 +79,30 @@ def build_sample(mouse: Mouse, draw: SampleDraw, num_neurons: int,
 class TrainSamples:
     """The training stream's samples: a pure function of (seed, epoch, position).
 
-    Picklable (Grain's workers receive it); holds only small per-mouse tables.
+    Picklable (Grain's workers receive it); holds only small per-mouse tables and the few
+    settings of `config` (the experiment config: seed, data.batch_size, data.train_epoch_size,
+    data.cutmix_*) that fix the samples.
     """
 
-    def __init__(self, mice: list[Mouse], config: TrainStreamConfig):
+    def __init__(self, mice: list[Mouse], config: Any, fold: int | None, shard_index: int = 0,
+                 shard_count: int = 1):
+        d = config.data
         self.mice = mice
-        self.config = config
-        self.trials = [training_trials(m, config.fold) for m in mice]
+        self.fold, self.seed = fold, config.seed
+        self.batch_size, self.epoch_size = d.batch_size, d.train_epoch_size
+        self.cutmix_alpha, self.cutmix_prob = d.cutmix_alpha, d.cutmix_prob
+        self.local_batch_size = d.batch_size // shard_count
+        self.shard_index = shard_index
+        self.trials = [training_trials(m, fold) for m in mice]
         for mouse, trials in zip(mice, self.trials, strict=True):
             if trials.size == 0:
-                raise DatasetError(f"{mouse.path}: has no training trial outside fold "
-                                 f"{config.fold}")
-        self.per_mouse = config.epoch_size // len(mice)
+                raise DatasetError(f"{mouse.path}: has no training trial outside fold {fold}")
+        self.per_mouse = self.epoch_size // len(mice)
         self.epoch_length = self.per_mouse * len(mice)
-        self.steps_per_epoch = self.epoch_length // config.batch_size
+        self.steps_per_epoch = self.epoch_length // self.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"epoch of {self.epoch_length} samples is shorter than one batch "
-                             f"of {config.batch_size}")
+                             f"of {self.batch_size}")
         self.num_neurons = max(m.num_neurons for m in mice)
         self._order: tuple[int, np.ndarray] | None = None
         self.arrays = TrialArrays()
@@ -145,20 +111,19 @@ class TrainSamples:
         """(epoch_length,) mouse index per position: each mouse per_mouse times, shuffled."""
         cached = self._order
         if cached is None or cached[0] != epoch:
-            rng = np.random.default_rng([self.config.seed, _ORDER, epoch])
+            rng = np.random.default_rng([self.seed, _ORDER, epoch])
             order = rng.permutation(np.repeat(np.arange(len(self.mice)), self.per_mouse))
             cached = self._order = (epoch, order)
         return cached[1]
 
     def draw(self, epoch: int, position: int) -> SampleDraw:
         """Draw order: trial, anchor, CutMix (apply, lambda, row, column), partner trial, anchor."""
-        cfg = self.config
         m = int(self.order(epoch)[position])
         trials, lengths = self.trials[m], self.mice[m].lengths
-        rng = np.random.default_rng([cfg.seed, _SAMPLE, epoch, position])
+        rng = np.random.default_rng([self.seed, _SAMPLE, epoch, position])
         trial = int(trials[rng.integers(trials.size)])
         anchor = int(rng.integers(windows.BEHIND, lengths[trial]))
-        box = windows.draw_cutmix(rng, cfg.cutmix_alpha, cfg.cutmix_prob)
+        box = windows.draw_cutmix(rng, self.cutmix_alpha, self.cutmix_prob)
         if windows.box_fraction(box) == 0:  # applied with cut <= 1: nothing is pasted
             box = np.zeros(4, np.int64)
         partner_trial = int(trials[rng.integers(trials.size)])
@@ -167,13 +132,12 @@ class TrainSamples:
 
     def locate(self, batch: int, row: int) -> tuple[int, int]:
         """(epoch, position in the epoch) of row `row` of this host's batch `batch`."""
-        cfg = self.config
         epoch, step = divmod(batch, self.steps_per_epoch)
-        return epoch, step * cfg.batch_size + cfg.shard_index * cfg.local_batch_size + row
+        return epoch, step * self.batch_size + self.shard_index * self.local_batch_size + row
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         """Grain map function: sample `index` of this host's flat sample sequence."""
-        batch, row = divmod(int(index), self.config.local_batch_size)
+        batch, row = divmod(int(index), self.local_batch_size)
         draw = self.draw(*self.locate(batch, row))
         return build_sample(self.mice[draw.mouse], draw, self.num_neurons, self.arrays)
 
@@ -193,20 +157,28 @@ class TrainStream:
     exactly there. Close it (or use it as a context manager) to stop the worker processes.
     """
 
-    def __init__(self, dataset: SensoriumDataset | str | os.PathLike, config: TrainStreamConfig):
-        if config.batch_size % config.shard_count:
-            raise ValueError(f"batch size {config.batch_size} is not divisible by "
-                             f"{config.shard_count} shards")
-        if not 0 <= config.shard_index < config.shard_count:
-            raise ValueError(f"shard index {config.shard_index} not in 0..{config.shard_count - 1}")
+    def __init__(self, dataset: SensoriumDataset | str | os.PathLike, config: Any, *,
+                 fold: int | None, num_epochs: int | None = None, shard_index: int = 0,
+                 shard_count: int = 1, read_threads: int = 2):
+        """`config`: the experiment config (seed and config.data); `fold`: the validation fold
+        left out (None: all folds); `num_epochs`: None for an endless stream; `shard_index`
+        of `shard_count`: this host's share of every global batch (multi-host)."""
+        d = config.data
+        if d.batch_size % shard_count:
+            raise ValueError(f"batch size {d.batch_size} is not divisible by {shard_count} "
+                             "shards")
+        if not 0 <= shard_index < shard_count:
+            raise ValueError(f"shard index {shard_index} not in 0..{shard_count - 1}")
         self.dataset = _as_dataset(dataset)
-        self.config = config
-        self.samples = TrainSamples(self.dataset.mice, config)
+        self.samples = TrainSamples(self.dataset.mice, config, fold, shard_index, shard_count)
         self.steps_per_epoch = self.samples.steps_per_epoch
-        self.num_batches = (_ENDLESS_BATCHES if config.num_epochs is None
-                            else config.num_epochs * self.steps_per_epoch)
+        self.num_batches = (_ENDLESS_BATCHES if num_epochs is None
+                            else num_epochs * self.steps_per_epoch)
         self.num_neurons = self.samples.num_neurons
-        local = config.local_batch_size
+        self._read = read_options(read_threads, 2)
+        self._workers = grain.MultiprocessingOptions(
+            num_workers=d.num_workers, per_worker_buffer_size=d.prefetch_buffer_size)
+        local = self.samples.local_batch_size
         self._batches = (grain.MapDataset.range(self.num_batches * local)
                          .map(self.samples)
                          .batch(local, drop_remainder=True))
@@ -219,12 +191,9 @@ class TrainStream:
         return self._next // self.steps_per_epoch
 
     def _start(self) -> Any:
-        cfg = self.config
-        ds = self._batches[self._next:].to_iter_dataset(
-            read_options(cfg.read_threads, cfg.read_buffer))
-        if cfg.num_workers > 0:
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
+        ds = self._batches[self._next:].to_iter_dataset(self._read)
+        if self._workers.num_workers > 0:
+            ds = ds.mp_prefetch(self._workers)
         return iter(ds)
 
     def __iter__(self) -> TrainStream:
@@ -244,10 +213,9 @@ class TrainStream:
         return batch
 
     def _fingerprint(self) -> dict[str, Any]:
-        cfg = self.config
-        return {"fold": cfg.fold, "batch_size": cfg.batch_size, "epoch_size": cfg.epoch_size,
-                "seed": cfg.seed, "cutmix_alpha": cfg.cutmix_alpha,
-                "cutmix_prob": cfg.cutmix_prob,
+        s = self.samples
+        return {"fold": s.fold, "batch_size": s.batch_size, "epoch_size": s.epoch_size,
+                "seed": s.seed, "cutmix_alpha": s.cutmix_alpha, "cutmix_prob": s.cutmix_prob,
                 "mice": [[m.name, m.num_neurons] for m in self.dataset.mice]}
 
     def get_state(self) -> dict[str, Any]:
@@ -300,17 +268,7 @@ def decode_state(encoded: np.ndarray | str | bytes) -> dict[str, Any]:
 
 
 def device_inputs(batch: Mapping[str, jax.Array | np.ndarray]) -> jax.Array:
-    """The model input of a batch of any stream: (B, 16, 64, 64, 5) float32, jit-able.
-
-    expand_inputs of the compact arrays and, for training batches (those with a `box`), the
-    partner's box pasted into all channels and frames: exactly the original's CutMixed input.
-    """
-    x = windows.expand_inputs(batch["frames"], batch["traces"])
-    if "box" not in batch:
-        return x
-    partner = windows.expand_inputs(batch["partner_frames"], batch["partner_traces"])
-    # apply_cutmix also mixes targets; the targets here arrive mixed, so it gets dummies that
-    # jit removes.
-    dummy = jnp.zeros((*batch["box"].shape[:-1], 1, 1), jnp.float32)
-    x, _ = windows.apply_cutmix(x, dummy, partner, dummy, batch["box"])
-    return x
+    """The model input of a batch of any stream: (B, 16, 64, 64, 5) float32, jit-able; for a
+    training batch (one with a `box`) the CutMix partner's trace planes inside the box."""
+    return windows.expand_inputs(batch["frames"], batch["traces"], batch.get("box"),
+                                 batch.get("partner_traces"))

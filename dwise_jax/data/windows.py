@@ -1,8 +1,9 @@
 """Frame windows, the 5-channel model input, training targets and the CutMix box.
 
-Pure functions: NumPy on the host, jax.numpy on the device for the input planes and CutMix, so
-the loader ships compact `frames` and `traces` (docs/data.md#windows-and-batches). All values
-are raw, as the original uses them (docs/original.md#inputs-and-windows).
+Pure functions: NumPy on the host (windows, targets, CutMix), jax.numpy on the device for the
+input planes, so the loader ships compact `frames` and `traces`
+(docs/data.md#windows-and-batches). All values are raw, as the original uses them
+(docs/original.md#inputs-and-windows).
 """
 
 from __future__ import annotations
@@ -73,17 +74,21 @@ def compact_window(video: np.ndarray, behavior: np.ndarray, pupil_center: np.nda
     return frames, traces
 
 
-def expand_inputs(frames, traces, xp=jnp):
+def expand_inputs(frames, traces, box=None, partner_traces=None, xp=jnp):
     """Model inputs from compact arrays: (..., 16, 36, 64) and (..., 16, 4) -> (..., 16, 64, 64, 5).
 
-    The original's: the frame in rows 14..49 of a zero canvas, then four constant planes. `xp`
-    is jax.numpy (the default) or numpy."""
+    The original's: the frame in rows 14..49 of a zero canvas, then four constant planes. A
+    CutMixed sample (`cutmix`) also gives its `box` (..., 4) and `partner_traces`: inside the
+    box the planes are the partner's. `xp` is jax.numpy (the default) or numpy."""
     frames = xp.asarray(frames, dtype=xp.float32)
     traces = xp.asarray(traces, dtype=xp.float32)
     lead = frames.shape[:-2]
     pad = [(0, 0)] * len(lead) + [(TOP, CANVAS - VIDEO_HEIGHT - TOP), (0, CANVAS - VIDEO_WIDTH)]
     video = xp.pad(frames, pad)[..., None]
     planes = xp.broadcast_to(traces[..., None, None, :], (*lead, CANVAS, CANVAS, 4))
+    if box is not None:
+        inside = box_mask(box, xp.arange(CANVAS), xp.arange(CANVAS), xp)[..., None, :, :, None]
+        planes = xp.where(inside, xp.asarray(partner_traces)[..., None, None, :], planes)
     return xp.concatenate([video, planes], axis=-1)
 
 
@@ -96,6 +101,8 @@ def window_targets(responses: np.ndarray, anchor: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # CutMix (docs/original.md#cutmix-box): a box from a partner sample of the same mouse is pasted
 # into all 5 channels and all 16 frames; targets mix by the pasted fraction of the 64 x 64 canvas.
+# Done on the host in the compact layout (`cutmix`); the planes inside the box are drawn by
+# `expand_inputs` from the partner's traces.
 
 
 def cutmix_box(lam: float, center_row: int, center_col: int, size: int = CANVAS) -> np.ndarray:
@@ -132,24 +139,22 @@ def box_fraction(box, size: int = CANVAS, xp=np):
     return area.astype(xp.float32) / float(size * size)
 
 
-def apply_cutmix(x1, y1, x2, y2, box, xp=jnp):
-    """(x1 with x2's box pasted, (1 - a) y1 + a y2), a the pasted fraction of the canvas.
-
-    Inputs x1, x2 (..., time, height, width, channels); targets y1, y2 (..., time, neurons), or
-    any layout whose leading axes match the box's (..., 4) [r1, c1, r2, c2]; an empty box changes
-    nothing. `xp`: jax.numpy (the default) or numpy.
-    """
+def box_mask(box, rows, cols, xp=np):
+    """(..., len(rows), len(cols)) bool: which of these canvas rows and columns the box(es)
+    (..., 4) [r1, c1, r2, c2] cover."""
     box = xp.asarray(box)
-    height, width = x1.shape[-3], x1.shape[-2]
-    rows = xp.arange(height)
-    cols = xp.arange(width)
-    lead = box.shape[:-1]
-    expand = (slice(None),) * len(lead)
-    in_rows = (rows >= box[..., 0, None]) & (rows < box[..., 2, None])  # (..., H)
-    in_cols = (cols >= box[..., 1, None]) & (cols < box[..., 3, None])  # (..., W)
-    mask = in_rows[..., :, None] & in_cols[..., None, :]  # (..., H, W)
-    mask = mask[(*expand, None, slice(None), slice(None), None)]  # (..., 1, H, W, 1)
-    x = xp.where(mask, x2, x1)
-    a = box_fraction(box, size=height, xp=xp)[(*expand, None, None)]
-    y = (1.0 - a) * y1 + a * y2
-    return x, y
+    in_rows = (rows >= box[..., 0, None]) & (rows < box[..., 2, None])
+    in_cols = (cols >= box[..., 1, None]) & (cols < box[..., 3, None])
+    return in_rows[..., :, None] & in_cols[..., None, :]
+
+
+def cutmix(frames, targets, partner_frames, partner_targets, box):
+    """One training sample's CutMix on the host, in the compact layout: (frames with the
+    partner's pasted inside the box, (1 - a) targets + a partner_targets), a the pasted fraction
+    of the canvas. Frames (16, 36, 64) fill canvas rows 14..49; targets (16, neurons) float32.
+    The box's trace planes are the partner's too: `expand_inputs` draws them from the box."""
+    a = box_fraction(box)
+    if a == 0:
+        return frames, targets
+    inside = box_mask(box, np.arange(VIDEO_HEIGHT) + TOP, np.arange(VIDEO_WIDTH))
+    return np.where(inside, partner_frames, frames), (1.0 - a) * targets + a * partner_targets

@@ -18,11 +18,12 @@ from dwise_jax.models.dwiseneuro import DwiseNeuro
 flags.FLAGS.mark_as_parsed()
 root = sys.argv[1]
 dataset = sensorium.SensoriumDataset.open(root)
-stream = pipeline.TrainStream(dataset, pipeline.TrainStreamConfig(
-    fold=0, batch_size=8, epoch_size=24, seed=3, cutmix_prob=0.5))
+config = config_lib.get_base_config()
+config.seed = 3
+config.data.update(batch_size=8, train_epoch_size=24, cutmix_prob=0.5, num_workers=0)
+stream = pipeline.TrainStream(dataset, config, fold=0)
 batch = next(stream)
 stream.close()
-config = config_lib.get_base_config()
 config.model.update(core_features=(8, 8, 16), spatial_strides=(2, 2, 2), expansion_ratio=2,
                     se_reduce_ratio=4, cortex_features=(32, 64), drop_rate=0.0, drop_path_rate=0.0)
 results = {}
