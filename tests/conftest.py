@@ -4,14 +4,22 @@ use (tiny training command lines, fold folders of random models, processes to ki
 
 from __future__ import annotations
 
-import json
 import os
+import tempfile
+
+# One persistent XLA compilation cache for this run (set before jax is imported), inherited by
+# every command line the tests start: the many tiny trainings of the same model compile their
+# steps once, not once per process. Compiles under a second are not stored.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      tempfile.mkdtemp(prefix="dwise_jax_test_xla_cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+import json
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
