@@ -4,22 +4,14 @@ use (tiny training command lines, fold folders of random models, processes to ki
 
 from __future__ import annotations
 
-import os
-import tempfile
-
-# One persistent XLA compilation cache for this run (set before jax is imported), inherited by
-# every command line the tests start: the many tiny trainings of the same model compile their
-# steps once, not once per process. Compiles under a second are not stored.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      tempfile.mkdtemp(prefix="dwise_jax_test_xla_cache-"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
-
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,9 +33,26 @@ flags.FLAGS.mark_as_parsed()
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
-# The folds cache of every test and of the command lines they start (which inherit the
-# environment) goes to one folder of this run, not the user's ~/.cache.
-os.environ.setdefault("DWISE_JAX_CACHE", tempfile.mkdtemp(prefix="dwise_jax_test_cache-"))
+# Temporary folders of this run, inherited by the command lines the tests start (they get the
+# environment) and removed when the run ends; a folder the caller names stays. The folds cache
+# (not the user's ~/.cache), and one persistent XLA compilation cache: the many tiny trainings
+# of the same model compile their steps once, not once per process (compiles under 1 s are not
+# stored).
+_RUN_FOLDERS = []
+for _variable, _prefix in (("DWISE_JAX_CACHE", "dwise_jax_test_cache-"),
+                           ("JAX_COMPILATION_CACHE_DIR", "dwise_jax_test_xla_cache-")):
+    if _variable not in os.environ:
+        os.environ[_variable] = tempfile.mkdtemp(prefix=_prefix)
+        _RUN_FOLDERS.append(os.environ[_variable])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for folder in _RUN_FOLDERS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 # How long a child process (a command line under test) may run before the test calls it hung.
 # Only a safety net against hangs, never a verdict on speed: the slowest of these runs takes
