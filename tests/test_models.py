@@ -97,6 +97,15 @@ def test_tile_channels_is_cyclic():
     assert list(np.asarray(tile_channels(x, 7))[0]) == [0, 1, 2, 0, 1, 2, 0]
     assert list(np.asarray(tile_channels(x, 6))[0]) == [0, 1, 2, 0, 1, 2]
     assert tile_channels(x, 3) is x
+    # Exact (it is a matmul with a 0/1 matrix) for any values, and its gradient adds the copies.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 6, 3)).astype(np.float32) * np.float32(1e6) ** rng.integers(-2, 3)
+    w = rng.normal(size=(4, 6, 8)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(tile_channels(jnp.asarray(x), 8)),
+                                  np.tile(x, (1, 1, 3))[..., :8])
+    grad = jax.grad(lambda x: jnp.sum(tile_channels(x, 8) * w))(jnp.asarray(x))
+    expected = w[..., 0:3] + w[..., 3:6] + np.pad(w[..., 6:8], ((0, 0), (0, 0), (0, 1)))
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_softplus_threshold_branch():

@@ -162,11 +162,21 @@ def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
 
 
 def tile_channels(x: jax.Array, channels: int) -> jax.Array:
-    """Cyclic channel tiling (not repeat): [0..C-1, 0..C-1, ...] cut to `channels`."""
+    """Cyclic channel tiling (not repeat): [0..C-1, 0..C-1, ...] cut to `channels`.
+
+    From fewer than 64 channels, a matmul with a 0/1 matrix, exact (each output is one input
+    times 1 plus zeros). As a `jnp.tile`, XLA:CPU fused the tiling, and with it the whole
+    elementwise chain of the block outputs before it (dropout hashes included), into each later
+    shortcut and recomputed it per element: the matmul reads its input materialised once. For
+    wider layers the matmul costs more than it saves (benchmarks/RESULTS.md, the demo's step).
+    """
     c = x.shape[-1]
     if c == channels:
         return x
-    return jnp.tile(x, (1,) * (x.ndim - 1) + (-(-channels // c),))[..., :channels]
+    if c >= 64:
+        return jnp.tile(x, (1,) * (x.ndim - 1) + (-(-channels // c),))[..., :channels]
+    copies = np.arange(channels)[None, :] % c == np.arange(c)[:, None]
+    return pointwise(x, jnp.asarray(copies, x.dtype))
 
 
 def nearest_downsample(x: jax.Array, stride: int) -> jax.Array:
