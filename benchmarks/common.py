@@ -76,12 +76,6 @@ def times(fn, warmup: int, steps: int) -> list[float]:
     return out
 
 
-def matmul_rate() -> float:
-    """float32 GFLOP/s of a jitted 2048^3 `jnp.dot` (median of 5): a shared machine's yardstick."""
-    a, f = jax.numpy.ones((2048, 2048), np.float32), jax.jit(jax.numpy.dot)
-    return 2 * 2048**3 / sorted(times(lambda: f(a, a).block_until_ready(), 1, 5))[2] / 1e9
-
-
 def windows(batch: int) -> tuple:
     """Random prediction inputs: frames (batch, 16, 36, 64) and traces (batch, 16, 4)."""
     rng = np.random.default_rng(0)

@@ -1,33 +1,62 @@
-"""The full true_batch DwiseNeuro on CPU, float32 (step time, FLOPs, memory, prediction) and a
-movie-reconstruction iteration batched against the published loop; see benchmarks/RESULTS.md.
+"""On this CPU (benchmarks/RESULTS.md): `step`, a config's train step on a synthetic batch, alone
+or against `--baseline` (another checkout) in alternating processes, each the median of
+`--repeats` after 2; `reconstruct`, one reconstruction iteration, batched against the published
+loop. Prediction windows per second: accelerator.py.
 
-    .venv/bin/python benchmarks/model_speed.py --batch_sizes 1,4 --repeats 3
-    .venv/bin/python benchmarks/model_speed.py --modes predict --batch_sizes 1,4,16 --repeats 5
+    git worktree add /tmp/dwise_base 9eed6f6
+    .venv/bin/python benchmarks/model_speed.py --baseline /tmp/dwise_base --rounds 3 --repeats 8
     .venv/bin/python benchmarks/model_speed.py --modes reconstruct --tiny --batch_sizes 4
 """
 
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import common
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from flax import nnx
 
 from dwise_jax import checkpoint, inference, process_env, reconstruct
-from dwise_jax.data import windows
-from dwise_jax.losses import mice_poisson_loss
 from dwise_jax.models.dwiseneuro import DwiseNeuro
 
-STRIDES = (1, 4, 8, 16, 30)
-COLUMNS = ("mode: batch: step_s:.2f per_sample_s:.2f gflop_per_sample:.1f "
-           "xla_gflop_per_sample:.1f gflops:.1f matmul_gflops:.1f share:.2f maxrss_gb:.1f "
-           "xla_temp_gb:.2f " + " ".join(f"s_per_trial_stride_{s}:.0f" for s in STRIDES) +
-           " models: length: windows: batched_first_s:.1f batched_s:.2f loop_first_s:.1f "
-           "loop_s:.2f loop_over_batched:.2f update_difference:.1e")  # rows show what they have
+COLUMNS = ("mode: checkout: batch: step_s:.3f compile_s:.1f loss:.6g models: length: windows: "
+           "batched_first_s:.1f batched_s:.2f loop_first_s:.1f loop_s:.2f loop_over_batched:.2f "
+           "update_difference:.1e maxrss_gb:.1f")
+
+
+def step_row(fv: flags.FlagValues, root: str, batch: int) -> dict:
+    """`step`: the train step of the checkout at `root` (its own modules), by the API both share."""
+    for name in [m for m in sys.modules if m.split(".")[0] == "dwise_jax"]:
+        del sys.modules[name]  # imported above
+    sys.path.insert(0, root)
+    from dwise_jax import config as config_lib
+    from dwise_jax import optim, train_step
+    from dwise_jax.models.dwiseneuro import DwiseNeuro
+
+    config = config_lib.load_config_file(f"{root}/configs/{Path(fv.config).name}")
+    neurons = [300] * 3 if Path(fv.config).stem == "demo" else list(common.NEURONS)
+    model = DwiseNeuro(**config_lib.model_kwargs(config, neurons), rngs=nnx.Rngs(0, dropout=1))
+    tx = optim.adamw(optim.lr_schedule(1e-3, 1e-5, 100, 1000), config.optim.weight_decay)
+    trainer = train_step.Trainer(model, tx, ema_decay=config.optim.ema_decay)
+    rng, n, b = np.random.default_rng(0), max(neurons), batch
+    video, traces = rng.uniform(0, 255, (b, 16, 36, 64)), rng.normal(size=(b, 16, 4))
+    data = jax.device_put({  # either checkout's batch, float32 and int32 (x64 is off)
+        "frames": video, "traces": traces, "partner_frames": video, "partner_traces": traces,
+        "box": np.tile(np.int32([10, 40, 10, 40]), (b, 1)), "mouse": np.arange(b) % len(neurons),
+        "targets": rng.gamma(1.0, 1.0, (b, 16, n)), "neuron_mask": np.ones((b, n), bool)})
+    held, train = {"state": trainer.init_state()}, train_step.jit_steps(trainer)[0]
+
+    def step():
+        held["state"], metrics = jax.block_until_ready(train(held["state"], data))
+        held["loss"] = float(metrics["loss"])
+
+    first = common.times(step, 0, 1)[0]  # compiles
+    return {"step_s": statistics.median(common.times(step, 1, fv.repeats)), "compile_s": first,
+            "loss": held["loss"]}
 
 
 def reconstruct_row(fv: flags.FlagValues, chunk: int) -> dict:
@@ -70,75 +99,51 @@ def reconstruct_row(fv: flags.FlagValues, chunk: int) -> dict:
             "update_difference": float(np.abs(update["loop"] - update["batched"]).max())}
 
 
-def worker(fv: flags.FlagValues, mode: str, batch: int) -> dict:
-    """One (mode, batch) in this process: build, compile, time."""
-    rate, arch, out = common.matmul_rate(), common.arch(), {"mode": mode, "batch": batch}
-    maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    if mode == "reconstruct":
-        return {**out, **reconstruct_row(fv, batch), "matmul_gflops": rate, "maxrss_gb": maxrss()}
-    if mode == "predict":
-        timed = common.time_forward(arch, batch, 0, fv.repeats)
-        out["compile_s"], t = timed["compile_s"], statistics.median(timed["times_s"])
-        out.update({f"s_per_trial_stride_{s}": len(windows.prediction_anchors(300, s)) * t / batch
-                    for s in STRIDES})
-    else:
-        model, rng = DwiseNeuro(**arch, rngs=nnx.Rngs(0)), np.random.default_rng(0)
-        (model.train if mode == "train" else model.eval)()
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        args = (params, rest, jnp.asarray(rng.normal(size=(batch, 16, 64, 64, 5)), jnp.float32),
-                [jnp.asarray(rng.random((batch, 16, n)), jnp.float32) for n in common.NEURONS],
-                jnp.eye(10)[jnp.arange(batch) % 10])
-
-        def step(params, rest, x, targets, weights):
-            m = nnx.merge(graphdef, params, rest)
-            if mode != "train":
-                return m(x, 0 if mode == "eval1" else None)
-            loss_fn = lambda m: mice_poisson_loss(m(x), targets, weights)
-            return *nnx.value_and_grad(loss_fn)(m), nnx.state(m, nnx.Not(nnx.Param))
-
-        start = time.perf_counter()
-        compiled = jax.jit(step).lower(*args).compile()
-        cost = compiled.cost_analysis()
-        out.update(compile_s=time.perf_counter() - start,
-                   xla_temp_gb=compiled.memory_analysis().temp_size_in_bytes / 1e9,
-                   xla_gflop_per_sample=(cost[0] if isinstance(cost, list) else cost).get(
-                       "flops", float("nan")) / batch / 1e9)
-        t = statistics.median(common.times(lambda: jax.block_until_ready(compiled(*args)), 1,
-                                           fv.repeats))
-    flops = common.model_flops(arch, None if mode in ("eval10", "train") else 0, mode == "train")
-    return {**out, "step_s": t, "per_sample_s": t / batch, "gflop_per_sample": flops / 1e9,
-            "gflops": flops * batch / t / 1e9, "matmul_gflops": rate,
-            "share": flops * batch / t / 1e9 / rate, "maxrss_gb": maxrss()}
-
-
 def define_flags(fv: flags.FlagValues) -> None:
     f = {"flag_values": fv}
-    flags.DEFINE_list("batch_sizes", ["1", "4"], "batch sizes", **f)
-    flags.DEFINE_list("modes", ["eval1", "eval10", "train"], "or predict, reconstruct", **f)
+    flags.DEFINE_list("modes", ["step"], "step and/or reconstruct", **f)
+    flags.DEFINE_list("batch_sizes", None, "default: the config's (step), 4 (reconstruct)", **f)
     flags.DEFINE_integer("repeats", 3, "timed calls", **f)
-    flags.DEFINE_string("config", str(common.REPO / "configs/demo.py"), "reconstruct's", **f)
+    flags.DEFINE_string("config", str(common.REPO / "configs/demo.py"), "step: by name", **f)
+    flags.DEFINE_string("baseline", None, "step: another checkout to compare with", **f)
+    flags.DEFINE_integer("rounds", 1, "step: processes per checkout, alternating", **f)
     for name, default in (("models", 7), ("length", 300), ("neurons", 100)):
         flags.DEFINE_integer(name, default, f"reconstruct's {name}", **f)
     flags.DEFINE_enum("model_axis", "map", ["map", "vmap"], "ReconConfig.model_axis", **f)
     flags.DEFINE_bool("tiny", False, "reconstruct: 2 small models, 40 frames, 10 neurons", **f)
-    flags.DEFINE_string("worker", None, "(internal) one mode", **f)
+    flags.DEFINE_string("worker", None, "(internal) one mode in this process", **f)
+    flags.DEFINE_string("checkout", str(common.REPO), "(internal) step's checkout", **f)
 
 
 def run(fv: flags.FlagValues) -> int:
     process_env.reexec_with_cpu_settings()
-    if fv.worker:
-        common.report(worker(fv, fv.worker, int(fv.batch_sizes[0])))
+    if fv.worker:  # one mode and batch (reconstruct: chunk of windows) in this process
+        b, step = int(fv.batch_sizes[0]), fv.worker == "step"
+        row = step_row(fv, fv.checkout, b) if step else reconstruct_row(fv, b)
+        common.report({"mode": fv.worker, "batch": b, **row,
+                       "maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6})
         return 0
-    rows = []
-    for batch in fv.batch_sizes:
-        for mode in fv.modes:
-            results, proc = common.run_worker(__file__, fv, f"--worker={mode}",
-                                              f"--batch_sizes={batch}")
-            if not results:
-                print(f"{mode} batch {batch} failed:\n{proc.stderr[-3000:]}", flush=True)
-            rows += results
-            common.print_table(rows[-1:], COLUMNS)  # as it goes
+    rows, config_batch = [], str(common.config_lib.load_config_file(fv.config).data.batch_size)
+    checkouts = {"baseline": fv.baseline, "this": str(common.REPO)}
+    for mode in fv.modes:
+        step = mode == "step"
+        pairs = [(k, root) for k, root in checkouts.items() if root and (step or k == "this")]
+        for batch in fv.batch_sizes or [config_batch if step else "4"]:
+            for _ in range(fv.rounds if step else 1):
+                for name, root in pairs:
+                    results, proc = common.run_worker(
+                        __file__, fv, f"--worker={mode}", f"--batch_sizes={batch}",
+                        f"--checkout={Path(root).resolve()}")
+                    if not results:
+                        print(f"{mode} {name} batch {batch} failed:\n{proc.stderr[-3000:]}")
+                    rows += [{**r, "checkout": name} for r in results]
+                    common.print_table(rows[-1:], COLUMNS)  # as it goes
     common.print_table(rows, COLUMNS)
+    median = {name: statistics.median(t) for name in checkouts
+              if (t := [r["step_s"] for r in rows if r["checkout"] == name and "step_s" in r])}
+    if len(median) == 2:
+        print(f"step medians: baseline {median['baseline']:.3f} s, this checkout "
+              f"{median['this']:.3f} s: {median['baseline'] / median['this']:.2f}x")
     return int(any(not r.get("update_difference", 0) <= 0.01 for r in rows))
 
 

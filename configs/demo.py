@@ -9,9 +9,9 @@ hundreds of steps to come down). Why: docs/training.md#the-demo-on-the-simulated
     python -m dwise_jax.data.synthetic data/simulated
     python -m dwise_jax.train --config configs/demo.py
 
-Cost: about 13 minutes per fold on a 2-core CPU (~30 samples per second, eight validations
-included). Fold 0 of the default simulated dataset: val_corr 0.1970, ridge baseline 0.1950,
-noise ceiling 0.4678.
+Cost: about 15 minutes per fold on a 2-core CPU (~26 samples per second, eight validations
+included; 2026-12-06). Fold 0 of the default simulated dataset: val_corr 0.1967, ridge baseline
+0.1950, noise ceiling 0.4678.
 """
 
 from dwise_jax.config import get_base_config
