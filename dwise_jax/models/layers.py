@@ -168,7 +168,8 @@ def tile_channels(x: jax.Array, channels: int) -> jax.Array:
     times 1 plus zeros). As a `jnp.tile`, XLA:CPU fused the tiling, and with it the whole
     elementwise chain of the block outputs before it (dropout hashes included), into each later
     shortcut and recomputed it per element: the matmul reads its input materialised once. For
-    wider layers the matmul costs more than it saves (benchmarks/RESULTS.md, the demo's step).
+    the full model's wider layers the matmul measured no gain, so they keep `jnp.tile`
+    (benchmarks/RESULTS.md, "The shortcuts' channel tiling").
     """
     c = x.shape[-1]
     if c == channels:
