@@ -43,7 +43,7 @@ def step_row(fv: flags.FlagValues, root: str, batch: int) -> dict:
     tx = optim.adamw(optim.lr_schedule(1e-3, 1e-5, 100, 1000), config.optim.weight_decay)
     trainer = train_step.Trainer(model, tx, ema_decay=config.optim.ema_decay)
     rng, n, b = np.random.default_rng(0), max(neurons), batch
-    video, traces = rng.uniform(0, 255, (b, 16, 36, 64)), rng.normal(size=(b, 16, 4))
+    video, traces = common.windows(b)
     data = jax.device_put({  # either checkout's batch, float32 and int32 (x64 is off)
         "frames": video, "traces": traces, "partner_frames": video, "partner_traces": traces,
         "box": np.tile(np.int32([10, 40, 10, 40]), (b, 1)), "mouse": np.arange(b) % len(neurons),
