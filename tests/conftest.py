@@ -36,18 +36,19 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # Temporary folders of this run, inherited by the command lines the tests start (they get the
 # environment) and removed when the run ends; a folder the caller names stays. The folds cache
 # (not the user's ~/.cache), and one persistent XLA compilation cache: the many tiny trainings
-# of the same model compile their steps once, not once per process (compiles under 1 s are not
-# stored).
+# of the same model, in every test module, compile each program once, not once per process.
+# The command lines store every program; this process only those that took 1 s or more (its
+# many small ones are compiled once per run anyway).
 _RUN_FOLDERS = []
 for _variable, _prefix in (("DWISE_JAX_CACHE", "dwise_jax_test_cache-"),
                            ("JAX_COMPILATION_CACHE_DIR", "dwise_jax_test_xla_cache-")):
     if _variable not in os.environ:
         os.environ[_variable] = tempfile.mkdtemp(prefix=_prefix)
         _RUN_FOLDERS.append(os.environ[_variable])
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def pytest_sessionfinish(session, exitstatus):

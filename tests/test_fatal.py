@@ -21,11 +21,9 @@ from dwise_jax import atomic, checkpoint, fatal, process_env
 
 @pytest.fixture
 def run_env(tmp_path) -> dict[str, str]:
-    """The command line's environment with a compilation cache shared by its three runs."""
+    """The command line's environment, the test run's compilation cache inherited."""
     env = process_env.cpu_environment(os.environ)
-    env.update(PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 

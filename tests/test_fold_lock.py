@@ -179,11 +179,8 @@ def plain_root(sim_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def train_env(tmp_path_factory) -> dict[str, str]:
-    env = process_env.cpu_environment(os.environ)
-    env.update(PYTHONUNBUFFERED="1",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("lock_jax_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = process_env.cpu_environment(os.environ)  # the run's compilation cache inherited
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 

@@ -2,8 +2,8 @@
 between CPU processes, one CPU device each) train and predict exactly as one process with two
 devices; every file is written once; when a process dies the other stops with one error line.
 
-The runs are the real command lines at the tiny size of tests/test_train.py, sharing one JAX
-compilation cache.
+The runs are the real command lines at the tiny size of tests/test_train.py, sharing the test
+run's JAX compilation cache (conftest.py).
 """
 
 from __future__ import annotations
@@ -36,19 +36,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(cache: Path, devices: int, process: int | None = None, port: int = 0) -> dict:
+def _env(devices: int, process: int | None = None, port: int = 0) -> dict:
     env = process_env.cpu_environment(os.environ)
     env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
-    env.update(PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(cache))
+    env["PYTHONUNBUFFERED"] = "1"
     if process is not None:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(process), DWISE_JAX_HEARTBEAT_S="10")
     return env
 
 
-def _two_processes(command: list[str], cache: Path, logs: Path) -> list[subprocess.Popen]:
+def _two_processes(command: list[str], logs: Path) -> list[subprocess.Popen]:
     port = _free_port()
-    return [subprocess.Popen(command, cwd=REPO, env=_env(cache, 1, i, port),
+    return [subprocess.Popen(command, cwd=REPO, env=_env(1, i, port),
                              stdout=(logs / f"p{i}.out").open("w"),
                              stderr=(logs / f"p{i}.err").open("w")) for i in (0, 1)]
 
@@ -80,12 +80,12 @@ def _predict(split: str, workdir: Path) -> list[str]:
 
 def test_two_processes_train_and_predict_as_one_process_with_two_devices(sim_root, tmp_path):
     root = link_copy(sim_root, tmp_path / "root")
-    cache, logs = tmp_path / "cache", tmp_path / "logs"
+    logs = tmp_path / "logs"
     logs.mkdir()
-    one = subprocess.run(train_command(root, tmp_path / "one"), cwd=REPO, env=_env(cache, 2),
+    one = subprocess.run(train_command(root, tmp_path / "one"), cwd=REPO, env=_env(2),
                          capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert one.returncode == 0, one.stderr[-3000:]
-    _wait(_two_processes(train_command(root, tmp_path / "two"), cache, logs), logs)
+    _wait(_two_processes(train_command(root, tmp_path / "two"), logs), logs)
     a = checkpoint.fold_dir(tmp_path / "one", "demo", FOLD)
     b = checkpoint.fold_dir(tmp_path / "two", "demo", FOLD)
 
@@ -114,10 +114,10 @@ def test_two_processes_train_and_predict_as_one_process_with_two_devices(sim_roo
     assert "val_corr" in out0 and "val_corr" not in out1 and "step/s" not in err1
 
     # Prediction: two processes write the arrays and the parquet that one process writes.
-    one = subprocess.run(_predict(SPLIT, tmp_path / "one"), cwd=REPO, env=_env(cache, 2),
+    one = subprocess.run(_predict(SPLIT, tmp_path / "one"), cwd=REPO, env=_env(2),
                          capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert one.returncode == 0, one.stderr[-3000:]
-    _wait(_two_processes(_predict(SPLIT, tmp_path / "two"), cache, logs), logs)
+    _wait(_two_processes(_predict(SPLIT, tmp_path / "two"), logs), logs)
     pa = tmp_path / "one" / "predictions" / "demo" / SPLIT
     pb = tmp_path / "two" / "predictions" / "demo" / SPLIT
     arrays = sorted(p.relative_to(pa) for p in pa.rglob("*.npy"))
@@ -137,7 +137,7 @@ def test_when_one_process_dies_the_other_stops_with_one_line(sim_root, tmp_path)
     command = [sys.executable, "-m", "dwise_jax.train", "--config", DEMO,
                f"--data_root={root}", f"--workdir={tmp_path / 'w'}", f"--folds={FOLD}",
                *CLI_TINY, "--config.optim.cosine_epochs=60"]  # long enough to die in
-    procs = _two_processes(command, tmp_path / "cache", logs)
+    procs = _two_processes(command, logs)
     deadline = time.monotonic() + HANG_TIMEOUT_S
     while not re.search(r"first step \d", (logs / "p0.out").read_text()):  # the steps run
         assert procs[0].poll() is None and time.monotonic() < deadline, \
@@ -163,7 +163,7 @@ def test_a_stop_sent_to_one_process_stops_both_at_the_same_step(sim_root, tmp_pa
     logs = tmp_path / "logs"
     logs.mkdir()
     command = [*train_command(root, tmp_path / "w"), "--config.optim.cosine_epochs=60"]
-    procs = _two_processes(command, tmp_path / "cache", logs)
+    procs = _two_processes(command, logs)
     deadline = time.monotonic() + HANG_TIMEOUT_S
     # "first step <time>": timed after the first steps, so stops are graceful in every process
     while not re.search(r"first step \d", (logs / "p0.out").read_text()):

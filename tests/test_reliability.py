@@ -54,13 +54,10 @@ def plain_root(sim_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def train_env(tmp_path_factory) -> dict[str, str]:
-    """The command line's environment (its CPU settings already set, so it does not re-exec)
-    with a JAX compilation cache shared by every run of this module."""
+    """The command line's environment: its CPU settings already set (so it does not re-exec),
+    the test run's JAX compilation cache (conftest.py) inherited."""
     env = process_env.cpu_environment(os.environ)
-    env.update(PYTHONUNBUFFERED="1",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
