@@ -107,6 +107,9 @@ def ceiling_val_corr(dataset: SensoriumDataset, fold: int) -> float | None:
     return _val_corr(dataset, fold, predict)
 
 
+ERRORS = (DatasetError,)  # the user's to fix: one `error:` line, exit 1
+
+
 def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("root", None, "Sensorium 2023 root (the mouse folders), e.g. "
                         "data/simulated.", flag_values=fv)
@@ -128,4 +131,4 @@ def run(fv: flags.FlagValues, args: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    cli.main(__doc__, define_flags, run, errors=(DatasetError,))
+    cli.main(__doc__, define_flags, run, errors=ERRORS)

@@ -297,6 +297,9 @@ def convert(pth_path: str | Path, workdir: str | Path, *, experiment: str, fold:
     return target_dir
 
 
+ERRORS = (ConversionError, checkpoint.CheckpointError)  # the user's: one `error:` line, exit 1
+
+
 def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("experiment", None, "Experiment name; unset: the .pth's grandparent "
                         "folder (e.g. true_batch_001).", flag_values=fv)
@@ -328,4 +331,4 @@ def run(fv: flags.FlagValues, args: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    cli.main(__doc__, define_flags, run, errors=(ConversionError, checkpoint.CheckpointError))
+    cli.main(__doc__, define_flags, run, errors=ERRORS)

@@ -195,6 +195,9 @@ def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
     return {"directory": out, "rows": rows, "report": path}
 
 
+ERRORS = (*experiment.USER_ERRORS, ValueError)  # the user's to fix: one `error:` line, exit 1
+
+
 def define_flags(fv: flags.FlagValues) -> None:
     inference.define_flags(fv, "<workdir>/insilico/<experiment>/mei/<mouse>", MeiConfig,
                            {"neurons": (None, "Neuron indexes (0-based, readout order).")})
@@ -214,4 +217,4 @@ def run(f: flags.FlagValues, args: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    cli.main(__doc__, define_flags, run, errors=(*experiment.USER_ERRORS, ValueError))
+    cli.main(__doc__, define_flags, run, errors=ERRORS)

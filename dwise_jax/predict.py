@@ -203,6 +203,9 @@ def predict_and_blend(workdir: str | Path, experiments: list[str] | None, split:
     return experiment.blend_experiments(workdir, names, split, data_root=options.get("data_root"))
 
 
+ERRORS = experiment.USER_ERRORS  # the user's to fix: one `error:` line, exit 1
+
+
 def define_flags(fv: flags.FlagValues) -> None:
     for name, default, text in (
             ("split", None, f"One of {', '.join(experiment.SPLITS)}."),
@@ -249,4 +252,4 @@ def run(fv: flags.FlagValues, args: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    cli.main(__doc__, define_flags, run, errors=experiment.USER_ERRORS)
+    cli.main(__doc__, define_flags, run, errors=ERRORS)

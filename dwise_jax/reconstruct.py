@@ -271,6 +271,9 @@ def reconstruct_split(workdir: str | Path, experiments: list[str], split: str, *
     return {"directory": out, "rows": rows, "report": path}
 
 
+ERRORS = (*experiment.USER_ERRORS, ValueError)  # the user's to fix: one `error:` line, exit 1
+
+
 def define_flags(fv: flags.FlagValues) -> None:
     inference.define_flags(fv, "<workdir>/insilico/<experiment>/reconstruct/<split>", ReconConfig,
                            {"mice": (None, "Mouse folder names (default: all)."),
@@ -294,4 +297,4 @@ def run(f: flags.FlagValues, args: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    cli.main(__doc__, define_flags, run, errors=(*experiment.USER_ERRORS, ValueError))
+    cli.main(__doc__, define_flags, run, errors=ERRORS)

@@ -18,6 +18,8 @@ from ml_collections import config_flags
 from dwise_jax import cli, fatal, fold_run, process_env, sharding, stop
 from dwise_jax import config as config_lib
 
+ERRORS = fold_run.USER_ERRORS  # the user's to fix: one `error:` line, exit 1
+
 
 def define_flags(fv: flags.FlagValues) -> None:
     config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. "
@@ -140,4 +142,4 @@ def _compare_with_references(root: str, results: dict[int, float]) -> None:
 
 if __name__ == "__main__":
     process_env.reexec_with_cpu_settings("dwise_jax.train")
-    cli.main(__doc__, define_flags, run, errors=fold_run.USER_ERRORS, check=check_args)
+    cli.main(__doc__, define_flags, run, errors=ERRORS, check=check_args)

@@ -4,6 +4,7 @@ use (tiny training command lines, fold folders of random models, processes to ki
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import pytest
 from absl import flags
 from flax import nnx
 
-from dwise_jax import atomic, checkpoint, process_env
+from dwise_jax import atomic, checkpoint, cli, process_env, stop
 from dwise_jax import config as config_lib
 from dwise_jax.data import windows
 from dwise_jax.models.dwiseneuro import DwiseNeuro
@@ -327,6 +328,16 @@ def q(path: Path) -> str:
 
 def mouse_folder(root: Path) -> Path:
     return sorted(p for p in root.iterdir() if p.name.startswith("dynamic"))[0]
+
+
+def call_command(module: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """`python -m dwise_jax.<module> ARGS` run in this process (`cli.call` with the module's
+    errors and argument check), as the entry point runs it but for the stop handlers, which
+    stay the test run's; returns the exit status (the output goes to capsys)."""
+    command = importlib.import_module(f"dwise_jax.{module}")
+    monkeypatch.setattr(stop, "install", lambda: None)
+    return cli.call(command.define_flags, command.run, args, f"dwise_jax.{module}",
+                    command.__doc__, command.ERRORS, getattr(command, "check_args", None))
 
 
 def run_module(module: str, args: list[str], env: dict[str, str] | None = None):

@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import HANG_TIMEOUT_S
+from conftest import HANG_TIMEOUT_S, call_command
 
-from dwise_jax import baseline, cli
-from dwise_jax.data.sensorium import DatasetError, SensoriumDataset
+from dwise_jax import baseline
+from dwise_jax.data.sensorium import SensoriumDataset
 
 
 def test_frame_features_lags_and_blocks():
@@ -37,10 +37,9 @@ def test_ridge_recovers_a_linear_map():
     np.testing.assert_allclose(baseline._ridge(x, x @ w, 1e-6), w, atol=1e-4)
 
 
-def test_ridge_is_positive_and_below_the_ceiling(sim_root, capsys):
+def test_ridge_is_positive_and_below_the_ceiling(sim_root, capsys, monkeypatch):
     assert baseline.is_simulated(SensoriumDataset.open(sim_root))
-    assert cli.call(baseline.define_flags, baseline.run, ["--root", str(sim_root), "--fold", "0"]
-                    ) == 0
+    assert call_command("baseline", ["--root", str(sim_root), "--fold", "0"], monkeypatch) == 0
     out = capsys.readouterr().out
     ridge = float(re.search(r"fold 0: ridge baseline val_corr (\S+)", out)[1])
     ceiling = float(re.search(r"fold 0: noise ceiling val_corr (\S+)", out)[1])
@@ -53,9 +52,10 @@ def test_ridge_is_positive_and_below_the_ceiling(sim_root, capsys):
      "error: flag --fold=7: 7 is not an integer in the range [0, 6] (see --help)"),
     (["--root", "ROOT/nope"], 1, "error: ROOT/nope: dataset root folder is missing"),
 ])
-def test_bad_command_lines_give_one_error_line(tmp_path, capsys, args, status, message):
+def test_bad_command_lines_give_one_error_line(tmp_path, capsys, monkeypatch, args, status,
+                                                message):
     args = [a.replace("ROOT", str(tmp_path)) for a in args]
-    assert cli.call(baseline.define_flags, baseline.run, args, errors=(DatasetError,)) == status
+    assert call_command("baseline", args, monkeypatch) == status
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.splitlines() == [message.replace("ROOT", str(tmp_path))]

@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import HANG_TIMEOUT_S
+from conftest import HANG_TIMEOUT_S, call_command
 
-from dwise_jax import checkpoint, cli, convert
+from dwise_jax import checkpoint, convert
 from dwise_jax import config as config_lib
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is installed by requirements-dev.txt")
@@ -54,14 +54,13 @@ def write_original_pth(path, arrays, meta, *, drop=(), extra_key=None, frame_sta
     return path
 
 
-def test_convert_end_to_end_reproduces_fixture(tmp_path, small_model_fixture):
+def test_convert_end_to_end_reproduces_fixture(tmp_path, small_model_fixture, monkeypatch):
     arrays, meta = small_model_fixture
     pth = write_original_pth(
         tmp_path / "orig" / "exp_001" / "fold_3" / "model-017-0.293169.pth", arrays, meta)
     workdir = tmp_path / "work"
-    rc = cli.call(convert.define_flags, convert.run, [str(pth), str(workdir), "--mice",
-                                                     "mouse_a,mouse_b"])
-    assert rc == 0
+    assert call_command("convert", [str(pth), str(workdir), "--mice", "mouse_a,mouse_b"],
+                        monkeypatch) == 0
     fold = checkpoint.fold_dir(workdir, "exp_001", 3)
     spec = checkpoint.read_model_spec(fold)
     assert spec.mice == ["mouse_a", "mouse_b"]
@@ -145,7 +144,7 @@ def test_convert_rejects_non_checkpoints(tmp_path):
         convert.load_original(tmp_path / "other.pth")
 
 
-def test_bad_command_lines_give_one_error_line(tmp_path, capsys, small_model_fixture):
+def test_bad_command_lines_give_one_error_line(tmp_path, capsys, monkeypatch, small_model_fixture):
     arrays, meta = small_model_fixture
     bad = tmp_path / "fold_0" / "model-000-0.1.pth"
     bad.parent.mkdir()
@@ -160,8 +159,7 @@ def test_bad_command_lines_give_one_error_line(tmp_path, capsys, small_model_fix
         ([str(good), str(work), "--fold", "x"], 2, "error: flag --fold=x: invalid literal"),
     ]
     for args, status, message in cases:
-        errors = (convert.ConversionError, checkpoint.CheckpointError)  # as __main__ names
-        assert cli.call(convert.define_flags, convert.run, args, errors=errors) == status
+        assert call_command("convert", args, monkeypatch) == status
         captured = capsys.readouterr()
         assert captured.out == ""
         lines = captured.err.splitlines()
