@@ -46,6 +46,9 @@ for _variable, _prefix in (("DWISE_JAX_CACHE", "dwise_jax_test_cache-"),
     if _variable not in os.environ:
         os.environ[_variable] = tempfile.mkdtemp(prefix=_prefix)
         _RUN_FOLDERS.append(os.environ[_variable])
+# The suite runs in several worker processes (pytest-xdist): on a GPU, none may take 75% of
+# its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
