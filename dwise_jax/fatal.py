@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import select
+import struct
 import sys
+import termios
+import time
 from typing import NoReturn
 
 import jax
@@ -31,15 +36,32 @@ def message(error: OSError, where: str = "") -> str:
             "same command again (training resumes from its last complete checkpoint)")
 
 
+def _wait_for_blocked_writes(fd: int, timeout_s: float = 2.0) -> None:
+    """Waits (at most `timeout_s`) until the pipe behind `fd`, if it is one, has room for any
+    atomic write twice in a row 20 ms apart without filling up again: a thread's write that was
+    blocked on the full pipe before stderr went to /dev/null has then landed, before our line."""
+    with contextlib.suppress(Exception):  # not a pipe, or not Linux: nothing can be blocked
+        size = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        queued = lambda: struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+        deadline, before, calm = time.monotonic() + timeout_s, queued(), 0
+        while calm < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+            now = queued()
+            calm = calm + 1 if size - now >= select.PIPE_BUF and now <= before else 0
+            before = now
+
+
 def exit_with_line(text: str) -> NoReturn:
     """Print `error: <text>` as the last line of stderr and exit 1, at once: stderr goes to
-    /dev/null first (Orbax's or JAX's threads may still print tracebacks), our line leaves
-    through a saved descriptor, and `os._exit` skips the shutdown (our `finally`s ran)."""
+    /dev/null first (Orbax's or JAX's threads may still print tracebacks), writes that were
+    blocked on a full stderr pipe land first, our line leaves through a saved descriptor, and
+    `os._exit` skips the shutdown (our `finally`s ran)."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     saved = os.dup(2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    _wait_for_blocked_writes(saved)
     os.write(saved, f"\nerror: {text}\n".encode())
     os._exit(1)
 
