@@ -39,7 +39,13 @@ def call(define: Define, run: Run, args: Sequence[str], program: str = "dwise_ja
     try:
         if check is not None:
             check(list(args))
-        positional = fv([program, *args])[1:]
+        # ml_collections' config flag reads its `--config.KEY=value` overrides from sys.argv:
+        # in process (tests, notebooks) that must be this command's arguments while parsing.
+        saved, sys.argv = sys.argv, [program, *args]
+        try:
+            positional = fv([program, *args])[1:]
+        finally:
+            sys.argv = saved
         return run(fv, positional)
     except (flags.Error, UsageError) as e:
         print(f"error: {e} (see --help)", file=sys.stderr)

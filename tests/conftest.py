@@ -339,8 +339,6 @@ def call_command(module: str, args: list[str], monkeypatch: pytest.MonkeyPatch) 
     stay the test run's; returns the exit status (the output goes to capsys)."""
     command = importlib.import_module(f"dwise_jax.{module}")
     monkeypatch.setattr(stop, "install", lambda: None)
-    # ml_collections' config flag reads its `--config.KEY=value` overrides from sys.argv.
-    monkeypatch.setattr(sys, "argv", [f"dwise_jax.{module}", *args])
     return cli.call(command.define_flags, command.run, args, f"dwise_jax.{module}",
                     command.__doc__, command.ERRORS, getattr(command, "check_args", None))
 

@@ -54,3 +54,19 @@ def test_help_lists_the_flags(capsys):
     assert cli.call(define, run, ["--help"], doc="The test command.") == 0
     out = capsys.readouterr().out
     assert out.startswith("The test command.") and "--count" in out and "--fail" in out
+
+
+def test_config_overrides_are_read_from_this_call_not_sys_argv():
+    """ml_collections' config flag reads `--config.KEY=value` from sys.argv: in process the
+    call's own arguments stand there while parsing, and sys.argv is restored after."""
+    import sys
+    from pathlib import Path
+
+    from dwise_jax import train
+
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+    seen, before = {}, list(sys.argv)
+    status = cli.call(train.define_flags,
+                      lambda fv, args: seen.update(ratio=fv.config.model.expansion_ratio) or 0,
+                      ["--config", demo, "--config.model.expansion_ratio=3"])
+    assert (status, seen, sys.argv) == (0, {"ratio": 3}, before)
