@@ -28,9 +28,7 @@ class Logbook:
         self.writer = None
         if enabled and tensorboard:
             with contextlib.suppress(ImportError):
-                from tensorboardX import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.directory / "tensorboard"))
+                self.writer = _summary_writer()(str(self.directory / "tensorboard"))
 
     def records(self) -> list[dict[str, Any]]:
         """Everything logged so far (the file survives restarts). A line cut short by a crash
@@ -121,3 +119,19 @@ def loss_limits(train: list[dict], val: list[dict]) -> tuple[float, float] | Non
     low, high = min(values), max(values)
     margin = 0.05 * (high - low) or 0.05 * abs(high) or 1.0
     return low - margin, high + margin
+
+
+def _summary_writer():
+    """tensorboardX's SummaryWriter class, imported without torch: where torch is installed
+    (for `convert`), tensorboardX imports it only to accept torch tensors, which cost each
+    training process about 2 s. We log floats."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this stands
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter

@@ -42,3 +42,20 @@ def test_curves_png_uses_those_limits(tmp_path, monkeypatch):
     path = book.plot()
     assert path == tmp_path / "curves.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     np.testing.assert_allclose(seen, [(795.0, 905.0)])
+
+
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+    # A fresh interpreter (this one may have imported torch already), where torch is installed:
+    # the events file holds the logged scalar, torch stays unimported, and can still be
+    # imported afterwards.
+    import subprocess
+    import sys
+
+    code = ("import sys; from dwise_jax.logbook import Logbook; "
+            f"b = Logbook({str(tmp_path)!r}, plot=False); b.log(3, 'train', loss=2.5); "
+            "b.writer.close(); print('torch' in sys.modules); import torch; print(bool(torch))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "True"], out
+    (events,) = (tmp_path / "tensorboard").iterdir()
+    assert b"train/loss" in events.read_bytes()
