@@ -46,6 +46,11 @@ for _variable, _prefix in (("DWISE_JAX_CACHE", "dwise_jax_test_cache-"),
     if _variable not in os.environ:
         os.environ[_variable] = tempfile.mkdtemp(prefix=_prefix)
         _RUN_FOLDERS.append(os.environ[_variable])
+# The entry points' XLA:CPU setting (process_env) in this process too, before JAX makes a
+# backend: the tests then compile under the flags of the command lines they start (whose
+# programs they can load from the run's cache: its key includes XLA_FLAGS, and the commands
+# skip their re-exec), and run as the commands do.
+os.environ.update(process_env.cpu_environment(os.environ))
 # The suite runs in several worker processes (pytest-xdist): on a GPU, none may take 75% of
 # its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
