@@ -29,6 +29,7 @@ from conftest import (
     TINY,
     Child,
     assert_bit_identical,
+    call_command,
     detach,
     link_copy,
     model_kwargs,
@@ -173,15 +174,15 @@ def test_sigkill_during_checkpoint_writes_keeps_the_last_complete_step(tmp_path)
     (4, 4, 5),
 ], ids=["detected_at_a_logging_step", "detected_before_an_epoch_save"])
 def test_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(
-        plain_root, train_env, tmp_path, every, first_steps, detected):
+        plain_root, tmp_path, capsys, monkeypatch, every, first_steps, detected):
+    # In process (conftest.call_command): the command line's status and its one error line.
     from dwise_jax.data import folds
     from dwise_jax.data.sensorium import SensoriumDataset
 
     root = link_copy(plain_root, tmp_path / "root")
-    command = train_command(root, tmp_path / "work", f"--config.log.every_steps={every}")
-    first = subprocess.run([*command, f"--max_steps={first_steps}"], cwd=REPO, env=train_env,
-                           capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
-    assert first.returncode == 0, first.stderr[-3000:]
+    args = train_command(root, tmp_path / "work", f"--config.log.every_steps={every}")[3:]
+    assert call_command("train", [*args, f"--max_steps={first_steps}"], monkeypatch) == 0
+    capsys.readouterr()
     fold = checkpoint.fold_dir(tmp_path / "work", "demo", FOLD)
     _, good = checkpoint.restore(fold, ("state", "ema"))
 
@@ -199,13 +200,12 @@ def test_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(
                 responses[:, : mouse.lengths[trial]] = 3e38
                 np.save(path, responses)
 
-    out = subprocess.run(command, cwd=REPO, env=train_env, capture_output=True, text=True,
-                         timeout=HANG_TIMEOUT_S)
-    assert out.returncode == 1, out.stderr[-3000:]
-    assert "Traceback" not in out.stderr
+    status, err = call_command("train", args, monkeypatch), capsys.readouterr().err
+    assert status == 1, err[-3000:]
+    assert "Traceback" not in err
     message = (rf"error: fold {FOLD}: loss is (nan|inf|-inf) at step {detected} \(batch mice "
                rf"\[[0-9, ]+\]\); the last good checkpoint is kept in {re.escape(str(fold))}\n")
-    assert re.search(message, out.stderr), out.stderr[-3000:]
+    assert re.search(message, err), err[-3000:]
     assert checkpoint.latest_step(fold) == first_steps
     assert checkpoint.verify(fold, first_steps) is None
     step, kept = checkpoint.restore(fold, ("state", "ema"))
