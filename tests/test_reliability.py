@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,11 +66,13 @@ def train_losses(fold: Path) -> dict[int, float]:
 
 
 # ----------------------------------------------------------------------------- crashes
-def test_random_sigkills_resume_to_the_same_state_bit_for_bit(plain_root, train_env, tmp_path):
+def test_random_sigkills_resume_to_the_same_state_bit_for_bit(plain_root, train_env, tmp_path,
+                                                              capsys, monkeypatch):
     extra = ("--config.log.every_steps=1",)  # one metrics.jsonl record per step: the step counter
-    straight = subprocess.run(train_command(plain_root, tmp_path / "straight", *extra), cwd=REPO,
-                              env=train_env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    # The uninterrupted reference and the final restart run in process (conftest.call_command);
+    # the killed runs are command lines.
+    args = lambda workdir: train_command(plain_root, workdir, *extra)[3:]
+    assert call_command("train", args(tmp_path / "straight"), monkeypatch) == 0
 
     workdir = tmp_path / "killed"
     fold = checkpoint.fold_dir(workdir, "demo", FOLD)
@@ -107,12 +108,13 @@ def test_random_sigkills_resume_to_the_same_state_bit_for_bit(plain_root, train_
         kills.append({"resumed_from": resume, "after_step": goal, "delay_s": round(delay, 2),
                       "wall_s": round(time.monotonic() - deadline + HANG_TIMEOUT_S, 1)})
 
-    last = subprocess.run(train_command(plain_root, workdir, *extra), cwd=REPO, env=train_env,
-                          capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
-    assert last.returncode == 0, last.stderr[-3000:]
+    capsys.readouterr()
+    resumable = checkpoint.latest_step(fold) is not None
+    status, last = call_command("train", args(workdir), monkeypatch), capsys.readouterr()
+    assert status == 0, last.err[-3000:]
     assert len(kills) == KILLS
-    if checkpoint.latest_step(fold) is not None:
-        assert "resuming from step" in last.stdout, kills
+    if resumable:
+        assert "resuming from step" in last.out, kills
 
     items = ("state", "ema", "loader")
     a_step, a = checkpoint.restore(checkpoint.fold_dir(tmp_path / "straight", "demo", FOLD), items)
