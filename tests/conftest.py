@@ -38,8 +38,8 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # environment) and removed when the run ends; a folder the caller names stays. The folds cache
 # (not the user's ~/.cache), and one persistent XLA compilation cache: the many tiny trainings
 # of the same model, in every test module, compile each program once, not once per process.
-# The command lines store every program; this process only those that took 1 s or more (its
-# many small ones are compiled once per run anyway).
+# Every process stores every program it compiles, the test processes too: a command line
+# started after an in-process training of the same model loads its small programs as well.
 _RUN_FOLDERS = []
 for _variable, _prefix in (("DWISE_JAX_CACHE", "dwise_jax_test_cache-"),
                            ("JAX_COMPILATION_CACHE_DIR", "dwise_jax_test_xla_cache-")):
@@ -57,7 +57,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_sessionfinish(session, exitstatus):

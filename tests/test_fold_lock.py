@@ -23,9 +23,9 @@ from conftest import (
     DEMO,
     FOLD,
     HANG_TIMEOUT_S,
-    REPO,
     Child,
     assert_bit_identical,
+    call_command,
     link_copy,
     records,
     train_command,
@@ -213,12 +213,13 @@ def freeze_when(child: Child, ready) -> None:
 
 
 def test_a_second_training_of_the_same_fold_is_refused_and_changes_nothing(
-        plain_root, train_env, tmp_path):
+        plain_root, train_env, tmp_path, capsys, monkeypatch):
     from dwise_jax import predict
 
-    alone = subprocess.run(train_command(plain_root, tmp_path / "alone"), cwd=REPO,
-                           env=train_env, capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    # The run alone and the refused second one in process (conftest.call_command); the first,
+    # caught holding the fold, is a command line.
+    args = lambda workdir: train_command(plain_root, workdir)[3:]
+    assert call_command("train", args(tmp_path / "alone"), monkeypatch) == 0
     alone_fold = checkpoint.fold_dir(tmp_path / "alone", "demo", FOLD)
 
     workdir = tmp_path / "shared"
@@ -232,14 +233,14 @@ def test_a_second_training_of_the_same_fold_is_refused_and_changes_nothing(
         assert (holder["pid"], holder["host"]) == (first.proc.pid, socket.gethostname())
         before = snapshot(fold)
 
-        second = subprocess.run(train_command(plain_root, workdir), cwd=REPO, env=train_env,
-                                capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
-        assert second.returncode == 1, second.stderr[-3000:]
-        assert "Traceback" not in second.stderr
-        assert second.stderr.splitlines()[-1] == (
+        capsys.readouterr()
+        status, err = call_command("train", args(workdir), monkeypatch), capsys.readouterr().err
+        assert status == 1, err[-3000:]
+        assert "Traceback" not in err
+        assert err.splitlines()[-1] == (
             f"error: {fold}: another training process holds this fold (pid {first.proc.pid} "
             f"on host {socket.gethostname()}, started {holder['started']}); wait for it to end "
-            f"or stop it (lock file {lock})"), second.stderr[-3000:]
+            f"or stop it (lock file {lock})"), err[-3000:]
         assert snapshot(fold) == before  # not a file of the first run touched
 
         # Prediction takes no lock: it reads the fold's last complete checkpoint meanwhile.
