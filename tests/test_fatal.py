@@ -14,7 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HANG_TIMEOUT_S, assert_bit_identical, link_copy, train_command
+from conftest import (
+    HANG_TIMEOUT_S,
+    assert_bit_identical,
+    call_command,
+    link_copy,
+    train_command,
+)
 
 from dwise_jax import atomic, checkpoint, fatal, process_env
 
@@ -37,7 +43,8 @@ def _namespaces_work(tmp_path: Path) -> bool:
     return out.returncode == 0
 
 
-def test_training_on_a_full_tmpfs_stops_with_one_line_and_resumes(sim_root, run_env, tmp_path):
+def test_training_on_a_full_tmpfs_stops_with_one_line_and_resumes(sim_root, run_env, tmp_path,
+                                                                  monkeypatch):
     if not _namespaces_work(tmp_path):
         pytest.skip("this machine allows no user/mount namespace for a small tmpfs "
                     "(the in-process ENOSPC test below still runs)")
@@ -70,10 +77,8 @@ cp -a {mnt}/w {tmp_path}/after_resume
     assert (tmp_path / "b.rc").read_text().strip() == "0", (tmp_path / "b.err").read_text()[-2000:]
     assert f"resuming from step {step}" in (tmp_path / "b.out").read_text()
 
-    # The resumed run ends where a run with room ends.
-    roomy = subprocess.run(train_command(root, tmp_path / "roomy"), env=run_env,
-                           capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
-    assert roomy.returncode == 0, roomy.stderr[-2000:]
+    # The resumed run ends where a run with room ends (in process: conftest.call_command).
+    assert call_command("train", train_command(root, tmp_path / "roomy")[3:], monkeypatch) == 0
     resumed = tmp_path / "after_resume" / "demo" / "fold_2"
     _, a = checkpoint.restore(resumed, ("state", "ema"))
     _, b = checkpoint.restore(tmp_path / "roomy" / "demo" / "fold_2", ("state", "ema"))
