@@ -11,7 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CLI_TINY, DEMO, FOLD, detach, link_copy, mouse_folder, q, run_module
+from conftest import (
+    CLI_TINY,
+    DEMO,
+    FOLD,
+    call_command,
+    detach,
+    link_copy,
+    mouse_folder,
+    q,
+)
 
 from dwise_jax import checkpoint
 from dwise_jax.data import folds, synthetic, value_check, windows
@@ -183,7 +192,8 @@ def test_the_loader_names_the_file_trial_and_frame(root):
         "records at most ")
 
 
-def test_training_stops_at_the_first_offending_window_before_any_step(root, tmp_path):
+def test_training_stops_at_the_first_offending_window_before_any_step(root, tmp_path, capsys,
+                                                                      monkeypatch):
     # Every training trial of one mouse scaled by 1e6: the first batch holds one.
     mouse = SensoriumDataset.open(root).mice[1]
     trial_folds = folds.trial_folds(mouse)
@@ -191,15 +201,17 @@ def test_training_stops_at_the_first_offending_window_before_any_step(root, tmp_
         if mouse.is_labeled(t) and trial_folds[t] != FOLD:
             scale(mouse.path_of("responses", t), 1e6)
     workdir = tmp_path / "work"
-    out = run_module("dwise_jax.train", ["--config", DEMO, f"--data_root={root}",
-                                         f"--workdir={workdir}", f"--folds={FOLD}", *CLI_TINY])
-    assert out.returncode == 1, out.stderr[-3000:]
-    assert "Traceback" not in out.stderr
-    last = out.stderr.splitlines()[-1]
+    status = call_command("train", ["--config", DEMO, f"--data_root={root}",
+                                    f"--workdir={workdir}", f"--folds={FOLD}", *CLI_TINY],
+                          monkeypatch)
+    err = capsys.readouterr().err
+    assert status == 1, err[-3000:]
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
     folder = re.escape(str(mouse.path / "data" / "responses"))
     pattern = (rf"error: {folder}/(\d+)\.npy: holds [0-9.e+]+ at neuron \d+, frame \d+ of "
                rf"trial \1, which contradicts the dataset's own statistics: .*")
-    assert re.fullmatch(pattern, last), out.stderr[-3000:]
+    assert re.fullmatch(pattern, last), err[-3000:]
     fold = checkpoint.fold_dir(workdir, "demo", FOLD)
     assert checkpoint.latest_step(fold) is None  # no state of a step was saved
     metrics = (fold / "metrics.jsonl").read_text() if (fold / "metrics.jsonl").exists() else ""
