@@ -54,11 +54,12 @@ os.environ.update(process_env.cpu_environment(os.environ))
 # The suite runs in several worker processes (pytest-xdist): on a GPU, none may take 75% of
 # its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The command lines read these from the environment; jax, imported above, needs them set.
+for _name, _value in (("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"]),
+                      ("jax_persistent_cache_min_compile_time_secs", 0.0),
+                      ("jax_persistent_cache_min_entry_size_bytes", 0)):
+    os.environ.setdefault(_name.upper(), str(_value))
+    jax.config.update(_name, _value)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -189,9 +190,22 @@ def detach(path: Path) -> Path:
     return path
 
 
+def train_args(root: Path, workdir: Path, *extra: str) -> list[str]:
+    """Arguments of the tiny demo training of fold FOLD (for `call_command("train", ...)`)."""
+    return ["--config", DEMO, f"--data_root={root}", f"--workdir={workdir}", f"--folds={FOLD}",
+            *CLI_TINY, *extra]
+
+
 def train_command(root: Path, workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "dwise_jax.train", "--config", DEMO, f"--data_root={root}",
-            f"--workdir={workdir}", f"--folds={FOLD}", *CLI_TINY, *extra]
+    return [sys.executable, "-m", "dwise_jax.train", *train_args(root, workdir, *extra)]
+
+
+def command_env(*xla_flags: str) -> dict[str, str]:
+    """The environment of a command line a test starts: this process's (the entry points' CPU
+    settings, so no re-exec, and the run's caches), unbuffered output, extra XLA flags."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["XLA_FLAGS"] = " ".join([env["XLA_FLAGS"], *xla_flags])
+    return env
 
 
 class Child:
@@ -350,7 +364,7 @@ def call_command(module: str, args: list[str], monkeypatch: pytest.MonkeyPatch) 
 
 
 def run_module(module: str, args: list[str], env: dict[str, str] | None = None):
-    env = {**process_env.cpu_environment(os.environ), **(env or {})}  # no re-exec: faster
+    env = {**command_env(), **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
 

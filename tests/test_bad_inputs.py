@@ -8,7 +8,6 @@ Dataset cases damage a hard-linked copy of the tiny simulated root (tests/confte
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ from conftest import (
     DEMO,
     REPO,
     call_command,
+    command_env,
     link_copy,
     model_kwargs,
     mouse_folder,
@@ -27,7 +27,7 @@ from conftest import (
     stream_config,
 )
 
-from dwise_jax import atomic, checkpoint, process_env
+from dwise_jax import atomic, checkpoint
 from dwise_jax import config as config_lib
 from dwise_jax.data import sensorium, value_check
 from dwise_jax.data.sensorium import TIERS, DatasetError
@@ -313,8 +313,7 @@ def test_bad_train_command_line(root, tmp_path, make, capsys, monkeypatch):
 
 
 def test_batch_that_does_not_divide_over_the_devices_on_the_command_line(root, tmp_path):
-    env = process_env.cpu_environment(os.environ)
-    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
+    env = command_env("--xla_force_host_platform_device_count=4")
     out = run_module("dwise_jax.train", [
         "--config", DEMO, f"--data_root={root}", f"--workdir={tmp_path / 'work'}",
         "--config.data.batch_size=6"], env)

@@ -7,7 +7,6 @@ the final file and leaves the previous file as it was."""
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import subprocess
 import sys
@@ -18,19 +17,19 @@ from conftest import (
     HANG_TIMEOUT_S,
     assert_bit_identical,
     call_command,
+    command_env,
     link_copy,
+    train_args,
     train_command,
 )
 
-from dwise_jax import atomic, checkpoint, fatal, process_env
+from dwise_jax import atomic, checkpoint, fatal
 
 
 @pytest.fixture
 def run_env(tmp_path) -> dict[str, str]:
     """The command line's environment, the test run's compilation cache inherited."""
-    env = process_env.cpu_environment(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return command_env()
 
 
 def _namespaces_work(tmp_path: Path) -> bool:
@@ -78,7 +77,7 @@ cp -a {mnt}/w {tmp_path}/after_resume
     assert f"resuming from step {step}" in (tmp_path / "b.out").read_text()
 
     # The resumed run ends where a run with room ends (in process: conftest.call_command).
-    assert call_command("train", train_command(root, tmp_path / "roomy")[3:], monkeypatch) == 0
+    assert call_command("train", train_args(root, tmp_path / "roomy"), monkeypatch) == 0
     resumed = tmp_path / "after_resume" / "demo" / "fold_2"
     _, a = checkpoint.restore(resumed, ("state", "ema"))
     _, b = checkpoint.restore(tmp_path / "roomy" / "demo" / "fold_2", ("state", "ema"))

@@ -26,12 +26,14 @@ from conftest import (
     Child,
     assert_bit_identical,
     call_command,
+    command_env,
     link_copy,
     records,
+    train_args,
     train_command,
 )
 
-from dwise_jax import checkpoint, fold_lock, fold_run, process_env
+from dwise_jax import checkpoint, fold_lock, fold_run
 from dwise_jax.fold_lock import FoldLockedError
 
 
@@ -179,9 +181,7 @@ def plain_root(sim_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def train_env(tmp_path_factory) -> dict[str, str]:
-    env = process_env.cpu_environment(os.environ)  # the run's compilation cache inherited
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return command_env()  # the run's compilation cache inherited
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:
@@ -218,7 +218,7 @@ def test_a_second_training_of_the_same_fold_is_refused_and_changes_nothing(
 
     # The run alone and the refused second one in process (conftest.call_command); the first,
     # caught holding the fold, is a command line.
-    args = lambda workdir: train_command(plain_root, workdir)[3:]
+    args = lambda workdir: train_args(plain_root, workdir)
     assert call_command("train", args(tmp_path / "alone"), monkeypatch) == 0
     alone_fold = checkpoint.fold_dir(tmp_path / "alone", "demo", FOLD)
 

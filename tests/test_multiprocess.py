@@ -9,7 +9,6 @@ run's JAX compilation cache (conftest.py).
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -22,9 +21,9 @@ import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import CLI_TINY, DEMO, HANG_TIMEOUT_S, REPO, link_copy, train_command
+from conftest import CLI_TINY, DEMO, HANG_TIMEOUT_S, REPO, command_env, link_copy, train_command
 
-from dwise_jax import checkpoint, process_env, submission
+from dwise_jax import checkpoint, submission
 
 FOLD = 2
 SPLIT = "final_test_main"
@@ -37,9 +36,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int, process: int | None = None, port: int = 0) -> dict:
-    env = process_env.cpu_environment(os.environ)
-    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
-    env["PYTHONUNBUFFERED"] = "1"
+    env = command_env(f"--xla_force_host_platform_device_count={devices}")
     if process is not None:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(process), DWISE_JAX_HEARTBEAT_S="10")

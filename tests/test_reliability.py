@@ -29,15 +29,17 @@ from conftest import (
     Child,
     assert_bit_identical,
     call_command,
+    command_env,
     detach,
     link_copy,
     model_kwargs,
     records,
     stream_config,
+    train_args,
     train_command,
 )
 
-from dwise_jax import checkpoint, process_env
+from dwise_jax import checkpoint
 from dwise_jax.logbook import Logbook
 
 KILLS = int(os.environ.get("DWISE_JAX_KILLS", "5"))
@@ -56,9 +58,7 @@ def plain_root(sim_root, tmp_path_factory) -> Path:
 def train_env(tmp_path_factory) -> dict[str, str]:
     """The command line's environment: its CPU settings already set (so it does not re-exec),
     the test run's JAX compilation cache (conftest.py) inherited."""
-    env = process_env.cpu_environment(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return command_env()
 
 
 def train_losses(fold: Path) -> dict[int, float]:
@@ -71,7 +71,7 @@ def test_random_sigkills_resume_to_the_same_state_bit_for_bit(plain_root, train_
     extra = ("--config.log.every_steps=1",)  # one metrics.jsonl record per step: the step counter
     # The uninterrupted reference and the final restart run in process (conftest.call_command);
     # the killed runs are command lines.
-    args = lambda workdir: train_command(plain_root, workdir, *extra)[3:]
+    args = lambda workdir: train_args(plain_root, workdir, *extra)
     assert call_command("train", args(tmp_path / "straight"), monkeypatch) == 0
 
     workdir = tmp_path / "killed"
@@ -182,7 +182,7 @@ def test_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     from dwise_jax.data.sensorium import SensoriumDataset
 
     root = link_copy(plain_root, tmp_path / "root")
-    args = train_command(root, tmp_path / "work", f"--config.log.every_steps={every}")[3:]
+    args = train_args(root, tmp_path / "work", f"--config.log.every_steps={every}")
     assert call_command("train", [*args, f"--max_steps={first_steps}"], monkeypatch) == 0
     capsys.readouterr()
     fold = checkpoint.fold_dir(tmp_path / "work", "demo", FOLD)

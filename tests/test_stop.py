@@ -15,9 +15,9 @@ import signal
 import time
 
 import pytest
-from conftest import HANG_TIMEOUT_S, Child, link_copy, train_command
+from conftest import HANG_TIMEOUT_S, Child, command_env, link_copy, train_command
 
-from dwise_jax import checkpoint, preview, process_env
+from dwise_jax import checkpoint, preview
 
 
 @pytest.fixture
@@ -26,8 +26,7 @@ def plain_root(sim_root, tmp_path):
 
 
 def _env() -> dict[str, str]:
-    env = process_env.cpu_environment(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
+    env = command_env()
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return env
 

@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import (
-    CLI_TINY,
-    DEMO,
     FOLD,
     call_command,
     detach,
     link_copy,
     mouse_folder,
     q,
+    train_args,
 )
 
 from dwise_jax import checkpoint
@@ -201,9 +200,7 @@ def test_training_stops_at_the_first_offending_window_before_any_step(root, tmp_
         if mouse.is_labeled(t) and trial_folds[t] != FOLD:
             scale(mouse.path_of("responses", t), 1e6)
     workdir = tmp_path / "work"
-    status = call_command("train", ["--config", DEMO, f"--data_root={root}",
-                                    f"--workdir={workdir}", f"--folds={FOLD}", *CLI_TINY],
-                          monkeypatch)
+    status = call_command("train", train_args(root, workdir), monkeypatch)
     err = capsys.readouterr().err
     assert status == 1, err[-3000:]
     assert "Traceback" not in err
