@@ -6,7 +6,6 @@ test_multiprocess.)"""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from conftest import (
     REPO,
     TINY,
     checkpoint_leaves,
+    command_env,
     model_kwargs,
     stream_config,
 )
@@ -31,7 +31,7 @@ from dwise_jax.train import train_and_evaluate
 
 
 def _run(args, **kwargs):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = command_env()
     kwargs.setdefault("cwd", REPO)
     return subprocess.run([sys.executable, "-m", "dwise_jax.train", "--config", DEMO, *args],
                           capture_output=True, text=True, env=env, **kwargs)
@@ -102,7 +102,7 @@ def test_refuses_another_architecture_or_config(sim_root, tmp_path):
 
 
 def test_one_step_on_four_devices_equals_one_device(sim_root):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = command_env("--xla_force_host_platform_device_count=4")
     out = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "multidevice_step.py"),
                           str(sim_root)], capture_output=True, text=True, env=env,
                          timeout=HANG_TIMEOUT_S)
