@@ -2,8 +2,9 @@
 
 The score is the competition's single-trial correlation (docs/original.md#metrics) of the raw
 predictions against the labeled trials' responses (`folds`) or, on a simulated dataset's test
-splits, the responses its simulator kept aside, beside the noise ceiling. See
-docs/prediction.md for the files.
+splits, the responses its simulator kept aside, beside the noise ceiling, and the starter kit's
+Poisson loss. Where the scored trials show a video more than once (the oracle repeats of
+`folds`), also the correlation to the average over repeats and FEVE. See docs/prediction.md.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from dwise_jax import atomic, baseline
-from dwise_jax.data import synthetic, windows
+from dwise_jax import atomic, baseline, metrics
+from dwise_jax.data import folds, synthetic, windows
 from dwise_jax.data.sensorium import TEST_TIERS, Mouse, SensoriumDataset
 from dwise_jax.metrics import SKIP_FRAMES, CorrelationScores, StreamingCorrelation
 
@@ -48,6 +49,8 @@ class SplitScores:
     strides: dict[int, CorrelationScores]
     ceiling: CorrelationScores | None
     trials: dict[str, int]
+    poisson: dict[str, float] = dataclasses.field(default_factory=dict)  # per frame and neuron
+    repeats: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def scores(self) -> CorrelationScores:
@@ -61,7 +64,8 @@ class SplitScores:
             "correlation_mouse_mean": self.scores.mouse_mean,
             "noise_ceiling": self.ceiling.neuron_mean if self.ceiling else None,
             "mice": [{"mouse": m, "neurons": int(r.size), "trials": self.trials[m],
-                      "correlation": float(np.mean(r)), "noise_ceiling": ceiling.get(m)}
+                      "correlation": float(np.mean(r)), "noise_ceiling": ceiling.get(m),
+                      "poisson_loss": self.poisson.get(m), "repeated_videos": self.repeats.get(m)}
                      for m, r in self.scores.per_mouse.items()],
         }
         if len(self.strides) > 1:
@@ -73,7 +77,11 @@ class SplitScores:
 
 
 class SplitScorer:
-    """Scores trials as they are predicted; keeps one example trial per mouse for the plots."""
+    """Scores trials as they are predicted; keeps one example trial per mouse for the plots.
+
+    The trials of videos shown more than once are kept until their mouse's trials end (the
+    next mouse, or `summary`), so memory holds one mouse's repeats (the real data's oracle
+    trials: about 1 GB at 8,000 neurons)."""
 
     def __init__(self, dataset: SensoriumDataset, split: str):
         self.dataset, self.split = dataset, split
@@ -81,6 +89,10 @@ class SplitScorer:
         self.streams: dict[Any, StreamingCorrelation] = {}
         self.examples: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
         self.main = 1
+        self.poisson: dict[str, list[float]] = {}  # mouse: [loss sum, neuron-frames]
+        self.repeats: dict[str, dict[str, float]] = {}
+        self.shown: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # hash: [(pred, target)]
+        self.mouse: str | None = None
 
     def add(self, mouse: Mouse, trial: int, predictions: dict[int, np.ndarray],
             main: int) -> None:
@@ -94,14 +106,47 @@ class SplitScorer:
             self.streams.setdefault(key, StreamingCorrelation()).add(mouse.name, pred, target)
         if mouse.name not in self.examples:
             self.examples[mouse.name] = (trial, predictions[main], target)
+        loss = metrics.poisson_loss(predictions[main], target)
+        total = self.poisson.setdefault(mouse.name, [0.0, 0])
+        total[0] += float(loss.sum())
+        total[1] += loss.size * max(target.shape[1] - SKIP_FRAMES, 0)
+        if mouse.name != self.mouse:
+            self._score_repeats()
+            self.mouse = mouse.name
+        hashes = folds.mouse_folds(mouse).hashes if self.split == "folds" else None
+        if hashes is not None and hashes[trial] and np.sum(hashes == hashes[trial]) > 1:
+            cut = (predictions[main][:, SKIP_FRAMES:], target[:, SKIP_FRAMES:])
+            self.shown.setdefault(int(hashes[trial]), []).append(cut)
+
+    def _score_repeats(self) -> None:
+        """Correlation to the average over repeats and FEVE of the current mouse's videos
+        scored at least twice, each video's trials cut to their shortest; in float64, as FEVE
+        subtracts variances that may nearly cancel."""
+        shown = [trials for trials in self.shown.values() if len(trials) > 1]
+        self.shown = {}
+        if not shown:
+            return
+        preds, responses = [], []
+        for trials in shown:
+            n = min(p.shape[1] for p, _ in trials)
+            preds.append(np.stack([p[:, :n] for p, _ in trials]).astype(np.float64))
+            responses.append(np.stack([t[:, :n] for _, t in trials]).astype(np.float64))
+        self.repeats[self.mouse] = {
+            "videos": len(shown), "trials": sum(len(t) for t in shown),
+            "correlation_to_average": float(np.mean(metrics.correlation_to_average(
+                preds, responses))),
+            "feve": float(np.mean(metrics.feve(preds, responses)))}
 
     def summary(self) -> SplitScores:
+        self._score_repeats()
         ceiling = self.streams.get(CEILING)
         return SplitScores(
             split=self.split, main=self.main,
             strides={k: s.scores() for k, s in self.streams.items() if k != CEILING},
             ceiling=ceiling.scores() if ceiling else None,
-            trials=dict(self.streams[self.main].trials))
+            trials=dict(self.streams[self.main].trials),
+            poisson={m: s / n for m, (s, n) in self.poisson.items() if n},
+            repeats=dict(self.repeats))
 
 
 def _table(scores: SplitScores) -> list[list[str]]:
@@ -131,6 +176,9 @@ def print_scores(scores: SplitScores) -> None:
     print(f"\n{scores.split}: {METRIC}")
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for mouse, r in scores.repeats.items():
+        print(f"{mouse}: {r['videos']} videos shown {r['trials']} times: correlation to average "
+              f"{r['correlation_to_average']:.4f}, FEVE {r['feve']:.4f}")
     for s in scores.to_json().get("strides", []):
         print(f"anchor stride {s['stride']:2d}: {s['windows_per_300_frames']:3d} windows per "
               f"300 frames, correlation {s['correlation']:.4f}")
@@ -239,6 +287,17 @@ def write_report(directory: str | Path, scores: SplitScores, examples: dict,
     if scores.ceiling:
         lines += ["", "Noise ceiling: the same score of the simulation's noiseless rate against "
                       "the same responses (what a perfect model of the simulated neurons gets)."]
+    if scores.repeats:
+        lines += ["", "## Repeated videos", "",
+                  "Videos scored more than once (frames 50 on): the correlation of the "
+                  "prediction with the response, both averaged over the repeats, and the "
+                  "fraction of explainable variance explained (FEVE), means over neurons.", ""]
+        lines += markdown_table([["mouse", "videos", "trials", "correlation to average", "FEVE"]]
+                                + [[short, r["videos"], r["trials"],
+                                    f"{r['correlation_to_average']:.4f}", f"{r['feve']:.4f}"]
+                                   for (m, r), short in zip(scores.repeats.items(),
+                                                            _short(list(scores.repeats)),
+                                                            strict=True)])
     _plot_correlations(scores, directory / "correlations.png")
     _plot_traces(scores, examples, directory / "traces.png")
     lines += ["", "## Per-neuron correlations", "", "![per-neuron correlations](correlations.png)",

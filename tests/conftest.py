@@ -51,11 +51,6 @@ for _variable, _prefix in (("DWISE_JAX_CACHE", "dwise_jax_test_cache-"),
 # programs they can load from the run's cache: its key includes XLA_FLAGS, and the commands
 # skip their re-exec), and run as the commands do.
 os.environ.update(process_env.cpu_environment(os.environ))
-# And LLVM's optimisation level 0, here and in those command lines: the tests' tiny programs
-# spend longer in compilation than in running (tests/test_readouts.py 63 s against 83-90 s).
-# Only the machine code changes, not the HLO: results differ from -O2's at most in round-off.
-if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 # The suite runs in several worker processes (pytest-xdist): on a GPU, none may take 75% of
 # its memory up front.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -324,3 +324,56 @@ def test_poisson_loss_reference_and_hand_case():
     ones = np.ones((2, 120))
     np.testing.assert_allclose(metrics.poisson_loss(ones, ones), 70 * (1 - np.log1p(1e-12)))
     np.testing.assert_allclose(metrics.poisson_loss(ones, 0 * ones, skip=0), [120, 120])
+
+
+# --------------------------------------------------------------------------- the split report
+
+
+def test_split_report_scores_repeated_videos_and_the_poisson_loss(sim_root, tmp_path):
+    """`folds` of the tiny simulated dataset: each mouse's oracle clips repeat. The report's
+    correlation to average, FEVE and Poisson loss against references that find the repeats by
+    comparing the videos themselves, not by their hashes."""
+    from dwise_jax import report
+    from dwise_jax.data import folds
+    from dwise_jax.data.sensorium import SensoriumDataset
+
+    dataset = SensoriumDataset.open(sim_root)
+    scorer = report.SplitScorer(dataset, "folds")
+    rng = np.random.default_rng(7)
+    want_repeats, want_poisson = {}, {}
+    for mouse in dataset.mice:
+        groups, cut_pairs = [], []
+        for trial in folds.labeled_trials(mouse, range(folds.NUM_FOLDS)):
+            target = report.load_target(dataset, "folds", mouse, trial)
+            pred = (0.5 * np.clip(target, 0, None)
+                    + rng.uniform(0.1, 1.0, target.shape)).astype(np.float32)
+            scorer.add(mouse, trial, {1: pred}, main=1)
+            video = mouse.load("videos", trial)
+            pair = (pred[:, 50:].astype(np.float64), target[:, 50:].astype(np.float64))
+            cut_pairs.append(pair)
+            for g in groups:
+                if np.array_equal(g[0], video, equal_nan=True):
+                    g[1].append(pair)
+                    break
+            else:
+                groups.append((video, [pair]))
+        repeated = [g[1] for g in groups if len(g[1]) > 1]
+        assert repeated  # the tiny dataset has two oracle clips shown twice per mouse
+        preds = [np.stack([p for p, _ in g]) for g in repeated]
+        responses = [np.stack([t for _, t in g]) for g in repeated]
+        mean_p = np.concatenate([p.mean(0) for p in preds], axis=1)
+        mean_r = np.concatenate([r.mean(0) for r in responses], axis=1)
+        cta = [scipy.stats.pearsonr(a, b).statistic for a, b in zip(mean_p, mean_r, strict=True)]
+        want_repeats[mouse.name] = (len(repeated), sum(map(len, repeated)), np.mean(cta),
+                                    np.mean(_feve_reference(preds, responses)))
+        losses = np.concatenate([p - t * np.log(p + 1e-12) for p, t in cut_pairs], axis=1)
+        want_poisson[mouse.name] = losses.mean()
+    scores = scorer.summary()
+    for name, (videos, trials, cta, feve) in want_repeats.items():
+        got = scores.repeats[name]
+        assert (got["videos"], got["trials"]) == (videos, trials)
+        assert got["correlation_to_average"] == pytest.approx(cta, rel=1e-5)
+        assert got["feve"] == pytest.approx(feve, rel=1e-5)
+        assert scores.poisson[name] == pytest.approx(want_poisson[name], rel=1e-5)
+    text = report.write_report(tmp_path, scores, scorer.examples, {}).read_text()
+    assert "## Repeated videos" in text and "FEVE" in text
