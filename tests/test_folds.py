@@ -18,11 +18,26 @@ from dwise_jax.data import folds
 NEW_TIERS = frozenset({"train", "oracle"})
 
 
+def _new_run() -> None:
+    """As in a new process: the folds computed in this one are forgotten, the on-disk caches
+    stay."""
+    folds._MEMO.clear()
+
+
+def _fold_of_hash(h) -> int:
+    """The original's fold of a video hash, in Python's unbounded ints."""
+    return int(h) % folds.NUM_FOLDS
+
+
+def _fold_tiers(mouse) -> np.ndarray:
+    return folds.mouse_folds(mouse).tiers_after_folds
+
+
 @pytest.fixture(autouse=True)
 def _fresh_memo():
-    folds.clear_memo()
+    _new_run()
     yield
-    folds.clear_memo()
+    _new_run()
 
 
 def _video(f, index: int) -> np.ndarray:
@@ -64,7 +79,7 @@ def test_fixture_hashes_and_folds_exact(pipeline_fixture):
         ]
         h = folds.video_hash(video)
         assert h == int(f["phash/hash"][i]) == int(meta["phash"]["hash_decimal"][i])
-        assert folds.fold_of_hash(h) == f["phash/fold"][i]
+        assert _fold_of_hash(h) == f["phash/fold"][i]
 
 
 def test_exact_copies_share_hash_noisy_copy_need_not(pipeline_fixture):
@@ -113,7 +128,7 @@ def test_hash_kept_exact_as_uint64(pipeline_fixture):
     f, _ = pipeline_fixture
     hashes = [int(h) for h in f["phash/hash"]]
     assert all(2**63 <= h < 2**64 for h in hashes[:3])  # would overflow int64
-    assert [folds.fold_of_hash(np.uint64(h)) for h in hashes] == f["phash/fold"].tolist()
+    assert [_fold_of_hash(np.uint64(h)) for h in hashes] == f["phash/fold"].tolist()
     # float64 drops low bits: the fold would change for some of these videos.
     assert any(int(float(h)) % 7 != h % 7 for h in hashes)
 
@@ -169,7 +184,7 @@ def test_folds_roughly_balanced():
         folds.video_hash(rng.uniform(0, 255, (36, 64, 10)).astype(np.float32)) for _ in range(n)
     ]
     assert len(set(hashes)) == n
-    counts = folds.fold_counts(np.array([folds.fold_of_hash(h) for h in hashes]))
+    counts = folds.fold_counts(np.array([_fold_of_hash(h) for h in hashes]))
     expected = n / folds.NUM_FOLDS
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 30.0, counts  # 6 degrees of freedom: P(chi2 > 30) is about 4e-5
@@ -265,7 +280,7 @@ def test_mouse_folds_cached_in_memory_and_on_disk(disk_mouse, pipeline_fixture, 
     f, _ = pipeline_fixture
     expected = f["fake/mouse0/tiers_after_folds"]
     n_hashed = int(np.isin(f["fake/mouse0/tiers"], ["train", "oracle"]).sum())
-    np.testing.assert_array_equal(folds.fold_tiers(disk_mouse), expected)
+    np.testing.assert_array_equal(_fold_tiers(disk_mouse), expected)
     assert len(hash_calls) == n_hashed
     cache = folds.cache_file(disk_mouse)
     assert cache.exists() and cache.stat().st_mode & 0o044 == 0o044  # readable by others
@@ -274,16 +289,16 @@ def test_mouse_folds_cached_in_memory_and_on_disk(disk_mouse, pipeline_fixture, 
     # the dataset is only read: its trials folder holds what it held
     assert sorted(p.name for p in (disk_mouse.path / "meta/trials").iterdir()) == ["tiers.npy"]
     folds.trial_folds(disk_mouse)
-    folds.fold_tiers(disk_mouse)
+    _fold_tiers(disk_mouse)
     assert len(hash_calls) == n_hashed  # memoised: no second hashing in this run
-    folds.clear_memo()
-    np.testing.assert_array_equal(folds.fold_tiers(disk_mouse), expected)
+    _new_run()
+    np.testing.assert_array_equal(_fold_tiers(disk_mouse), expected)
     assert len(hash_calls) == n_hashed  # a new run reads the cache
     got = folds.mouse_folds(disk_mouse)
     assert got.folds.dtype == np.int8 and got.hashes.dtype == np.uint64
     assert not got.folds.flags.writeable  # the memoised result cannot be changed by a caller
     want = [
-        folds.fold_of_hash(int(h)) if t.startswith("fold_") else -1
+        _fold_of_hash(int(h)) if t.startswith("fold_") else -1
         for h, t in zip(got.hashes, expected, strict=True)
     ]
     assert got.folds.tolist() == want
@@ -308,7 +323,7 @@ def test_more_labeled_tiers_reuse_cached_hashes(disk_mouse, hash_calls):
     old = dataclasses.replace(
         disk_mouse, is_real_old=True, labeled_tiers=frozenset(set(disk_mouse.tiers))
     )
-    got = folds.fold_tiers(old)
+    got = _fold_tiers(old)
     assert len(hash_calls) == first + int(
         np.isin(disk_mouse.tiers, ["live_test_main", "final_test_main"]).sum()
     )
@@ -319,11 +334,11 @@ def test_malformed_cache_recomputed(disk_mouse, pipeline_fixture, hash_calls):
     f, _ = pipeline_fixture
     folds.cache_file(disk_mouse).parent.mkdir(parents=True, exist_ok=True)
     folds.cache_file(disk_mouse).write_bytes(b"not an npz")
-    np.testing.assert_array_equal(folds.fold_tiers(disk_mouse), f["fake/mouse0/tiers_after_folds"])
+    np.testing.assert_array_equal(_fold_tiers(disk_mouse), f["fake/mouse0/tiers_after_folds"])
     assert len(hash_calls) > 0
-    folds.clear_memo()
+    _new_run()
     calls = len(hash_calls)
-    folds.fold_tiers(disk_mouse)
+    _fold_tiers(disk_mouse)
     assert len(hash_calls) == calls  # the rewritten cache is good
 
 
@@ -335,18 +350,18 @@ def test_unwritable_cache_folder_tolerated(disk_mouse, pipeline_fixture, monkeyp
         raise PermissionError("read-only cache")
 
     monkeypatch.setattr(folds.os, "replace", refuse)
-    np.testing.assert_array_equal(folds.fold_tiers(disk_mouse), want)
+    np.testing.assert_array_equal(_fold_tiers(disk_mouse), want)
     cache = folds.cache_file(disk_mouse)
     assert not cache.exists()
     assert [p.name for p in cache.parent.iterdir() if p.name.startswith(".folds-")] == []
     monkeypatch.undo()
-    folds.clear_memo()
+    _new_run()
     if os.geteuid() != 0:  # root ignores permission bits
         locked = tmp_path / "locked_cache"
         locked.mkdir(mode=0o555)
         monkeypatch.setenv(folds.CACHE_ENV, str(locked))
         try:
-            np.testing.assert_array_equal(folds.fold_tiers(disk_mouse), want)
+            np.testing.assert_array_equal(_fold_tiers(disk_mouse), want)
             assert list(locked.iterdir()) == []
         finally:
             locked.chmod(0o755)
@@ -390,5 +405,5 @@ def test_folds_through_sensorium_dataset(tmp_path, pipeline_fixture):
     by_name = {mouse.name: mouse for mouse in dataset.mice}
     for m, name in enumerate(meta["fake_dataset"]["mice"]):
         np.testing.assert_array_equal(
-            folds.fold_tiers(by_name[name]), f[f"fake/mouse{m}/tiers_after_folds"]
+            _fold_tiers(by_name[name]), f[f"fake/mouse{m}/tiers_after_folds"]
         )

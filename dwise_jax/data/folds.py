@@ -63,11 +63,6 @@ def video_hash(video: np.ndarray) -> int:
     return result
 
 
-def fold_of_hash(video_hash_value: int) -> int:
-    """The fold of a video hash: hash % 7."""
-    return int(video_hash_value) % NUM_FOLDS
-
-
 def tiers_with_folds(is_real_old: bool, labeled_tiers: Collection[str]) -> frozenset[str]:
     """The tiers whose trials get a fold: for the five real old mice every labeled tier but
     ``none``; for every other mouse (new, simulated) ``train`` and ``oracle``."""
@@ -115,11 +110,6 @@ def assign_folds(tiers: np.ndarray, load_video: VideoLoader,
 
 # Folds per (mouse folder, tiers.npy size and mtime, fold tiers): computed once per run.
 _MEMO: dict[tuple[Any, ...], FoldAssignment] = {}
-
-
-def clear_memo() -> None:
-    """Forget the folds computed in this run (the on-disk caches stay)."""
-    _MEMO.clear()
 
 
 def cache_file(mouse: Any) -> Path:
@@ -185,11 +175,6 @@ def labeled_trials(mouse: Any, fold_ids: Collection[int]) -> list[int]:
     trial_fold = trial_folds(mouse)
     wanted = np.isin(trial_fold, list(fold_ids)) & (trial_fold >= 0)
     return [int(t) for t in np.flatnonzero(wanted) if mouse.is_labeled(int(t))]
-
-
-def fold_tiers(mouse: Any) -> np.ndarray:
-    """(trials,) str: the mouse's tiers with ``fold_<k>`` for every trial that has a fold."""
-    return mouse_folds(mouse).tiers_after_folds
 
 
 def fold_counts(folds: np.ndarray) -> np.ndarray:
