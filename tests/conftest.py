@@ -363,9 +363,10 @@ def call_command(module: str, args: list[str], monkeypatch: pytest.MonkeyPatch) 
                     command.__doc__, command.ERRORS, getattr(command, "check_args", None))
 
 
-def run_module(module: str, args: list[str], env: dict[str, str] | None = None):
+def run_module(module: str, args: list[str], env: dict[str, str] | None = None,
+               cwd: Path = REPO):
     env = {**command_env(), **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
 
 

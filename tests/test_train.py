@@ -22,19 +22,13 @@ from conftest import (
     checkpoint_leaves,
     command_env,
     model_kwargs,
+    run_module,
     stream_config,
 )
 
 from dwise_jax import checkpoint, fold_run
 from dwise_jax import config as config_lib
 from dwise_jax.train import train_and_evaluate
-
-
-def _run(args, **kwargs):
-    env = command_env()
-    kwargs.setdefault("cwd", REPO)
-    return subprocess.run([sys.executable, "-m", "dwise_jax.train", "--config", DEMO, *args],
-                          capture_output=True, text=True, env=env, **kwargs)
 
 
 def _final_state(fold_dir: Path) -> dict:
@@ -117,9 +111,10 @@ def test_one_step_on_four_devices_equals_one_device(sim_root):
 
 def test_profile_and_hlo_dump(sim_root, tmp_path):
     # A relative --workdir (like the default "workdir"), resolved against the working folder.
-    out = _run([f"--data_root={sim_root}", "--workdir=.", "--folds=0", *CLI_TINY,
-                "--profile_steps=1:2", "--dump_hlo", "--max_steps=2"], timeout=HANG_TIMEOUT_S,
-               cwd=tmp_path)
+    out = run_module("dwise_jax.train", ["--config", DEMO, f"--data_root={sim_root}",
+                                         "--workdir=.", "--folds=0", *CLI_TINY,
+                                         "--profile_steps=1:2", "--dump_hlo", "--max_steps=2"],
+                     cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     fold = tmp_path / "demo" / "fold_0"
     assert "HloModule" in (fold / "train_step.hlo.txt").read_text()[:1000]
