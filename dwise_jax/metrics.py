@@ -1,14 +1,14 @@
 """Evaluation metrics as pure NumPy functions: correlations, FEVE, the Poisson loss.
 
-Trial arrays are ``(neurons, time)``, cut by the caller to the trial's valid length;
-``validation_correlation`` takes windows ``(batch, time, neurons)``. Definitions:
+Trial arrays are ``(neurons, time)``, cut by the caller to the trial's valid length; training's
+val_corr adds windows' (frames, neurons) rows to ``PearsonSums``. Definitions:
 docs/original.md#metrics.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -95,27 +95,11 @@ class CorrelationScores:
         return float(np.mean(list(self.mouse_means.values())))
 
 
-def competition_correlation(
-    preds: Mapping[str, Sequence[np.ndarray]], targets: Mapping[str, Sequence[np.ndarray]], *,
-    cut: Cut = "baseline", skip: int = SKIP_FRAMES, nan_to_zero: bool = True,
-) -> CorrelationScores:
-    """The single-trial correlation: cut each trial, concatenate a mouse's trials, r per neuron.
-
-    Args:
-        preds, targets: {mouse: [(neurons, L_i) per trial]}, same mice and order, valid frames.
-        cut: "baseline" keeps frames [skip:] (starter kit); "submission" [50 : min(L, 300) - 1]
-            (the winner's out-of-fold evaluation, which keeps NaN: ``nan_to_zero=False``).
-    """
-    if list(preds) != list(targets):
-        raise ValueError("preds and targets must hold the same mice in the same order")
-    return CorrelationScores({
-        mouse: pearson_per_neuron(*_concat_trials(preds[mouse], targets[mouse], cut, skip), -1,
-                                  nan_to_zero=nan_to_zero) for mouse in preds})
-
-
 class StreamingCorrelation:
-    """``competition_correlation`` of trials added one at a time, from float64 ``PearsonSums``
-    per mouse (a real mouse's trials hold gigabytes); equal up to float rounding."""
+    """The single-trial correlation of trials added one at a time: each trial cut ("baseline":
+    frames [skip:], the starter kit; "submission": [50 : min(L, 300) - 1], the winner's
+    out-of-fold evaluation, which keeps NaN), a mouse's trials concatenated along time, r per
+    neuron; from float64 ``PearsonSums`` per mouse (a real mouse's trials hold gigabytes)."""
 
     def __init__(self, *, cut: Cut = "baseline", skip: int = SKIP_FRAMES,
                  nan_to_zero: bool = True):
@@ -145,23 +129,6 @@ def poisson_loss(output: Trials, target: Trials, *, skip: int = SKIP_FRAMES,
     out, tgt = _concat_trials(output, target, "baseline", skip)
     loss = out - tgt * np.log(out + POISSON_EPS)
     return loss.mean(-1) if avg else loss.sum(-1)
-
-
-def validation_correlation(preds: Sequence[np.ndarray], targets: Sequence[np.ndarray],
-                           mice_weights: np.ndarray) -> tuple[np.ndarray, float]:
-    """The original's ``val_corr`` of per-readout (samples, time, neurons_i) arrays: per readout,
-    mean r per neuron over the (sample, frame) rows of the samples with mice_weights[:, i] != 0
-    (NaN if none); returns those (readouts,) and their nanmean. No NaN handling, as the original.
-    """
-    weights = np.asarray(mice_weights)
-    per_readout = np.full(len(preds), np.nan)
-    for i, (pred, target) in enumerate(zip(preds, targets, strict=True)):
-        keep = weights[:, i] != 0
-        if keep.any():
-            n = pred.shape[-1]
-            r = pearson_per_neuron(pred[keep].reshape(-1, n), target[keep].reshape(-1, n), 0)
-            per_readout[i] = float(np.mean(r))
-    return per_readout, float(np.nanmean(per_readout))
 
 
 @dataclasses.dataclass(frozen=True)

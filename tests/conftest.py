@@ -391,3 +391,22 @@ def stream_config(seed: int = 0, **data):
     config.data.num_workers = 0
     config.data.update(data)
     return config
+
+
+def competition_reference(preds: dict, targets: dict, cut: str = "baseline",
+                          skip: int = 50) -> dict[str, np.ndarray]:
+    """The single-trial correlation by its definition, all trials in memory (an independent
+    reference for metrics.StreamingCorrelation): each trial (neurons, L) cut ("baseline": frames
+    [skip:]; "submission": [:300][50:][:-1]), a mouse's trials concatenated along time, then per
+    neuron r = mean(dx dy) / ((std x + 1e-8) (std y + 1e-8)), population std, in float64."""
+    def keep(x):
+        x = np.asarray(x, np.float64)
+        return x[:, skip:] if cut == "baseline" else x[:, :300][:, 50:][:, :-1]
+
+    out = {}
+    for mouse in preds:
+        p = np.concatenate([keep(x) for x in preds[mouse]], axis=1)
+        t = np.concatenate([keep(x) for x in targets[mouse]], axis=1)
+        dp, dt = p - p.mean(1, keepdims=True), t - t.mean(1, keepdims=True)
+        out[mouse] = (dp * dt).mean(1) / ((p.std(1) + 1e-8) * (t.std(1) + 1e-8))
+    return out

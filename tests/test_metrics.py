@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.stats
+from conftest import competition_reference
 
 from dwise_jax import metrics
 
@@ -53,8 +54,6 @@ def test_nan_case_fixture(pipeline_fixture):
     assert (
         err(metrics.pearson_per_neuron(pred, target, -1), f["metrics/nan_case/winner_corr"]) < 1e-5
     )
-    baseline = metrics.competition_correlation({"m": [pred]}, {"m": [target]}).per_neuron
-    assert err(baseline, f["metrics/nan_case/baseline_corr"]) < 1e-5
 
 
 # --------------------------------------------------------------------------- frame cuts
@@ -89,73 +88,59 @@ def _random_mice(rng, neurons=(5, 3), lengths=((120, 90), (310, 70, 100))):
     return preds, targets
 
 
+def _streamed(preds, targets, **kwargs) -> metrics.CorrelationScores:
+    stream = metrics.StreamingCorrelation(**kwargs)
+    for mouse in preds:
+        for pred, target in zip(preds[mouse], targets[mouse], strict=True):
+            stream.add(mouse, pred, target)
+    return stream.scores()
+
+
 @pytest.mark.parametrize("cut", ["baseline", "submission"])
-def test_competition_correlation_reference(cut):
+def test_streaming_correlation_reference(cut):
     rng = np.random.default_rng(1)
     preds, targets = _random_mice(rng)
-    scores = metrics.competition_correlation(preds, targets, cut=cut)
-    keep = (lambda x: x[:, 50:]) if cut == "baseline" else (lambda x: x[:, :300][:, 50:][:, :-1])
-    means = []
+    scores = _streamed(preds, targets, cut=cut)
+    want = competition_reference(preds, targets, cut)
     for mouse in preds:
-        p = np.concatenate([keep(x) for x in preds[mouse]], axis=1)
-        t = np.concatenate([keep(x) for x in targets[mouse]], axis=1)
-        want = [np.corrcoef(a, b)[0, 1] for a, b in zip(p, t, strict=True)]
-        np.testing.assert_allclose(scores.per_mouse[mouse], want, rtol=1e-6)
-        means.append(np.mean(want))
-    all_neurons = np.concatenate([scores.per_mouse[m] for m in preds])
-    assert scores.neuron_mean == pytest.approx(np.mean(all_neurons))
-    assert scores.mouse_mean == pytest.approx(np.mean(means), rel=1e-6)
+        np.testing.assert_allclose(scores.per_mouse[mouse], want[mouse], rtol=1e-6)
+    all_neurons = np.concatenate(list(want.values()))
+    assert scores.neuron_mean == pytest.approx(np.mean(all_neurons), rel=1e-6)
+    assert scores.mouse_mean == pytest.approx(np.mean([np.mean(w) for w in want.values()]),
+                                              rel=1e-6)
     assert scores.neuron_mean != pytest.approx(scores.mouse_mean)  # 5 vs 3 neurons
 
 
-def test_competition_correlation_weighting_by_hand():
+def test_streaming_correlation_weighting_by_hand():
     t = np.tile(np.arange(60.0), (3, 1))
     preds = {"a": [np.stack([t[0], t[0], -t[0]])], "b": [t[:1].copy()]}
     targets = {"a": [t], "b": [t[:1]]}
-    scores = metrics.competition_correlation(preds, targets, skip=0)
+    scores = _streamed(preds, targets, skip=0)
     np.testing.assert_allclose(scores.per_neuron, [1, 1, -1, 1], atol=1e-7)
     assert scores.neuron_mean == pytest.approx(0.5, abs=1e-7)  # (1 + 1 - 1 + 1) / 4
     assert scores.mouse_mean == pytest.approx((1 / 3 + 1) / 2, abs=1e-7)
 
 
-def test_competition_correlation_fixture(pipeline_fixture):
+def test_streaming_correlation_equals_the_fixture(pipeline_fixture):
     f, meta = pipeline_fixture
     mice = meta["fake_dataset"]["mice"]
     preds, targets = {}, {}
     for m, name in enumerate(mice):
         trials = meta["metrics"]["trial_order"][str(m)]
         preds[name] = [f[f"metrics/mouse{m}/pred/{t}"] for t in trials]
-        targets[name] = [
-            f[f"fake/mouse{m}/responses/{t}"][:, : p.shape[-1]]
-            for t, p in zip(trials, preds[name], strict=True)
-        ]
-    baseline = metrics.competition_correlation(preds, targets)
+        targets[name] = [f[f"fake/mouse{m}/responses/{t}"][:, : p.shape[-1]]
+                         for t, p in zip(trials, preds[name], strict=True)]
+    baseline = _streamed(preds, targets)
     assert err(baseline.per_neuron, f["metrics/baseline/per_neuron"]) < 1e-5
     assert err(baseline.neuron_mean, f["metrics/baseline/mean"]) < 1e-5
     for m, name in enumerate(mice):
         assert err(baseline.per_mouse[name], f[f"metrics/baseline/as_dict/mouse{m}"]) < 1e-5
-    winner = metrics.competition_correlation(preds, targets, cut="submission", nan_to_zero=False)
+    winner = _streamed(preds, targets, cut="submission", nan_to_zero=False)
     for m, name in enumerate(mice):
         assert err(winner.per_mouse[name], f[f"metrics/winner_corr/mouse{m}"]) < 1e-5
     assert err(list(winner.mouse_means.values()), f["metrics/oof/mouse_corr"]) < 1e-5
     assert err(winner.mouse_mean, f["metrics/oof/mean"]) < 1e-5
-    assert winner.per_mouse[mice[0]][5] == 0.0  # the constant prediction
-
-
-def test_streaming_correlation_equals_the_fixture(pipeline_fixture):
-    f, meta = pipeline_fixture
-    baseline = metrics.StreamingCorrelation()
-    winner = metrics.StreamingCorrelation(cut="submission", nan_to_zero=False)
-    for m, name in enumerate(meta["fake_dataset"]["mice"]):
-        for t in meta["metrics"]["trial_order"][str(m)]:
-            pred = f[f"metrics/mouse{m}/pred/{t}"]
-            target = f[f"fake/mouse{m}/responses/{t}"][:, : pred.shape[-1]]
-            baseline.add(name, pred, target)
-            winner.add(name, pred, target)
-    assert err(baseline.scores().per_neuron, f["metrics/baseline/per_neuron"]) < 1e-5
-    assert err(baseline.scores().neuron_mean, f["metrics/baseline/mean"]) < 1e-5
-    assert err(winner.scores().mouse_mean, f["metrics/oof/mean"]) < 1e-5
-    assert abs(winner.scores().per_neuron[5]) < 1e-6  # mouse 0's constant prediction
+    assert abs(winner.per_mouse[mice[0]][5]) < 1e-6  # the constant prediction
     # NaN in a target: NaN for the winner's r (all frames), 0 in the starter kit's.
     nan = metrics.StreamingCorrelation(skip=0, nan_to_zero=False)
     nan.add("m", f["metrics/nan_case/pred"], f["metrics/nan_case/target"])
@@ -165,11 +150,11 @@ def test_streaming_correlation_equals_the_fixture(pipeline_fixture):
     assert err(zero.scores().per_mouse["m"], f["metrics/nan_case/baseline_corr"]) < 1e-5
 
 
-def test_competition_correlation_rejects_mismatch():
-    with pytest.raises(ValueError):
-        metrics.competition_correlation({"a": [np.zeros((2, 60))]}, {"a": [np.zeros((2, 61))]})
-    with pytest.raises(ValueError):
-        metrics.competition_correlation({"a": [np.zeros((2, 60))]}, {"b": [np.zeros((2, 60))]})
+def test_streaming_correlation_rejects_mismatch():
+    with pytest.raises(ValueError, match="differ"):
+        metrics.StreamingCorrelation().add("a", np.zeros((2, 60)), np.zeros((2, 61)))
+    with pytest.raises(ValueError, match="cut"):
+        metrics.StreamingCorrelation(cut="whole").add("a", np.zeros((2, 60)), np.zeros((2, 60)))
 
 
 # --------------------------------------------------------------------------- validation
@@ -187,44 +172,34 @@ def _corrmetric_batches(f):
 
 
 def test_validation_correlation_fixture(pipeline_fixture):
+    """The original's val_corr as training computes it (fold_run.validate): per readout, float64
+    PearsonSums over the (sample, frame) rows of its own mouse's samples, batch by batch; the
+    mean r per readout, then their mean."""
     f, _ = pipeline_fixture
-    batches = _corrmetric_batches(f)
-    preds = [np.concatenate([b[0][i] for b in batches]) for i in range(2)]
-    targets = [np.concatenate([b[1][i] for b in batches]) for i in range(2)]
-    weights = np.concatenate([b[2] for b in batches])
-    per_readout, val_corr = metrics.validation_correlation(preds, targets, weights)
-    assert err(per_readout, f["metrics/corrmetric/mouse_corr"]) < 1e-5
-    assert err(val_corr, f["metrics/corrmetric/val_corr"]) < 1e-5
-
-    # The same, streamed batch by batch through PearsonSums.
-    sums = [metrics.PearsonSums.zeros(p.shape[-1]) for p in preds]
-    for bp, bt, bw in batches:
+    sums = [metrics.PearsonSums.zeros(f["metrics/corrmetric/batch0/pred/0"].shape[1]),
+            metrics.PearsonSums.zeros(f["metrics/corrmetric/batch0/pred/1"].shape[1])]
+    for bp, bt, bw in _corrmetric_batches(f):
         for i in range(2):
             keep = bw[:, i] != 0
             n = bp[i].shape[-1]
             sums[i] = sums[i] + metrics.PearsonSums.of(
-                bp[i][keep].reshape(-1, n), bt[i][keep].reshape(-1, n)
-            )
-    streamed = [float(np.mean(s.correlation())) for s in sums]
-    assert err(streamed, f["metrics/corrmetric/mouse_corr"]) < 1e-5
+                bp[i][keep].reshape(-1, n), bt[i][keep].reshape(-1, n))
+    per_readout = [float(np.mean(s.correlation())) for s in sums]
+    assert err(per_readout, f["metrics/corrmetric/mouse_corr"]) < 1e-5
+    assert err(np.mean(per_readout), f["metrics/corrmetric/val_corr"]) < 1e-5
 
 
-def test_validation_correlation_reference_and_empty_readout():
+def test_pearson_sums_reference():
     rng = np.random.default_rng(2)
-    weights = np.array([[1, 0], [0, 1], [1, 0], [1, 0]], np.float32)
-    preds = [rng.normal(size=(4, 16, 6)), rng.normal(size=(4, 16, 4))]
-    targets = [p + rng.normal(size=p.shape) for p in preds]
-    per_readout, mean = metrics.validation_correlation(preds, targets, weights)
-    for i in range(2):
-        keep = weights[:, i] != 0
-        n = preds[i].shape[-1]
-        p, t = preds[i][keep].reshape(-1, n), targets[i][keep].reshape(-1, n)
-        want = np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(p.T, t.T, strict=True)])
-        assert per_readout[i] == pytest.approx(want, rel=1e-6)
-    assert mean == pytest.approx(per_readout.mean())
-    weights[:, 1] = 0
-    per_readout, mean = metrics.validation_correlation(preds, targets, weights)
-    assert np.isnan(per_readout[1]) and mean == pytest.approx(per_readout[0])
+    pred = rng.normal(size=(64, 6))
+    target = pred + rng.normal(size=pred.shape)
+    sums = metrics.PearsonSums.zeros(6)
+    for rows in np.array_split(np.arange(64), 5):
+        sums = sums + metrics.PearsonSums.of(pred[rows], target[rows])
+    want = [np.corrcoef(a, b)[0, 1] for a, b in zip(pred.T, target.T, strict=True)]
+    np.testing.assert_allclose(sums.correlation(), want, rtol=1e-6)
+    np.testing.assert_allclose(sums.correlation(), metrics.pearson_per_neuron(pred, target, 0),
+                               rtol=1e-9)
 
 
 def test_pearson_sums_constant_series():
