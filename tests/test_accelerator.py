@@ -1,7 +1,7 @@
 """benchmarks/accelerator.py works before any accelerator is lent: run on this CPU at --tiny
 size, with a pretended out-of-memory at the largest batch, it prints its table and writes every
-field; the peak table, the time limit and the estimate on paper are checked directly. Nothing
-here depends on speed."""
+field; the order of the attempts, the peak table, the time limit and the estimate on paper are
+checked directly. Nothing here depends on speed."""
 
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ def _positive(value) -> bool:
 
 
 def test_tiny_run_on_cpu(tmp_path):
+    """Every attempt in its own worker process, each field filled (one dtype and impl: the order
+    of the attempts is the next test's)."""
     out = tmp_path / "accelerator.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "accelerator.py"), "--tiny", "--json_out",
          str(out), "--peak_tflops", "0.2", "--fake_oom_above", "2", "--time_limit_s", "850",
-         "--impls", "taps"],  # XLA's grouped convolution compiles slowly on CPU: one impl
+         "--impls", "taps", "--dtypes", "float32"],
         capture_output=True, text=True, timeout=900, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "samples_per_s" in proc.stdout and "compile_s" in proc.stdout  # the table
@@ -38,10 +40,10 @@ def test_tiny_run_on_cpu(tmp_path):
     results = json.loads(out.read_text())
     assert results["probe"]["backend"] == "cpu" and results["probe"]["count"] >= 1
     train = results["train"]
-    assert [(r["dtype"], r["impl"]) for r in train] == [("bfloat16", "taps"), ("float32", "taps")]
-    # batch 4 "did not fit", so the search fell back to 2, and the others started there
+    assert [(r["dtype"], r["impl"]) for r in train] == [("float32", "taps")]
+    # batch 4 "did not fit", so the search fell back to 2
     fake = [a for a in results["attempts"] if a.get("reason") == "--fake_oom_above"]
-    assert [(a["dtype"], a["per_device_batch"]) for a in fake] == [("bfloat16", 4)]
+    assert [(a["dtype"], a["per_device_batch"]) for a in fake] == [("float32", 4)]
     for r in train:
         assert r["status"] == "ok", r
         assert r["per_device_batch"] == 2 and r["global_batch"] == 2 * r["devices"]
@@ -59,6 +61,48 @@ def test_tiny_run_on_cpu(tmp_path):
     assert results["peak"][:3] == ["--peak_tflops", 0.2, 0.2]
     assert results["original_samples_per_s"] == 35
     assert _positive(results["roofline"]["devices"]["H100 SXM bfloat16"]["upper_bound"])
+
+
+class _FakeRunner:
+    """Answers attempts without running them: a training batch fits up to `fits[dtype]`."""
+
+    def __init__(self, fits):
+        self.fv = SimpleNamespace(impls=["lax", "taps"], batch_sizes=["2", "8", "4"],
+                                  dtypes=["float32", "bfloat16"], predict_batch=4)
+        self.fits, self.attempts, self.start = fits, [], 0.0
+
+    def run(self, what, **fields):
+        row = {"what": what, **fields, "status": "ok", "backend": "cpu"}
+        if what == "train" and fields["per_device_batch"] > self.fits[fields["dtype"]]:
+            row["status"] = "oom"
+        self.attempts.append(row)
+        return row
+
+
+def test_attempts_go_by_importance_and_start_from_what_fitted():
+    """bfloat16 first, auto's impl first (taps on CPU); the largest batch that fits, found once
+    per dtype and the dtype's other impls starting there; prediction after the first dtype;
+    float32 starting from bfloat16's batch."""
+    runner = _FakeRunner({"bfloat16": 4, "float32": 2})
+    results = accelerator.measure(runner)
+    tried = [(a["what"], a.get("dtype"), a.get("impl"), a.get("per_device_batch"), a["status"])
+             for a in runner.attempts]
+    assert tried == [
+        ("probe", None, None, None, "ok"),
+        ("train", "bfloat16", "taps", 8, "oom"), ("train", "bfloat16", "taps", 4, "ok"),
+        ("train", "bfloat16", "lax", 4, "ok"),
+        ("predict", None, "taps", None, "ok"), ("predict", None, "lax", None, "ok"),
+        ("train", "float32", "taps", 4, "oom"), ("train", "float32", "taps", 2, "ok"),
+        ("train", "float32", "lax", 2, "ok")]
+    assert [(r["dtype"], r["impl"], r["per_device_batch"]) for r in results["train"]] == [
+        ("bfloat16", "taps", 4), ("bfloat16", "lax", 4), ("float32", "taps", 2),
+        ("float32", "lax", 2)]
+    assert all(r["global_batch"] == 4 for r in results["predict"])
+    # Nothing fits: each impl tries every batch, then the row says oom.
+    runner = _FakeRunner({"bfloat16": 1, "float32": 1})
+    results = accelerator.measure(runner)
+    assert [r["status"] for r in results["train"]] == ["oom"] * 4
+    assert sum(a["what"] == "train" for a in runner.attempts) == 4 * 3
 
 
 def test_peaks_by_device_kind():
