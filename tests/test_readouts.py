@@ -99,10 +99,15 @@ def test_own_readouts_equal_readout_rows_in_eval_mode():
     model.eval()
     x = jax.random.normal(jax.random.key(1), (5, 16, 16, 16, 5))
     mouse = np.array([2, 0, 2, 2, 1])
-    features = model.features(x)
-    own = np.asarray(model.own_readouts(features, jnp.asarray(mouse)))
+
+    @nnx.jit
+    def both(model, x, mouse):  # (each sample's own readout, every readout of every sample)
+        features = model.features(x)
+        return model.own_readouts(features, mouse), [r(features) for r in model.readouts]
+
+    own, rows = both(model, x, jnp.asarray(mouse))
     for b, m in enumerate(mouse):
-        row = np.asarray(model.readouts[int(m)](features))[b]
+        row = np.asarray(rows[int(m)])[b]
         np.testing.assert_allclose(own[b, :, : counts[m]], row, rtol=1e-5, atol=1e-5)
         assert not own[b, :, counts[m]:].any()
 
