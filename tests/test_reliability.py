@@ -3,7 +3,7 @@ state bit for bit; checkpoint writes killed midway leave the last complete step 
 non-finite loss stops training and keeps the last good checkpoint; bfloat16 keeps the loss and
 the softplus in float32.
 
-`DWISE_JAX_KILLS=20 pytest tests/test_reliability.py` kills more often (default 5);
+`DWISE_JAX_KILLS=20 pytest tests/test_reliability.py` kills more often (default 3);
 `DWISE_JAX_KILL_SEED` draws other kill points (default 0, so CI is reproducible).
 
 The training runs are the real command line, at the tiny size of tests/test_train.py, sharing
@@ -42,7 +42,7 @@ from conftest import (
 from dwise_jax import checkpoint
 from dwise_jax.logbook import Logbook
 
-KILLS = int(os.environ.get("DWISE_JAX_KILLS", "5"))
+KILLS = int(os.environ.get("DWISE_JAX_KILLS", "3"))
 KILL_SEED = int(os.environ.get("DWISE_JAX_KILL_SEED", "0"))
 STEPS_PER_EPOCH = TINY["data.train_epoch_size"] // TINY["data.batch_size"]
 TOTAL_STEPS = STEPS_PER_EPOCH * (TINY["optim.warmup_epochs"] + TINY["optim.cosine_epochs"])
