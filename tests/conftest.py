@@ -363,6 +363,44 @@ def call_command(module: str, args: list[str], monkeypatch: pytest.MonkeyPatch) 
                     command.__doc__, command.ERRORS, getattr(command, "check_args", None))
 
 
+# The tiny training's settings in the reference run and in the runs compared with it: every step
+# logged, so metrics.jsonl holds each step's loss.
+REFERENCE_EXTRA = ("--config.log.every_steps=1",)
+
+
+@pytest.fixture(scope="session")
+def reference_fold(sim_root, tmp_path_factory, worker_id) -> Path:
+    """The fold folder of the tiny training of fold FOLD (`train_args(root, workdir,
+    *REFERENCE_EXTRA)`), never interrupted, run in process: what the killed, refused and
+    disk-full runs must end equal to. Made once per test run where it can be: the pytest-xdist
+    workers share it through a file lock (their simulated datasets come from the same seed, so
+    are equal); a worker that finds another one making it makes its own rather than wait."""
+    import filelock
+
+    def train(workdir: Path) -> Path:
+        root = link_copy(sim_root, tmp_path_factory.mktemp("reference") / "root")
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            assert call_command("train", train_args(root, workdir, *REFERENCE_EXTRA),
+                                monkeypatch) == 0
+        return checkpoint.fold_dir(workdir, "demo", FOLD)
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # the run's folder, not the user's
+    lock = filelock.FileLock(shared / "reference_run.lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return train(base / "own_reference_run")
+    try:
+        if not (shared / "reference_run.done").exists():
+            shutil.rmtree(shared / "reference_run", ignore_errors=True)
+            train(shared / "reference_run")
+            (shared / "reference_run.done").touch()
+    finally:
+        lock.release()
+    return checkpoint.fold_dir(shared / "reference_run", "demo", FOLD)
+
+
 def run_module(module: str, args: list[str], env: dict[str, str] | None = None,
                cwd: Path = REPO):
     env = {**command_env(), **(env or {})}

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import (
     HANG_TIMEOUT_S,
+    REFERENCE_EXTRA,
     assert_bit_identical,
-    call_command,
     command_env,
     link_copy,
-    train_args,
     train_command,
 )
 
@@ -43,14 +42,14 @@ def _namespaces_work(tmp_path: Path) -> bool:
 
 
 def test_training_on_a_full_tmpfs_stops_with_one_line_and_resumes(sim_root, run_env, tmp_path,
-                                                                  monkeypatch):
+                                                                  reference_fold):
     if not _namespaces_work(tmp_path):
         pytest.skip("this machine allows no user/mount namespace for a small tmpfs "
                     "(the in-process ENOSPC test below still runs)")
     root = link_copy(sim_root, tmp_path / "root")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    command = " ".join(f"'{a}'" for a in train_command(root, mnt / "w"))
+    command = " ".join(f"'{a}'" for a in train_command(root, mnt / "w", *REFERENCE_EXTRA))
     # 900 KiB: room for the first epoch's checkpoint, not for the second one.
     script = f"""
 mount -t tmpfs -o size=900k tmpfs {mnt} || exit 99
@@ -76,13 +75,11 @@ cp -a {mnt}/w {tmp_path}/after_resume
     assert (tmp_path / "b.rc").read_text().strip() == "0", (tmp_path / "b.err").read_text()[-2000:]
     assert f"resuming from step {step}" in (tmp_path / "b.out").read_text()
 
-    # The resumed run ends where a run with room ends (in process: conftest.call_command).
-    assert call_command("train", train_args(root, tmp_path / "roomy"), monkeypatch) == 0
+    # The resumed run ends where a run with room ends (conftest.reference_fold).
     resumed = tmp_path / "after_resume" / "demo" / "fold_2"
     _, a = checkpoint.restore(resumed, ("state", "ema"))
-    _, b = checkpoint.restore(tmp_path / "roomy" / "demo" / "fold_2", ("state", "ema"))
-    assert checkpoint.latest_step(resumed) == checkpoint.latest_step(
-        tmp_path / "roomy" / "demo" / "fold_2")
+    _, b = checkpoint.restore(reference_fold, ("state", "ema"))
+    assert checkpoint.latest_step(resumed) == checkpoint.latest_step(reference_fold)
     assert_bit_identical(a, b)
 
 

@@ -23,6 +23,7 @@ from conftest import (
     DEMO,
     FOLD,
     HANG_TIMEOUT_S,
+    REFERENCE_EXTRA,
     Child,
     assert_bit_identical,
     call_command,
@@ -213,19 +214,19 @@ def freeze_when(child: Child, ready) -> None:
 
 
 def test_a_second_training_of_the_same_fold_is_refused_and_changes_nothing(
-        plain_root, train_env, tmp_path, capsys, monkeypatch):
+        plain_root, train_env, reference_fold, tmp_path, capsys, monkeypatch):
     from dwise_jax import predict
 
-    # The run alone and the refused second one in process (conftest.call_command); the first,
-    # caught holding the fold, is a command line.
-    args = lambda workdir: train_args(plain_root, workdir)
-    assert call_command("train", args(tmp_path / "alone"), monkeypatch) == 0
-    alone_fold = checkpoint.fold_dir(tmp_path / "alone", "demo", FOLD)
+    # The refused second run in process (conftest.call_command); the first, caught holding the
+    # fold, is a command line.
+    args = lambda workdir: train_args(plain_root, workdir, *REFERENCE_EXTRA)
+    alone_fold = reference_fold  # the run alone (conftest)
 
     workdir = tmp_path / "shared"
     fold = checkpoint.fold_dir(workdir, "demo", FOLD)
     lock = fold / fold_lock.LOCK_NAME
-    first = Child(train_command(plain_root, workdir), train_env, tmp_path / "first.txt")
+    first = Child(train_command(plain_root, workdir, *REFERENCE_EXTRA), train_env,
+                  tmp_path / "first.txt")
     try:
         # Caught while it trains: it holds the fold and has a complete checkpoint.
         freeze_when(first, lambda: lock.exists() and checkpoint.latest_step(fold) is not None)

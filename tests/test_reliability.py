@@ -24,6 +24,7 @@ import pytest
 from conftest import (
     FOLD,
     HANG_TIMEOUT_S,
+    REFERENCE_EXTRA,
     REPO,
     TINY,
     Child,
@@ -67,12 +68,13 @@ def train_losses(fold: Path) -> dict[int, float]:
 
 # ----------------------------------------------------------------------------- crashes
 def test_random_sigkills_resume_to_the_same_state_bit_for_bit(plain_root, train_env, tmp_path,
-                                                              capsys, monkeypatch):
-    extra = ("--config.log.every_steps=1",)  # one metrics.jsonl record per step: the step counter
-    # The uninterrupted reference and the final restart run in process (conftest.call_command);
-    # the killed runs are command lines.
+                                                              reference_fold, capsys,
+                                                              monkeypatch):
+    # One metrics.jsonl record per step (REFERENCE_EXTRA): the step counter. The uninterrupted
+    # reference (conftest.reference_fold) and the final restart run in process
+    # (conftest.call_command); the killed runs are command lines.
+    extra = REFERENCE_EXTRA
     args = lambda workdir: train_args(plain_root, workdir, *extra)
-    assert call_command("train", args(tmp_path / "straight"), monkeypatch) == 0
 
     workdir = tmp_path / "killed"
     fold = checkpoint.fold_dir(workdir, "demo", FOLD)
@@ -117,13 +119,12 @@ def test_random_sigkills_resume_to_the_same_state_bit_for_bit(plain_root, train_
         assert "resuming from step" in last.out, kills
 
     items = ("state", "ema", "loader")
-    a_step, a = checkpoint.restore(checkpoint.fold_dir(tmp_path / "straight", "demo", FOLD), items)
+    a_step, a = checkpoint.restore(reference_fold, items)
     b_step, b = checkpoint.restore(fold, items)
     assert a_step == b_step == TOTAL_STEPS
     assert_bit_identical(a, b)  # parameters, BatchNorm statistics, optimizer state, EMA, loader
     # Every step's training loss, as logged by whichever run made it, equals the straight run's.
-    assert train_losses(fold) == train_losses(checkpoint.fold_dir(tmp_path / "straight", "demo",
-                                                                  FOLD)), kills
+    assert train_losses(fold) == train_losses(reference_fold), kills
 
 
 def _load_writer():
