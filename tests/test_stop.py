@@ -2,9 +2,10 @@
 
 A stop (Ctrl-C here) after the first step finishes the step, saves and exits 0; a stop
 (SIGTERM) while the first step of a resumed run compiles ends the process at once with status
-143 and one line, leaving the last checkpoint as it was. The runs compile without a persistent
-cache, so the first step takes the compilation (tens of seconds here) and the stop sent when the
-preview is printed lands inside it.
+143 and one line, leaving the last checkpoint as it was. The resumed run compiles without a
+persistent cache, so its first step takes the compilation (seconds to tens of seconds here) and
+the stop sent when the preview is printed lands inside it; the first run shares the test run's
+cache.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def plain_root(sim_root, tmp_path):
     return link_copy(sim_root, tmp_path / "root")
 
 
-def _env() -> dict[str, str]:
+def _uncached_env() -> dict[str, str]:
     env = command_env()
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return env
@@ -46,7 +47,7 @@ def test_stop_after_the_first_step_saves_and_during_the_compile_exits_at_once(
     command = train_command(plain_root, workdir, "--config.data.train_epoch_size=400")
 
     # 1. The preview, then Ctrl-C once the first steps are timed: graceful, exit 0.
-    child = Child(command, _env(), tmp_path / "a.err")
+    child = Child(command, command_env(), tmp_path / "a.err")
     _wait_for(child, "per step: about")
     os.killpg(child.proc.pid, signal.SIGINT)
     child.finish()
@@ -64,7 +65,7 @@ def test_stop_after_the_first_step_saves_and_during_the_compile_exits_at_once(
     lines = (fold / "metrics.jsonl").read_text().splitlines()
 
     # 2. The resumed run: SIGTERM as soon as the preview is printed (the first step compiles).
-    child = Child(command, _env(), tmp_path / "b.err")
+    child = Child(command, _uncached_env(), tmp_path / "b.err")
     _wait_for(child, "steps per fold")
     os.killpg(child.proc.pid, signal.SIGTERM)
     child.finish()
