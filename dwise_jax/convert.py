@@ -51,7 +51,7 @@ _BLOCK_CONVS = {"expand": ("conv_pw", "pointwise3d"), "spatial": ("spat_covn_dw"
 # `layers.pe_frequencies`) are accepted and ignored.
 _IGNORED = re.compile(r"(.*\.num_batches_tracked|core\.blocks\.\d*[02468]\.inv_freq)$")
 # layout -> (NNX array from PyTorch array and NNX shape, PyTorch array from NNX array)
-_LAYOUTS = {
+LAYOUTS = {
     "vector": (lambda w, s: w, lambda k: k),
     "pointwise3d": (lambda w, s: w.reshape(w.shape[:2]).T,
                     lambda k: k.T.reshape(*k.T.shape, 1, 1, 1)),
@@ -111,7 +111,7 @@ def state_from_torch(state_dict: Mapping[str, np.ndarray], target: nnx.State) ->
             flat.append((path, var))
             continue
         name, layout = named
-        to_nnx, to_torch = _LAYOUTS[layout]
+        to_nnx, to_torch = LAYOUTS[layout]
         if name not in state_dict:
             missing.append(name)
             continue
@@ -130,16 +130,6 @@ def state_from_torch(state_dict: Mapping[str, np.ndarray], target: nnx.State) ->
             f"  unexpected ({len(unexpected)}): {unexpected}\n"
             f"  mis-shaped ({len(misshaped)}): {misshaped}")
     return nnx.from_flat_state(flat)
-
-
-def state_to_torch(state: nnx.State) -> dict[str, np.ndarray]:
-    """NNX state (parameters, BatchNorm statistics or gradients) -> PyTorch names and layouts."""
-    out = {}
-    for path, var in nnx.to_flat_state(state):
-        if (named := torch_name(path)) is not None:
-            value = var.get_value() if isinstance(var, nnx.Variable) else var
-            out[named[0]] = _LAYOUTS[named[1]][1](np.asarray(value, dtype=np.float32))
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,8 +14,19 @@ import pytest
 from conftest import fixture_loss, fixture_state_dict, model_kwargs, rel_err
 from flax import nnx
 
-from dwise_jax.convert import ConversionError, state_from_torch, state_to_torch
+from dwise_jax.convert import LAYOUTS, ConversionError, state_from_torch, torch_name
 from dwise_jax.models.dwiseneuro import DwiseNeuro
+
+
+def state_to_torch(state: nnx.State) -> dict[str, np.ndarray]:
+    """NNX state (parameters, BatchNorm statistics or gradients) -> the original's names and
+    layouts: the inverse of convert.state_from_torch, through its name and layout tables."""
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        if (named := torch_name(path)) is not None:
+            value = var.get_value() if isinstance(var, nnx.Variable) else var
+            out[named[0]] = LAYOUTS[named[1]][1](np.asarray(value, dtype=np.float32))
+    return out
 
 
 def build_model(meta) -> DwiseNeuro:

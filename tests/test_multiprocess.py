@@ -79,10 +79,11 @@ def test_two_processes_train_and_predict_as_one_process_with_two_devices(sim_roo
     root = link_copy(sim_root, tmp_path / "root")
     logs = tmp_path / "logs"
     logs.mkdir()
-    one = subprocess.run(train_command(root, tmp_path / "one"), cwd=REPO, env=_env(2),
+    short = "--config.optim.cosine_epochs=1"  # 2 epochs: 6 steps, 2 validations
+    one = subprocess.run(train_command(root, tmp_path / "one", short), cwd=REPO, env=_env(2),
                          capture_output=True, text=True, timeout=HANG_TIMEOUT_S)
     assert one.returncode == 0, one.stderr[-3000:]
-    _wait(_two_processes(train_command(root, tmp_path / "two"), logs), logs)
+    _wait(_two_processes(train_command(root, tmp_path / "two", short), logs), logs)
     a = checkpoint.fold_dir(tmp_path / "one", "demo", FOLD)
     b = checkpoint.fold_dir(tmp_path / "two", "demo", FOLD)
 
