@@ -290,14 +290,18 @@ def load_ema_model(directory: str | os.PathLike, dtype: Any = None, step: int | 
     # A setting added since the folder was written (e.g. depthwise_impl) takes the config's
     # default; every stored one stays as stored.
     defaults = config_lib.model_kwargs(config_lib.get_base_config(), spec.num_neurons)
-    model = DwiseNeuro(**{**defaults, **spec.constructor}, dtype=dtype or jnp.float32,
-                       rngs=nnx.Rngs(0))
-    states = {"params": nnx.state(model, nnx.Param),
-              "batch_stats": nnx.state(model, nnx.BatchStat)}
+    # Shapes only (no random initialisation, which costs seconds of compilation for nothing):
+    # the stored weights fill them; the dropout RNG state, unused in eval mode, is made here.
+    graphdef, params, batch_stats, rest = nnx.split(nnx.eval_shape(lambda: DwiseNeuro(
+        **{**defaults, **spec.constructor}, dtype=dtype or jnp.float32, rngs=nnx.Rngs(0))),
+        nnx.Param, nnx.BatchStat, ...)
+    states = {"params": params, "batch_stats": batch_stats}
     step, weights = read_ema(directory, {k: nnx.to_pure_dict(v) for k, v in states.items()},
                              step)
     for name, state in states.items():
         nnx.replace_by_pure_dict(state, weights[name])
-        nnx.update(model, state)
+    rest = jax.tree.map(lambda a: jax.random.key(0) if jax.dtypes.issubdtype(
+        a.dtype, jax.dtypes.prng_key) else jnp.zeros(a.shape, a.dtype), rest)
+    model = nnx.merge(graphdef, params, batch_stats, rest)
     model.eval()
     return model, spec, step
