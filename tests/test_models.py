@@ -233,13 +233,18 @@ def test_model_api_features_and_readouts():
     model = DwiseNeuro(**model_kwargs((5, 3), **SMALL), rngs=nnx.Rngs(0))
     model.eval()
     x = jax.random.normal(jax.random.key(0), (2, 16, 64, 64, 5))
-    outputs = model(x)
+
+    @nnx.jit  # one program: eager, each op of the model would compile on its own
+    def run(model, x):
+        features = model.features(x)
+        return model(x), features, model.readouts[1](features), model(x, readout_index=0)
+
+    outputs, features, second, first = run(model, x)
     assert [o.shape for o in outputs] == [(2, 16, 5), (2, 16, 3)]
     assert all(o.dtype == jnp.float32 and bool(jnp.all(o >= 0)) for o in outputs)
-    features = model.features(x)
     assert features.shape == (2, 16, 128)
-    np.testing.assert_allclose(model.readouts[1](features), outputs[1], rtol=1e-6)
-    np.testing.assert_allclose(model(x, readout_index=0), outputs[0], rtol=1e-6)
+    np.testing.assert_allclose(second, outputs[1], rtol=1e-6)
+    np.testing.assert_allclose(first, outputs[0], rtol=1e-6)
 
 
 def test_fresh_init_follows_the_original():
@@ -262,10 +267,11 @@ def test_bfloat16_forward_is_close_to_float32():
     x = jax.random.normal(jax.random.key(1), (2, 16, 64, 64, 5))
     for model in (f32, bf16):
         model.train()
-    ref, out = f32(x), bf16(x)
+    ref, out, features = nnx.jit(lambda f32, bf16, x: (f32(x), bf16(x), bf16.features(x)))(
+        f32, bf16, x)
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(bf16, nnx.BatchStat)))
     for a, b in zip(out, ref, strict=True):
         assert a.dtype == jnp.float32
         assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) < 0.1
-    assert bf16.features(x).dtype == jnp.bfloat16
+    assert features.dtype == jnp.bfloat16
