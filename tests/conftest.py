@@ -335,6 +335,19 @@ def fixture_state_dict(arrays) -> dict[str, np.ndarray]:
     return sd
 
 
+def fixture_model(arrays, meta, **overrides) -> DwiseNeuro:
+    """The model fixture's DwiseNeuro (its constructor arguments with `overrides`), the fixture's
+    weights mapped by the converter (convert.state_from_torch) onto an abstract model: no random
+    initialisation first. The fixtures' drop rates are 0, so there is no RNG state to make."""
+    from dwise_jax.convert import state_from_torch
+
+    graphdef, weights, rest = nnx.split(nnx.eval_shape(lambda: DwiseNeuro(
+        **model_kwargs(**{**meta["constructor_kwargs"], **overrides}), rngs=nnx.Rngs(0))),
+        (nnx.Param, nnx.BatchStat), ...)
+    assert not jax.tree.leaves(rest)
+    return nnx.merge(graphdef, state_from_torch(fixture_state_dict(arrays), weights), rest)
+
+
 def fixture_loss(outputs, targets, mice_weights):
     """The fixture's loss in float32 (outputs and targets (batch, time, neurons))."""
     w = mice_weights / jnp.sum(mice_weights)

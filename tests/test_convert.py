@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import HANG_TIMEOUT_S, call_command
+from flax import nnx
 
 from dwise_jax import checkpoint, convert
 from dwise_jax import config as config_lib
@@ -72,7 +73,7 @@ def test_convert_end_to_end_reproduces_fixture(tmp_path, small_model_fixture, mo
     model, _, step = checkpoint.load_ema_model(fold)
     assert step == 0
     x = np.moveaxis(arrays["input/x"], 1, -1)  # (B, C, T, H, W) -> channels-last
-    outputs = model(x)
+    outputs = nnx.jit(lambda m, x: m(x))(model, x)
     for i, out in enumerate(outputs):
         expected = arrays[f"output/eval/{i}"]  # (batch, neurons, time)
         assert _err(np.moveaxis(np.asarray(out), -1, 1), expected) < 1e-4

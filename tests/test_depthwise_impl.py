@@ -7,26 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fixture_loss, fixture_state_dict, gradient_errors, model_kwargs, rel_err
+from conftest import fixture_loss, fixture_model, gradient_errors, model_kwargs, rel_err
 from flax import nnx
 
 from dwise_jax import checkpoint
 from dwise_jax import config as config_lib
-from dwise_jax.convert import state_from_torch
 from dwise_jax.models.dwiseneuro import DwiseNeuro
 from dwise_jax.models.layers import resolve_impl
 
 
-def _fixture_model(arrays, meta, impl: str) -> DwiseNeuro:
-    model = DwiseNeuro(**model_kwargs(**meta["constructor_kwargs"], depthwise_impl=impl),
-                       rngs=nnx.Rngs(0))
-    nnx.update(model, state_from_torch(fixture_state_dict(arrays), nnx.state(model)))
-    return model
-
-
 def _run(arrays, meta, impl: str):
     """Eval outputs, train-mode outputs, loss and gradients of the fixture model."""
-    model = _fixture_model(arrays, meta, impl)
+    model = fixture_model(arrays, meta, depthwise_impl=impl)
     x = jnp.asarray(arrays["input/x"]).transpose(0, 2, 3, 4, 1)  # NCTHW -> NTHWC
     n = len(meta["readout_index_to_neurons"])
     model.eval()

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fixture_loss, fixture_state_dict, model_kwargs, rel_err
+from conftest import fixture_loss, fixture_model, fixture_state_dict, model_kwargs, rel_err
 from flax import nnx
 
 from dwise_jax.convert import LAYOUTS, ConversionError, state_from_torch, torch_name
@@ -35,12 +35,7 @@ def build_model(meta) -> DwiseNeuro:
 
 def parity_errors(arrays, meta) -> dict[str, tuple[float, str]]:
     """Worst error (and its array) per category: eval, train, loss, grad, near_zero, buffer."""
-    # The converter maps the fixture's weights onto an abstract model (nnx.eval_shape): no
-    # random initialisation of a full-size core first. Drop rates are 0: no RNG state.
-    graphdef, weights, rest = nnx.split(nnx.eval_shape(lambda: build_model(meta)),
-                                        (nnx.Param, nnx.BatchStat), ...)
-    assert not jax.tree.leaves(rest)
-    model = nnx.merge(graphdef, state_from_torch(fixture_state_dict(arrays), weights), rest)
+    model = fixture_model(arrays, meta)
     x = jnp.asarray(arrays["input/x"]).transpose(0, 2, 3, 4, 1)  # NCTHW -> NTHWC
     n = len(meta["readout_index_to_neurons"])
     to_torch = lambda y: np.asarray(y).transpose(0, 2, 1)  # (batch, time, N) -> (batch, N, time)
