@@ -19,6 +19,7 @@ from conftest import (
     call_command,
     competition_reference,
     direct_blend,
+    fixture_state_dict,
     model_kwargs,
     normwise,
     random_fold,
@@ -63,10 +64,9 @@ def fixture_setup(tmp_path_factory, pipeline_fixture, small_model_fixture):
         for rel, value in files.items():
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             np.save(folder / f"{rel}.npy", value)
-    model = DwiseNeuro(**kwargs, rngs=nnx.Rngs(0))
-    sd = {k.split("/", 1)[1]: arrays[k] for k in arrays.files
-          if k.startswith(("param/", "buffer/"))}
-    state = state_from_torch(sd, nnx.state(model, (nnx.Param, nnx.BatchStat)))
+    model = nnx.eval_shape(lambda: DwiseNeuro(**kwargs, rngs=nnx.Rngs(0)))  # shapes only
+    state = state_from_torch(fixture_state_dict(arrays),
+                             nnx.state(model, (nnx.Param, nnx.BatchStat)))
     save_fold(base / "work", "fixture", 0, kwargs, names, state, data_root=None)
     return base / "work", root, names
 
