@@ -301,6 +301,10 @@ def random_fold(workdir, experiment, fold, dataset, seed, neurons=None, mice=Non
                      nnx.state(model, (nnx.Param, nnx.BatchStat)), dataset.root)
 
 
+# The model on a batch of windows, one readout: one program (eager, each op compiles alone).
+_apply = nnx.jit(lambda model, x, index: model(x, readout_index=index), static_argnums=2)
+
+
 def direct_blend(fold_dirs, mouse, trial, stride=1) -> np.ndarray:
     """Each fold model on every window of the trial (no batching code of ours), blended and
     averaged with plain NumPy: the original's predict_trial written out."""
@@ -312,7 +316,7 @@ def direct_blend(fold_dirs, mouse, trial, stride=1) -> np.ndarray:
     blends = []
     for directory in fold_dirs:
         model, spec, _ = checkpoint.load_ema_model(directory)
-        out = np.asarray(model(jnp.asarray(x), readout_index=spec.mice.index(mouse.name)))
+        out = np.asarray(_apply(model, jnp.asarray(x), spec.mice.index(mouse.name)))
         sums, counts = np.zeros((mouse.num_neurons, length)), np.zeros(length)
         for anchor, window in zip(anchors, out, strict=True):
             frames = anchor - 30 + 2 * np.arange(16)
