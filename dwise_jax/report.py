@@ -76,6 +76,19 @@ class SplitScores:
         return out
 
 
+def repeat_scores(preds: list[np.ndarray], responses: list[np.ndarray]) -> dict:
+    """Means over neurons of the correlation to the average over repeats and of FEVE, per-video
+    (repeats, neurons, time) arrays; FEVE over the neurons with explainable variance only
+    (`feve_neurons` of them; None if none), where it is defined."""
+    keep = metrics.explainable_variance(responses) > 0
+    with np.errstate(divide="ignore", invalid="ignore"):  # the excluded neurons' 0/0
+        explained = metrics.feve(preds, responses)[keep]
+    return {"correlation_to_average": float(np.mean(metrics.correlation_to_average(
+                preds, responses))),
+            "feve": float(np.mean(explained)) if keep.any() else None,
+            "feve_neurons": int(keep.sum())}
+
+
 class SplitScorer:
     """Scores trials as they are predicted; keeps one example trial per mouse for the plots.
 
@@ -131,11 +144,8 @@ class SplitScorer:
             n = min(p.shape[1] for p, _ in trials)
             preds.append(np.stack([p[:, :n] for p, _ in trials]).astype(np.float64))
             responses.append(np.stack([t[:, :n] for _, t in trials]).astype(np.float64))
-        self.repeats[self.mouse] = {
-            "videos": len(shown), "trials": sum(len(t) for t in shown),
-            "correlation_to_average": float(np.mean(metrics.correlation_to_average(
-                preds, responses))),
-            "feve": float(np.mean(metrics.feve(preds, responses)))}
+        self.repeats[self.mouse] = {"videos": len(shown), "trials": sum(len(t) for t in shown),
+                                    **repeat_scores(preds, responses)}
 
     def summary(self) -> SplitScores:
         self._score_repeats()
@@ -170,6 +180,10 @@ def markdown_table(rows: list[list]) -> list[str]:
     return [lines[0], "|" + " --- |" * len(rows[0]), *lines[1:]]
 
 
+def _feve(r: dict) -> str:
+    return "n/a" if r["feve"] is None else f"{r['feve']:.4f} ({r['feve_neurons']} neurons)"
+
+
 def print_scores(scores: SplitScores) -> None:
     rows = [[c.replace("**", "") for c in r] for r in _table(scores)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -178,7 +192,7 @@ def print_scores(scores: SplitScores) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     for mouse, r in scores.repeats.items():
         print(f"{mouse}: {r['videos']} videos shown {r['trials']} times: correlation to average "
-              f"{r['correlation_to_average']:.4f}, FEVE {r['feve']:.4f}")
+              f"{r['correlation_to_average']:.4f}, FEVE {_feve(r)}")
     for s in scores.to_json().get("strides", []):
         print(f"anchor stride {s['stride']:2d}: {s['windows_per_300_frames']:3d} windows per "
               f"300 frames, correlation {s['correlation']:.4f}")
@@ -291,10 +305,11 @@ def write_report(directory: str | Path, scores: SplitScores, examples: dict,
         lines += ["", "## Repeated videos", "",
                   "Videos scored more than once (frames 50 on): the correlation of the "
                   "prediction with the response, both averaged over the repeats, and the "
-                  "fraction of explainable variance explained (FEVE), means over neurons.", ""]
+                  "fraction of explainable variance explained (FEVE), means over neurons (FEVE "
+                  "over those with explainable variance, where it is defined).", ""]
         lines += markdown_table([["mouse", "videos", "trials", "correlation to average", "FEVE"]]
                                 + [[short, r["videos"], r["trials"],
-                                    f"{r['correlation_to_average']:.4f}", f"{r['feve']:.4f}"]
+                                    f"{r['correlation_to_average']:.4f}", _feve(r)]
                                    for (m, r), short in zip(scores.repeats.items(),
                                                             _short(list(scores.repeats)),
                                                             strict=True)])

@@ -240,8 +240,9 @@ def test_correlation_to_average_reference():
     )
 
 
-def _feve_reference(preds, responses):
-    """neuralpredictors-style FEVE, one 'image' per (video, frame), written with loops."""
+def _feve_reference(preds, responses, explainable=False):
+    """neuralpredictors-style FEVE, one 'image' per (video, frame), written with loops (with
+    `explainable`: also its denominator, total variance - noise variance)."""
     targets, predictions = [], []
     for p, r in zip(preds, responses, strict=True):
         for t in range(r.shape[-1]):
@@ -251,7 +252,9 @@ def _feve_reference(preds, responses):
     pred_sq = np.vstack([(t - p) ** 2 for t, p in zip(targets, predictions, strict=True)])
     total_var = np.var(np.vstack(targets), axis=0, ddof=1)
     noise_var = img_var.mean(0)
-    return 1 - (pred_sq.mean(0) - noise_var) / (total_var - noise_var)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        feve = 1 - (pred_sq.mean(0) - noise_var) / (total_var - noise_var)
+    return (feve, total_var - noise_var) if explainable else feve
 
 
 def test_feve_reference():
@@ -279,6 +282,33 @@ def test_feve_hand_cases():
     np.testing.assert_allclose(metrics.feve(const, noiseless), 1.0 / n, rtol=1e-10)
     with pytest.raises(ValueError):
         metrics.feve([signal[0]], [noiseless[0][:1]])
+
+
+def test_explainable_variance_and_the_report_where_feve_is_undefined():
+    """Neuron 0 carries a signal; neuron 1 is silent (FEVE 0/0); neuron 2 alternates +-1 over
+    repeats and frames, so its repeats differ more than its responses do overall (explainable
+    variance < 0). The report's FEVE is neuron 0's alone."""
+    from dwise_jax import report
+
+    rng = np.random.default_rng(8)
+    signal, responses = _repeats(rng, neurons=3)
+    for r in responses:
+        r[:, 1] = 0.0
+        r[:, 2] = (-1.0) ** np.add.outer(np.arange(r.shape[0]), np.arange(r.shape[2]))
+    preds = [s + 0.3 * rng.normal(size=s.shape) for s in signal]
+    explainable = metrics.explainable_variance(responses)
+    # By hand: the variance of all responses less the mean over frames of the variance across
+    # repeats (both ddof 1).
+    every = np.concatenate([np.moveaxis(r, 0, -1).reshape(3, -1) for r in responses], axis=-1)
+    noise = np.concatenate([r.var(0, ddof=1) for r in responses], axis=-1).mean(-1)
+    np.testing.assert_allclose(explainable, every.var(-1, ddof=1) - noise, rtol=1e-12)
+    assert explainable[0] > 0 and explainable[1] == 0 and explainable[2] < -0.1
+    scores = report.repeat_scores(preds, responses)
+    assert scores["feve_neurons"] == 1
+    assert scores["feve"] == pytest.approx(_feve_reference(preds, responses)[0], rel=1e-10)
+    assert np.isfinite(scores["correlation_to_average"])
+    silent = report.repeat_scores(preds, [0 * r for r in responses])
+    assert silent["feve"] is None and silent["feve_neurons"] == 0
 
 
 # --------------------------------------------------------------------------- Poisson loss
@@ -339,14 +369,15 @@ def test_split_report_scores_repeated_videos_and_the_poisson_loss(sim_root, tmp_
         mean_p = np.concatenate([p.mean(0) for p in preds], axis=1)
         mean_r = np.concatenate([r.mean(0) for r in responses], axis=1)
         cta = [scipy.stats.pearsonr(a, b).statistic for a, b in zip(mean_p, mean_r, strict=True)]
+        feve, explainable = _feve_reference(preds, responses, explainable=True)
         want_repeats[mouse.name] = (len(repeated), sum(map(len, repeated)), np.mean(cta),
-                                    np.mean(_feve_reference(preds, responses)))
+                                    np.mean(feve[explainable > 0]), int((explainable > 0).sum()))
         losses = np.concatenate([p - t * np.log(p + 1e-12) for p, t in cut_pairs], axis=1)
         want_poisson[mouse.name] = losses.mean()
     scores = scorer.summary()
-    for name, (videos, trials, cta, feve) in want_repeats.items():
+    for name, (videos, trials, cta, feve, neurons) in want_repeats.items():
         got = scores.repeats[name]
-        assert (got["videos"], got["trials"]) == (videos, trials)
+        assert (got["videos"], got["trials"], got["feve_neurons"]) == (videos, trials, neurons)
         assert got["correlation_to_average"] == pytest.approx(cta, rel=1e-5)
         assert got["feve"] == pytest.approx(feve, rel=1e-5)
         assert scores.poisson[name] == pytest.approx(want_poisson[name], rel=1e-5)
