@@ -19,7 +19,7 @@ from conftest import (
     call_command,
     competition_reference,
     direct_blend,
-    fixture_state_dict,
+    fixture_model,
     model_kwargs,
     normwise,
     random_fold,
@@ -28,7 +28,6 @@ from conftest import (
 from flax import nnx
 
 from dwise_jax import atomic, checkpoint, experiment, predict, sharding, submission
-from dwise_jax.convert import state_from_torch
 from dwise_jax.data import eval_windows, folds, synthetic, windows
 from dwise_jax.data.sensorium import SensoriumDataset
 from dwise_jax.models.dwiseneuro import DwiseNeuro
@@ -64,9 +63,7 @@ def fixture_setup(tmp_path_factory, pipeline_fixture, small_model_fixture):
         for rel, value in files.items():
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             np.save(folder / f"{rel}.npy", value)
-    model = nnx.eval_shape(lambda: DwiseNeuro(**kwargs, rngs=nnx.Rngs(0)))  # shapes only
-    state = state_from_torch(fixture_state_dict(arrays),
-                             nnx.state(model, (nnx.Param, nnx.BatchStat)))
+    state = nnx.state(fixture_model(arrays, meta), (nnx.Param, nnx.BatchStat))
     save_fold(base / "work", "fixture", 0, kwargs, names, state, data_root=None)
     return base / "work", root, names
 
