@@ -23,10 +23,11 @@ def get_config():
     config.folds = (0,)
     config.model.update(core_features=(8, 16, 32, 32, 64), spatial_strides=(2, 2, 1, 2, 1),
                         expansion_ratio=2, se_reduce_ratio=8, cortex_features=(128, 256),
-                        drop_rate=0.2, drop_path_rate=0.05, readout_bias_init="response_mean")
+                        drop_rate=0.2, drop_path_rate=0.05, readout_bias_init="response_mean",
+                        canvas_rows=36)
     # 2800 samples = 350 steps per epoch: one validation per ~1.5 minutes.
     config.data.update(batch_size=8, val_batch_size=16, train_epoch_size=2800, num_workers=0)
-    config.optim.update(base_lr=6e-3, min_lr=6e-5, warmup_epochs=1, cosine_epochs=7,
+    config.optim.update(base_lr=6e-3, min_lr=6e-5, warmup_epochs=1, cosine_epochs=8,
                         ema_decay=0.99)
     config.log.every_steps = 25
     return config

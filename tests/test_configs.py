@@ -40,6 +40,7 @@ def test_original_recipe_values():
     assert config.optim.weight_decay == 0.05 and config.optim.ema_decay == 0.999
     assert (config.data.cutmix_alpha, config.data.cutmix_prob) == (1.0, 0.5)
     assert config.model.expansion_ratio == 7 and config.optim.iter_size == 1
+    assert config.model.canvas_rows == 64  # the whole 64 x 64 canvas
     distill = config_lib.load_config_file(str(CONFIG_DIR / "distillation.py"))
     assert distill.model.expansion_ratio == 6 and distill.distill.enabled
     assert distill.distill.teacher_experiment == "true_batch_001"
@@ -63,6 +64,9 @@ def test_overrides_and_unknown_keys():
         ({"model.compute_dtype": "float16"}, "compute_dtype"),
         ({"folds": (0, 7)}, "folds must be in 0..6"),
         ({"optim.ema_decay": 1.0}, "ema_decay"),
+        ({"model.canvas_rows": 34}, "canvas_rows must be an even number from 36 to 64, got 34"),
+        ({"model.canvas_rows": 37}, "canvas_rows must be an even number from 36 to 64, got 37"),
+        ({"model.canvas_rows": 66}, "canvas_rows must be an even number from 36 to 64, got 66"),
     ],
 )
 def test_impossible_values_are_named(override, message):

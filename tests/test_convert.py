@@ -67,7 +67,8 @@ def test_convert_end_to_end_reproduces_fixture(tmp_path, small_model_fixture, mo
     assert spec.mice == ["mouse_a", "mouse_b"]
     # Every setting of config.model that the model takes is written out, the file's values over
     # the config's.
-    assert spec.constructor == {**meta["constructor_kwargs"], "depthwise_impl": "auto"}
+    assert spec.constructor == {**meta["constructor_kwargs"], "depthwise_impl": "auto",
+                                "canvas_rows": 64}  # ours, at the original's values
     assert spec.extra["original"] == {"epoch": 17, "val_corr": 0.293169}
 
     model, _, step = checkpoint.load_ema_model(fold)

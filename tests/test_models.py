@@ -247,6 +247,21 @@ def test_model_api_features_and_readouts():
     np.testing.assert_allclose(first, outputs[0], rtol=1e-6)
 
 
+def test_canvas_rows_crops_the_middle_rows_of_the_input():
+    kwargs = model_kwargs((5,), **SMALL)
+    full = DwiseNeuro(**kwargs, rngs=nnx.Rngs(0))
+    cropped = DwiseNeuro(**{**kwargs, "canvas_rows": 36}, rngs=nnx.Rngs(0))
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, nnx.state(full, nnx.Param),
+                                         nnx.state(cropped, nnx.Param)))
+    x = jax.random.normal(jax.random.key(0), (2, 16, 64, 64, 5))  # no zero rows: any row counts
+    out = nnx.jit(lambda full, cropped, x: (cropped(x, 0), full(x[:, :, 14:50], 0), full(x, 0)))
+    for model in (full, cropped):
+        model.eval()
+    on_crop, on_video_rows, on_canvas = out(full, cropped, x)
+    np.testing.assert_allclose(on_crop, on_video_rows, rtol=1e-5, atol=1e-6)  # rows 14..49
+    assert float(jnp.max(jnp.abs(on_crop - on_canvas))) > 1e-3  # the other rows mattered
+
+
 def test_fresh_init_follows_the_original():
     model = DwiseNeuro(**model_kwargs((5, 3), **SMALL), rngs=nnx.Rngs(0))
     readout = model.readouts[0]

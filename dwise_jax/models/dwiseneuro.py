@@ -157,8 +157,9 @@ class DwiseNeuro(nnx.Module):
     """The whole model: core -> mean over (height, width) -> cortex -> one readout per mouse.
 
     Arguments are the original's (`params["nn_module"][1]` of its .pth) plus `depthwise_impl`
-    (`layers.resolve_impl`) and the compute `dtype` (parameters stay float32). Defaults live in
-    `config.model` (`config.model_kwargs`).
+    (`layers.resolve_impl`), `canvas_rows` (the core sees the middle `canvas_rows` rows of a
+    taller input; the original's 64 sees all) and the compute `dtype` (parameters stay
+    float32). Defaults live in `config.model` (`config.model_kwargs`).
     """
 
     def __init__(self, readout_outputs: Sequence[int], *, in_channels: int,
@@ -166,9 +167,10 @@ class DwiseNeuro(nnx.Module):
                  spatial_kernel: int, temporal_kernel: int, expansion_ratio: int,
                  se_reduce_ratio: int, cortex_features: Sequence[int], groups: int,
                  softplus_beta: float, drop_rate: float, drop_path_rate: float,
-                 depthwise_impl: str, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+                 depthwise_impl: str, canvas_rows: int, dtype: Dtype = jnp.float32,
+                 rngs: nnx.Rngs):
         resolve_impl(depthwise_impl)  # an unknown name fails here, not at the first trace
-        self.dtype, self.depthwise_impl = dtype, depthwise_impl
+        self.dtype, self.depthwise_impl, self.canvas_rows = dtype, depthwise_impl, canvas_rows
         self.readout_outputs = tuple(int(n) for n in readout_outputs)
         self.core = Core(in_channels=in_channels, features=tuple(core_features),
                          spatial_strides=spatial_strides, spatial_kernel=spatial_kernel,
@@ -185,6 +187,9 @@ class DwiseNeuro(nnx.Module):
     def features(self, x: jax.Array) -> jax.Array:
         """Core + spatial mean pool + cortex: `(batch, time, h, w, c)` -> `(batch, time, 4096)`
         in the compute dtype. Feed the result to `model.readouts[i]`."""
+        if x.shape[2] > self.canvas_rows:  # the middle rows: the video's and a margin
+            top = (x.shape[2] - self.canvas_rows) // 2
+            x = x[:, :, top: top + self.canvas_rows]
         x = self.core(x.astype(self.dtype))
         x = jnp.mean(x, axis=(2, 3), dtype=jnp.float32).astype(self.dtype)
         return self.cortex(x)
