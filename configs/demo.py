@@ -1,17 +1,19 @@
 """demo: a small DwiseNeuro that trains on the bundled simulated dataset on a 2-core CPU.
 
 The original's recipe at laptop size: a narrow 5-block core (8 -> 64 channels, expansion 2) and
-cortex (128, 256), batch 8 for 2800 steps (1 epoch of warm-up, 7 of cosine), 20x the original's
-learning rate per sample, EMA 0.99 (0.999 keeps the random init over a few thousand steps),
-readout biases started at each neuron's mean response (the original's 0 gives softplus ~10 and
-hundreds of steps to come down). Why: docs/training.md#the-demo-on-the-simulated-dataset.
+cortex (128, 256) that sees only the video's 36 rows of the 64-row input canvas (the 28 zero
+rows cost 1.7x per step; docs/data.md), batch 8 for 3150 steps (1 epoch of warm-up, 8 of
+cosine), 20x the original's learning rate per sample, EMA 0.99 (0.999 keeps the random init
+over a few thousand steps), readout biases started at each neuron's mean response (the
+original's 0 gives softplus ~10 and hundreds of steps to come down). Why:
+docs/training.md#the-demo-on-the-simulated-dataset.
 
     python -m dwise_jax.data.synthetic data/simulated
     python -m dwise_jax.train --config configs/demo.py
 
-Cost: about 15 minutes per fold on a 2-core CPU (~26 samples per second, eight validations
-included; 2026-12-06). Fold 0 of the default simulated dataset: val_corr 0.1967, ridge baseline
-0.1950, noise ceiling 0.4678.
+Cost: about 12.6 minutes per fold on a 2-core Intel Xeon CPU (~37 samples per second, ten
+validations included; 2026-12-07). Fold 0 of the default simulated dataset: val_corr 0.1971,
+ridge baseline 0.1950, noise ceiling 0.4678.
 """
 
 from dwise_jax.config import get_base_config

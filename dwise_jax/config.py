@@ -48,8 +48,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # convolution on GPU/TPU, resolved where the model runs; models/layers.py), "taps", "lax".
     config.model.depthwise_impl = "auto"
     # The middle rows of the 64-row input canvas that the core sees: 64 (all, the original) or
-    # fewer, down to 36 (the video's own rows, no zero rows above and below: on a CPU, 1.7x less
-    # work per sample; the demo's choice). 64 - canvas_rows must be even (a centred crop).
+    # fewer, down to 36 (the video's own rows, without the zero rows above and below: the demo's
+    # train step 1.7x faster on a CPU; docs/data.md). 64 - canvas_rows must be even (centred).
     config.model.canvas_rows = 64
 
     config.data = ml_collections.ConfigDict()

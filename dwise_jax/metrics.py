@@ -191,30 +191,20 @@ def correlation_to_average(preds: Sequence[np.ndarray], responses: Sequence[np.n
     return pearson_per_neuron(pred, mean, -1, nan_to_zero=nan_to_zero)
 
 
-def _noise_and_total_variance(responses: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(neurons,) each: the mean over (video, frame) of the variance across repeats, and the
-    variance of all responses, each (video, frame, repeat) one sample; both ddof 1."""
-    if min(r.shape[0] for r in responses) < 2:
-        raise ValueError("FEVE needs at least 2 repeats of every video")
-    noise = np.concatenate([r.var(0, ddof=1) for r in responses], axis=-1).mean(-1)
-    total = np.concatenate([np.moveaxis(r, 0, -1).reshape(r.shape[1], -1) for r in responses],
-                           axis=-1).var(-1, ddof=1)
-    return noise, total
-
-
-def explainable_variance(responses: Sequence[np.ndarray]) -> np.ndarray:
-    """(neurons,) FEVE's denominator, total variance - noise variance, of per-video (repeats,
-    neurons, time) responses: not positive for a neuron whose repeats differ as much as all its
-    responses do (a silent one, say), whose FEVE is then undefined."""
-    noise, total = _noise_and_total_variance([r for _, r in _repeat_arrays(responses, responses)])
-    return total - noise
-
-
 def feve(preds: Sequence[np.ndarray], responses: Sequence[np.ndarray]) -> np.ndarray:
     """(neurons,) fraction of explainable variance explained, neuralpredictors' form, each
-    (video, frame) one stimulus; shapes as ``correlation_to_average``, at least 2 repeats."""
+    (video, frame) one stimulus; shapes as ``correlation_to_average``, at least 2 repeats. NaN
+    where undefined: no explainable variance (total - noise variance <= 0; a silent neuron)."""
     pairs = _repeat_arrays(preds, responses)
-    noise, total = _noise_and_total_variance([r for _, r in pairs])
+    if min(r.shape[0] for _, r in pairs) < 2:
+        raise ValueError("FEVE needs at least 2 repeats of every video")
+    # Noise: the mean over (video, frame) of the variance across repeats; total: the variance
+    # of all responses, each (video, frame, repeat) one sample; both ddof 1.
+    noise = np.concatenate([r.var(0, ddof=1) for _, r in pairs], axis=-1).mean(-1)
+    total = np.concatenate([np.moveaxis(r, 0, -1).reshape(r.shape[1], -1) for _, r in pairs],
+                           axis=-1).var(-1, ddof=1)
     mse = np.concatenate([np.moveaxis((r - p) ** 2, 0, -1).reshape(r.shape[1], -1)
                           for p, r in pairs], axis=-1).mean(-1)
-    return 1.0 - (mse - noise) / (total - noise)
+    explainable = total - noise
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(explainable > 0, 1.0 - (mse - noise) / explainable, np.nan)

@@ -80,12 +80,11 @@ def repeat_scores(preds: list[np.ndarray], responses: list[np.ndarray]) -> dict:
     """Means over neurons of the correlation to the average over repeats and of FEVE, per-video
     (repeats, neurons, time) arrays; FEVE over the neurons with explainable variance only
     (`feve_neurons` of them; None if none), where it is defined."""
-    keep = metrics.explainable_variance(responses) > 0
-    with np.errstate(divide="ignore", invalid="ignore"):  # the excluded neurons' 0/0
-        explained = metrics.feve(preds, responses)[keep]
+    explained = metrics.feve(preds, responses)
+    keep = ~np.isnan(explained)
     return {"correlation_to_average": float(np.mean(metrics.correlation_to_average(
                 preds, responses))),
-            "feve": float(np.mean(explained)) if keep.any() else None,
+            "feve": float(np.mean(explained[keep])) if keep.any() else None,
             "feve_neurons": int(keep.sum())}
 
 

@@ -284,10 +284,10 @@ def test_feve_hand_cases():
         metrics.feve([signal[0]], [noiseless[0][:1]])
 
 
-def test_explainable_variance_and_the_report_where_feve_is_undefined():
+def test_feve_and_the_report_where_feve_is_undefined():
     """Neuron 0 carries a signal; neuron 1 is silent (FEVE 0/0); neuron 2 alternates +-1 over
     repeats and frames, so its repeats differ more than its responses do overall (explainable
-    variance < 0). The report's FEVE is neuron 0's alone."""
+    variance < 0). FEVE is NaN for both, and the report's FEVE is neuron 0's alone."""
     from dwise_jax import report
 
     rng = np.random.default_rng(8)
@@ -296,13 +296,11 @@ def test_explainable_variance_and_the_report_where_feve_is_undefined():
         r[:, 1] = 0.0
         r[:, 2] = (-1.0) ** np.add.outer(np.arange(r.shape[0]), np.arange(r.shape[2]))
     preds = [s + 0.3 * rng.normal(size=s.shape) for s in signal]
-    explainable = metrics.explainable_variance(responses)
-    # By hand: the variance of all responses less the mean over frames of the variance across
-    # repeats (both ddof 1).
-    every = np.concatenate([np.moveaxis(r, 0, -1).reshape(3, -1) for r in responses], axis=-1)
-    noise = np.concatenate([r.var(0, ddof=1) for r in responses], axis=-1).mean(-1)
-    np.testing.assert_allclose(explainable, every.var(-1, ddof=1) - noise, rtol=1e-12)
+    reference, explainable = _feve_reference(preds, responses, explainable=True)
     assert explainable[0] > 0 and explainable[1] == 0 and explainable[2] < -0.1
+    explained = metrics.feve(preds, responses)
+    assert explained[0] == pytest.approx(reference[0], rel=1e-10)
+    assert np.isnan(explained[1:]).all()
     scores = report.repeat_scores(preds, responses)
     assert scores["feve_neurons"] == 1
     assert scores["feve"] == pytest.approx(_feve_reference(preds, responses)[0], rel=1e-10)
