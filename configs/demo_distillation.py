@@ -9,10 +9,10 @@ same workdir), then both blended as the original blends its two experiments:
     python -m dwise_jax.predict --experiment demo_distillation --split folds --anchor_stride 8
     python -m dwise_jax.predict --experiment demo,demo_distillation --split folds --blend_only
 
-Cost: a step runs the teacher and all readouts (about 1.2x a demo step). Measured with the
-whole-canvas demo before 376448e (docs/training.md): 1400 steps of batch 8 took 7.9 minutes on
-a 2-core CPU; fold 0 of the default simulated dataset: val_corr 0.1939 (the demo teacher:
-0.1970); both stages and their ensemble: docs/prediction.md.
+Cost: a step runs the teacher and all readouts (about 1.2x a demo step); 1400 steps of batch 8
+took 7.6 minutes on a 2-core Intel Xeon CPU (2026-12-07). Fold 0 of the default simulated
+dataset: val_corr 0.1943 (the demo teacher: 0.1971); both stages and their ensemble:
+docs/prediction.md.
 """
 
 import runpy

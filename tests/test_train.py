@@ -55,6 +55,8 @@ def test_tiny_training_writes_everything(sim_root, tmp_path):
     model, spec, step = checkpoint.load_ema_model(fold)
     assert step == 9 and spec.mice == [p.name for p in sorted(sim_root.iterdir())
                                       if p.name.startswith("dynamic")]
+    # The demo's core sees the video's rows only; the loaded model crops the same way.
+    assert spec.constructor["canvas_rows"] == 36 and model.canvas_rows == 36
     # A finished fold resumes to nothing and reports the same score.
     assert train_and_evaluate(config, tmp_path, folds=[1])[1] == pytest.approx(scores[1])
 
