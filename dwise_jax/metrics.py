@@ -191,10 +191,17 @@ def correlation_to_average(preds: Sequence[np.ndarray], responses: Sequence[np.n
     return pearson_per_neuron(pred, mean, -1, nan_to_zero=nan_to_zero)
 
 
-def feve(preds: Sequence[np.ndarray], responses: Sequence[np.ndarray]) -> np.ndarray:
+# The Sensorium evaluation scores FEVE only on neurons whose fraction of explainable variance,
+# (total - noise variance) / total, is at least 0.15; the others' FEVE is mostly noise.
+FEV_THRESHOLD = 0.15
+
+
+def feve(preds: Sequence[np.ndarray], responses: Sequence[np.ndarray], *,
+         fev_threshold: float = FEV_THRESHOLD) -> np.ndarray:
     """(neurons,) fraction of explainable variance explained, neuralpredictors' form, each
     (video, frame) one stimulus; shapes as ``correlation_to_average``, at least 2 repeats. NaN
-    where undefined: no explainable variance (total - noise variance <= 0; a silent neuron)."""
+    for a neuron left out: explainable variance (total - noise variance) not positive (a silent
+    neuron, FEVE 0/0) or under `fev_threshold` of its total variance."""
     pairs = _repeat_arrays(preds, responses)
     if min(r.shape[0] for _, r in pairs) < 2:
         raise ValueError("FEVE needs at least 2 repeats of every video")
@@ -206,5 +213,6 @@ def feve(preds: Sequence[np.ndarray], responses: Sequence[np.ndarray]) -> np.nda
     mse = np.concatenate([np.moveaxis((r - p) ** 2, 0, -1).reshape(r.shape[1], -1)
                           for p, r in pairs], axis=-1).mean(-1)
     explainable = total - noise
+    kept = (explainable > 0) & (explainable >= fev_threshold * total)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(explainable > 0, 1.0 - (mse - noise) / explainable, np.nan)
+        return np.where(kept, 1.0 - (mse - noise) / explainable, np.nan)

@@ -242,7 +242,7 @@ def test_correlation_to_average_reference():
 
 def _feve_reference(preds, responses, explainable=False):
     """neuralpredictors-style FEVE, one 'image' per (video, frame), written with loops (with
-    `explainable`: also its denominator, total variance - noise variance)."""
+    `explainable`: also its denominator, total variance - noise variance, and total variance)."""
     targets, predictions = [], []
     for p, r in zip(preds, responses, strict=True):
         for t in range(r.shape[-1]):
@@ -254,14 +254,14 @@ def _feve_reference(preds, responses, explainable=False):
     noise_var = img_var.mean(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         feve = 1 - (pred_sq.mean(0) - noise_var) / (total_var - noise_var)
-    return (feve, total_var - noise_var) if explainable else feve
+    return (feve, total_var - noise_var, total_var) if explainable else feve
 
 
 def test_feve_reference():
     rng = np.random.default_rng(5)
     signal, responses = _repeats(rng)
     preds = [s + 0.3 * rng.normal(size=s.shape) for s in signal]
-    np.testing.assert_allclose(
+    np.testing.assert_allclose(  # every neuron here has a fraction of explainable variance > 0.5
         metrics.feve(preds, responses), _feve_reference(preds, responses), rtol=1e-10
     )
     per_repeat = [rng.normal(size=r.shape) + s for r, s in zip(responses, signal, strict=True)]
@@ -284,6 +284,25 @@ def test_feve_hand_cases():
         metrics.feve([signal[0]], [noiseless[0][:1]])
 
 
+def test_feve_keeps_the_neurons_the_sensorium_evaluation_keeps():
+    """FEVE is scored where the fraction of explainable variance, (total - noise) / total, is at
+    least 0.15 (the Sensorium evaluation's threshold); below it, NaN unless the threshold is
+    lowered."""
+    rng = np.random.default_rng(9)
+    signal, responses = _repeats(rng, neurons=2)
+    for s, r in zip(signal, responses, strict=True):  # neuron 1: a faint signal in loud noise
+        r[:, 1] = 0.1 * s[1] + 2.0 * rng.normal(size=r[:, 1].shape)
+    preds = [s + 0.3 * rng.normal(size=s.shape) for s in signal]
+    reference, explainable, total = _feve_reference(preds, responses, explainable=True)
+    fev = explainable / total
+    assert fev[0] > 0.5 and fev[1] < 0.15
+    explained = metrics.feve(preds, responses)
+    assert explained[0] == pytest.approx(reference[0], rel=1e-10) and np.isnan(explained[1])
+    if fev[1] > 0:
+        lowered = metrics.feve(preds, responses, fev_threshold=0.0)
+        np.testing.assert_allclose(lowered, reference, rtol=1e-10)
+
+
 def test_feve_and_the_report_where_feve_is_undefined():
     """Neuron 0 carries a signal; neuron 1 is silent (FEVE 0/0); neuron 2 alternates +-1 over
     repeats and frames, so its repeats differ more than its responses do overall (explainable
@@ -296,7 +315,7 @@ def test_feve_and_the_report_where_feve_is_undefined():
         r[:, 1] = 0.0
         r[:, 2] = (-1.0) ** np.add.outer(np.arange(r.shape[0]), np.arange(r.shape[2]))
     preds = [s + 0.3 * rng.normal(size=s.shape) for s in signal]
-    reference, explainable = _feve_reference(preds, responses, explainable=True)
+    reference, explainable, _ = _feve_reference(preds, responses, explainable=True)
     assert explainable[0] > 0 and explainable[1] == 0 and explainable[2] < -0.1
     explained = metrics.feve(preds, responses)
     assert explained[0] == pytest.approx(reference[0], rel=1e-10)
@@ -367,9 +386,10 @@ def test_split_report_scores_repeated_videos_and_the_poisson_loss(sim_root, tmp_
         mean_p = np.concatenate([p.mean(0) for p in preds], axis=1)
         mean_r = np.concatenate([r.mean(0) for r in responses], axis=1)
         cta = [scipy.stats.pearsonr(a, b).statistic for a, b in zip(mean_p, mean_r, strict=True)]
-        feve, explainable = _feve_reference(preds, responses, explainable=True)
+        feve, explainable, total = _feve_reference(preds, responses, explainable=True)
+        kept = (explainable > 0) & (explainable >= 0.15 * total)  # the Sensorium evaluation's
         want_repeats[mouse.name] = (len(repeated), sum(map(len, repeated)), np.mean(cta),
-                                    np.mean(feve[explainable > 0]), int((explainable > 0).sum()))
+                                    np.mean(feve[kept]) if kept.any() else None, int(kept.sum()))
         losses = np.concatenate([p - t * np.log(p + 1e-12) for p, t in cut_pairs], axis=1)
         want_poisson[mouse.name] = losses.mean()
     scores = scorer.summary()
