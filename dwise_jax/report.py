@@ -79,7 +79,8 @@ class SplitScores:
 def repeat_scores(preds: list[np.ndarray], responses: list[np.ndarray]) -> dict:
     """Means over neurons of the correlation to the average over repeats and of FEVE, per-video
     (repeats, neurons, time) arrays; FEVE over the neurons that `metrics.feve` keeps (a fraction
-    of explainable variance of at least 0.15: `feve_neurons` of them; None if none)."""
+    of explainable variance of at least `metrics.FEV_THRESHOLD`: `feve_neurons` of them; None
+    if none)."""
     explained = metrics.feve(preds, responses)
     keep = ~np.isnan(explained)
     return {"correlation_to_average": float(np.mean(metrics.correlation_to_average(
@@ -305,8 +306,8 @@ def write_report(directory: str | Path, scores: SplitScores, examples: dict,
                   "Videos scored more than once (frames 50 on): the correlation of the "
                   "prediction with the response, both averaged over the repeats, and the "
                   "fraction of explainable variance explained (FEVE), means over neurons (FEVE "
-                  "over those whose explainable variance is at least 0.15 of their total, as "
-                  "the Sensorium evaluation).", ""]
+                  "over those whose explainable variance is at least "
+                  f"{metrics.FEV_THRESHOLD} of their total, as the Sensorium evaluation).", ""]
         lines += markdown_table([["mouse", "videos", "trials", "correlation to average", "FEVE"]]
                                 + [[short, r["videos"], r["trials"],
                                     f"{r['correlation_to_average']:.4f}", _feve(r)]
