@@ -14,24 +14,14 @@
 # slurm_train.sbatch.
 set -euo pipefail
 
-usage() {  # the comment block at the top of this file
-  awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/^#SBATCH/ { sub(/^# ?/, ""); print }' "$0"
-  exit "${1:-0}"
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 [ $# -ge 1 ] || usage 2
 case "$1" in -h|--help) usage 0 ;; esac
 config="$1"; shift
-hosts="" port=12355 folds="" dir="$(cd "$(dirname "$0")/.." && pwd)" dry_run=0 extra=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --hosts|--port|--folds|--dir) declare "${1#--}=$2"; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    --) shift; extra=("$@"); break ;;
-    -h|--help) usage 0 ;;
-    *) echo "unknown argument: $1" >&2; usage 2 ;;
-  esac
-done
+hosts="" port=12355 folds="" dir="$(cd "$(dirname "$0")/.." && pwd)" dry_run=0
+parse_args "hosts port folds dir" "dry_run" "$@"
 [ -n "$hosts" ] || { echo "--hosts is required" >&2; usage 2; }
 IFS=, read -r -a host_list <<< "$hosts"
 name=$(basename "$config" .py)

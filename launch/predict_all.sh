@@ -14,22 +14,12 @@
 # PYTHON names the interpreter (default: python), LOG_DIR the log folder (default: logs).
 set -euo pipefail
 
-usage() {  # the comment block at the top of this file
-  awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/^#SBATCH/ { sub(/^# ?/, ""); print }' "$0"
-  exit "${1:-0}"
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"
 
-workdir="" experiments="distillation_001,true_batch_001" data_root="" gpu="" dry_run=0 extra=()
+workdir="" experiments="distillation_001,true_batch_001" data_root="" gpu="" dry_run=0
 splits="live_test_main,live_test_bonus,final_test_main,final_test_bonus,folds"
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --workdir|--experiments|--splits|--data_root|--gpu) declare "${1#--}=$2"; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    --) shift; extra=("$@"); break ;;
-    -h|--help) usage 0 ;;
-    *) echo "unknown argument: $1" >&2; usage 2 ;;
-  esac
-done
+parse_args "workdir experiments splits data_root gpu" "dry_run" "$@"
 [ -n "$workdir" ] || { echo "--workdir is required" >&2; usage 2; }
 IFS=, read -r -a experiment_list <<< "$experiments"
 IFS=, read -r -a split_list <<< "$splits"

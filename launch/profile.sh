@@ -12,24 +12,14 @@
 # CUDA_VISIBLE_DEVICES (default: every GPU). --dry-run prints the command.
 set -euo pipefail
 
-usage() {  # the comment block at the top of this file
-  awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/^#SBATCH/ { sub(/^# ?/, ""); print }' "$0"
-  exit "${1:-0}"
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 [ $# -ge 1 ] || usage 2
 case "$1" in -h|--help) usage 0 ;; esac
 config="$1"; shift
-fold=0 steps="10:20" gpus="" workdir="" dry_run=0 extra=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --fold|--steps|--gpus|--workdir) declare "${1#--}=$2"; shift 2 ;;
-    --dry-run) dry_run=1; shift ;;
-    --) shift; extra=("$@"); break ;;
-    -h|--help) usage 0 ;;
-    *) echo "unknown argument: $1" >&2; usage 2 ;;
-  esac
-done
+fold=0 steps="10:20" gpus="" workdir="" dry_run=0
+parse_args "fold steps gpus workdir" "dry_run" "$@"
 if ! [[ "$steps" =~ ^([0-9]+):([0-9]+)$ ]] || [ "${BASH_REMATCH[1]}" -ge "${BASH_REMATCH[2]}" ]
 then
   echo "--steps must be START:END with START < END, got $steps" >&2; exit 2

@@ -11,25 +11,14 @@
 # PYTHON names the interpreter (default: python), LOG_DIR the log folder (default: logs).
 set -euo pipefail
 
-usage() {  # the comment block at the top of this file
-  awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/^#SBATCH/ { sub(/^# ?/, ""); print }' "$0"
-  exit "${1:-0}"
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 [ $# -ge 1 ] || usage 2
 case "$1" in -h|--help) usage 0 ;; esac
 config="$1"; shift
-folds="0,1,2,3,4,5,6" gpus="" dry_run=0 all_gpus=0 extra=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --folds|--gpus) declare "${1#--}=$2"; shift 2 ;;
-    --all-gpus) all_gpus=1; shift ;;
-    --dry-run) dry_run=1; shift ;;
-    --) shift; extra=("$@"); break ;;
-    -h|--help) usage 0 ;;
-    *) echo "unknown argument: $1" >&2; usage 2 ;;
-  esac
-done
+folds="0,1,2,3,4,5,6" gpus="" dry_run=0 all_gpus=0
+parse_args "folds gpus" "all_gpus dry_run" "$@"
 name=$(basename "$config" .py)
 python="${PYTHON:-python}"
 logs="${LOG_DIR:-logs}"

@@ -182,7 +182,7 @@ def test_launch_scripts_pass_shellcheck():
     out = subprocess.run([_tool("shellcheck"), "--shell=bash", *map(str, scripts)],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
-    for script in scripts:
+    for script in [p for p in scripts if p.name != "lib.sh"]:  # lib.sh: sourced by the others
         assert os.access(script, os.X_OK), f"{script.name} is not executable"
         help_text = subprocess.run(["bash", str(script), "--help"], capture_output=True,
                                    text=True, check=True).stdout
