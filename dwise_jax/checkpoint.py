@@ -1,10 +1,7 @@
-"""Checkpoints of one fold of one experiment, under `<workdir>/<experiment>/fold_<k>/`.
-
-`model.json` holds what prediction needs to rebuild the network; `checkpoints/<step>/` are
-Orbax composite checkpoints (item `ema`, the weights validation and prediction use, as in the
-original; training adds `state` and `loader`), each with a SHA-256 `manifest.json` so damage
-after the write is caught. Layout and retention policy: docs/design.md#one-way-to-do-each-thing.
-"""
+"""Checkpoints of one fold of one experiment, under `<workdir>/<experiment>/fold_<k>/`:
+`model.json` (how to rebuild the network) and Orbax steps `checkpoints/<step>/` (item `ema`;
+training adds `state` and `loader`), each with a SHA-256 `manifest.json`. Layout and retention
+policy: docs/design.md#one-way-to-do-each-thing."""
 
 from __future__ import annotations
 
@@ -18,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
 from dwise_jax import atomic
 from dwise_jax import config as config_lib
+from dwise_jax.models.dwiseneuro import DwiseNeuro
 
 MODEL_SPEC_FILE = "model.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -57,8 +57,7 @@ class ModelSpec:
         outputs = self.constructor.get("readout_outputs")
         if outputs is None or len(outputs) != len(self.mice):
             raise CheckpointError(
-                f"model spec has {len(self.mice)} mice but readout_outputs={outputs!r}"
-            )
+                f"model spec has {len(self.mice)} mice but readout_outputs={outputs!r}")
 
     @property
     def num_neurons(self) -> list[int]:
@@ -190,21 +189,12 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     return next(iter(all_steps(directory)), None)
 
 
-def best_step(directory: str | os.PathLike) -> int | None:
-    """The kept step with the best validation correlation, or None if none was validated."""
-    with FoldCheckpoints(directory, create=False) as reader:
-        return reader.manager.best_step()
-
-
 def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
             step: int | None = None, targets: dict[str, Any] | None = None,
             ) -> tuple[int, dict[str, Any]]:
-    """Restores named items of a fold folder's checkpoint as (step, {name: tree}).
-
-    `step=None` takes the newest step that verifies and restores (a damaged newer step is
-    reported on stderr and skipped). `targets` holds abstract trees per name (ShapeDtypeStruct
-    leaves, with shardings where wanted); an item without one comes back as NumPy arrays.
-    """
+    """Named items of a step as (step, {name: tree}); `step=None`: the newest that verifies and
+    restores (damaged newer steps reported on stderr). `targets`: abstract trees per name
+    (ShapeDtypeStruct leaves, with shardings where wanted); without one, NumPy arrays."""
     series = Path(directory) / CHECKPOINTS_DIR
     steps = all_steps(directory) if step is None else [step]
     if not steps:
@@ -234,11 +224,9 @@ def restore(directory: str | os.PathLike, names: tuple[str, ...] = ("ema",),
 
 def read_ema(directory: str | os.PathLike, expected: dict[str, Any], step: int | None = None,
              ) -> tuple[int, dict[str, Any]]:
-    """The EMA weights of a step (the newest readable when None) as (step, {"params",
-    "batch_stats"}) in the structure, dtypes and shardings of `expected` (leaves: arrays or
-    ShapeDtypeStructs), from the train state's layout or the one merged tree of checkpoints
-    written before 2026-12-06. Read as stored, then fitted: restoring into the model's shapes
-    would make a mismatch look like a damaged step (and send restore() to an older one)."""
+    """(step, {"params", "batch_stats"}) of a step's EMA (None: the newest readable; either
+    layout) in the structure, dtypes and shardings of `expected`. Read as stored, then fitted:
+    restoring into the model's shapes would make a mismatch look like a damaged step."""
     step, items = restore(directory, ("ema",), step=step)
     stored = items["ema"]
     try:
@@ -281,11 +269,6 @@ def _fit(expected: dict, stored: dict, where: str = "", partial: bool = False) -
 def load_ema_model(directory: str | os.PathLike, dtype: Any = None, step: int | None = None):
     """(the EMA model of a fold folder in eval mode, its ModelSpec, its step); `dtype` is the
     compute dtype (float32 by default), parameters are float32 whatever it is."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from dwise_jax.models.dwiseneuro import DwiseNeuro
-
     spec = read_model_spec(directory)
     # A setting added since the folder was written (e.g. depthwise_impl) takes the config's
     # default; every stored one stays as stored.

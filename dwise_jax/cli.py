@@ -1,10 +1,7 @@
 """Every command line of dwise_jax, one way: absl flags on a `FlagValues` of the command's own.
-
 A command module defines `define_flags(fv)` and `run(fv, args) -> int` and ends with
 `cli.main(__doc__, define_flags, run, errors=(...))`; tests run it in-process with `cli.call`.
-Usage errors exit 2, the command's `errors` exit 1, one `error:` line each
-(docs/design.md#command-lines).
-"""
+Usage errors exit 2, `errors` exit 1, one `error:` line each (docs/design.md#command-lines)."""
 
 from __future__ import annotations
 

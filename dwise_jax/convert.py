@@ -1,14 +1,8 @@
 """`python -m dwise_jax.convert ORIGINAL.pth OUT_DIR`: the original's weights as a dwise_jax fold.
 
-Reads one of the original's `model-<epoch>-<val_corr>.pth` files with
-`torch.load(weights_only=True)`, checks its pipeline settings, maps the EMA state dict onto the
-Flax NNX model (`state_from_torch`; both sides' names and layouts:
-docs/original.md#original-checkpoints) and writes a fold folder that prediction uses like a fold
-trained here (docs/prediction.md#the-originals-weights). Needs torch (CPU):
-`pip install torch==2.13.0`.
-
-    python -m dwise_jax.convert true_batch_001/fold_0/model-017-0.293169.pth workdir \\
-        --experiment true_batch_001 --fold 0
+Reads an original `model-<epoch>-<val_corr>.pth` with `torch.load(weights_only=True)` (torch
+CPU: `pip install torch==2.13.0`), checks it, maps its EMA state dict onto the NNX model and writes
+a fold that prediction uses like one trained here (docs/prediction.md#the-originals-weights).
 """
 
 from __future__ import annotations
@@ -40,9 +34,8 @@ class ConversionError(ValueError):
     """The .pth file is not one of the original's DwiseNeuro checkpoints, or does not fit."""
 
 
-# --------------------------------------------------------------------------------------------
 # The original's state-dict names and layouts <-> the NNX state of DwiseNeuro
-
+# (docs/original.md#original-checkpoints).
 _BN = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 # NNX attribute of an inverted-residual block -> (PyTorch submodule, layout of its `.0` conv).
 _BLOCK_CONVS = {"expand": ("conv_pw", "pointwise3d"), "spatial": ("spat_covn_dw", "spatial_dw"),
@@ -98,12 +91,9 @@ def torch_name(path: tuple) -> tuple[str, str] | None:
 
 
 def state_from_torch(state_dict: Mapping[str, np.ndarray], target: nnx.State) -> nnx.State:
-    """Map a PyTorch state dict (name -> array) onto a new NNX state (float32 arrays).
-
-    `target` (`nnx.state(model)` or its `nnx.eval_shape` version) gives the structure, shapes
-    and variable types; RNG variables are copied from it. Raises ConversionError listing every
-    missing, unexpected and mis-shaped key.
-    """
+    """Map a PyTorch state dict (name -> array) onto a new NNX state of float32 arrays shaped
+    like `target` (`nnx.state` of a model or of its `nnx.eval_shape`; RNG variables copied).
+    Raises ConversionError listing every missing, unexpected and mis-shaped key."""
     used, missing, misshaped, flat = set(), [], [], []
     for path, var in nnx.to_flat_state(target):
         named = torch_name(path)
@@ -132,10 +122,6 @@ def state_from_torch(state_dict: Mapping[str, np.ndarray], target: nnx.State) ->
     return nnx.from_flat_state(flat)
 
 
-# --------------------------------------------------------------------------------------------
-# Reading and checking the .pth, writing the fold
-
-
 def load_original(path: str | Path) -> dict[str, Any]:
     """Reads an original checkpoint with torch's safe loader: {"params": its params dict,
     tensors left as they are, "state_dict": {name: ndarray}}."""
@@ -158,17 +144,15 @@ def load_original(path: str | Path) -> dict[str, Any]:
             f"{path}: expected a dict with model_name, params and nn_state_dict, got {keys}")
     if raw["model_name"] != "MouseModel":
         raise ConversionError(f"{path}: model_name is {raw['model_name']!r}, not 'MouseModel'")
-    state_dict = {}
-    for name, tensor in raw["nn_state_dict"].items():
-        if not isinstance(tensor, torch.Tensor):
-            raise ConversionError(f"{path}: state-dict entry {name} is not a tensor")
-        state_dict[name] = tensor.detach().cpu().numpy()
-    return {"params": raw["params"], "state_dict": state_dict}
+    tensors = raw["nn_state_dict"]
+    if bad := [name for name, t in tensors.items() if not isinstance(t, torch.Tensor)]:
+        raise ConversionError(f"{path}: state-dict entry {bad[0]} is not a tensor")
+    return {"params": raw["params"],
+            "state_dict": {name: t.detach().cpu().numpy() for name, t in tensors.items()}}
 
 
 def _load_failure(error: Exception) -> str:
-    """torch.load's reason in one line: its unpickler's first sentence, without the advice
-    around it (which suggests weights_only=False)."""
+    """torch.load's reason in one line: its unpickler's first sentence, without its advice."""
     text = str(error) or type(error).__name__
     match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
     reason = match[1].split(". ")[0] if match else text
@@ -176,13 +160,9 @@ def _load_failure(error: Exception) -> str:
 
 
 def constructor_kwargs(params: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
-    """The DwiseNeuro constructor arguments of an original checkpoint, checked.
-
-    They are set on a locked `config.model`, so an unknown argument or a value of another type
-    is refused; `readout_outputs` comes from the data. A missing argument keeps the config's
-    value (a differing architecture then fails the state-dict mapping). Also checks the frame
-    stack and input processor stored beside them.
-    """
+    """The DwiseNeuro constructor arguments of an original checkpoint, set on a locked
+    `config.model` (an unknown argument or a value of another type is refused, a missing one
+    keeps the config's), and the frame stack and input processor stored beside them, checked."""
     try:
         module_name, kwargs = params["nn_module"]
     except (KeyError, TypeError, ValueError):
@@ -200,8 +180,7 @@ def constructor_kwargs(params: dict[str, Any], path: str | Path = "checkpoint") 
             f"{readout_outputs!r}")
     config = config_lib.get_base_config()
     config.lock()
-    unknown = sorted(set(kwargs) - set(config.model))
-    if unknown:
+    if unknown := sorted(set(kwargs) - set(config.model)):
         raise ConversionError(f"{path}: unknown DwiseNeuro arguments {unknown}")
     for key, value in kwargs.items():
         try:
@@ -242,14 +221,9 @@ def parse_file_name(path: str | Path) -> dict[str, Any]:
 
 def convert(pth_path: str | Path, workdir: str | Path, *, experiment: str, fold: int,
             mice: list[str] | None = None, overwrite: bool = False) -> Path:
-    """Converts one original .pth into `<workdir>/<experiment>/fold_<fold>` and returns that.
-
-    Args:
-      fold: the fold index the weights were trained for (validated on), 0..6.
-      mice: mouse folder names in readout order. Default: the real ten mice in the original's
-        order, which is what the published weights were trained on; required otherwise.
-      overwrite: replace an existing checkpoint of that fold instead of refusing.
-    """
+    """Converts one original .pth into `<workdir>/<experiment>/fold_<fold>` (fold 0..6, the one
+    validated on) and returns that. `mice`: folder names in readout order, required unless the
+    readouts are the real ten mice's; `overwrite`: replace an existing checkpoint of the fold."""
     if not 0 <= fold < 7:
         raise ConversionError(f"fold must be in 0..6, got {fold}")
     original = load_original(pth_path)
@@ -270,7 +244,6 @@ def convert(pth_path: str | Path, workdir: str | Path, *, experiment: str, fold:
     if existing is not None and not overwrite:
         raise ConversionError(
             f"{target_dir}: already holds a checkpoint; pass --overwrite to replace it")
-
     abstract = nnx.eval_shape(lambda: DwiseNeuro(**kwargs, rngs=nnx.Rngs(0)))
     try:
         state = state_from_torch(original["state_dict"],

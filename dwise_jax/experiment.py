@@ -1,7 +1,6 @@
 """A trained experiment on disk: its fold folders (`<workdir>/<experiment>/fold_<k>/`), their
 models, and its predictions (`<workdir>/predictions/<experiment>/<split>/`, complete once
-manifest.json is written; docs/prediction.md). Shared by `predict`, `inference`, `reconstruct`
-and `mei`. A blend of experiments is the experiment `a,b`.
+manifest.json is written; docs/prediction.md). A blend of experiments is the experiment `a,b`.
 """
 
 from __future__ import annotations

@@ -52,10 +52,9 @@ def _wait_for_blocked_writes(fd: int, timeout_s: float = 2.0) -> None:
 
 
 def exit_with_line(text: str) -> NoReturn:
-    """Print `error: <text>` as the last line of stderr and exit 1, at once: stderr goes to
-    /dev/null first (Orbax's or JAX's threads may still print tracebacks), writes that were
-    blocked on a full stderr pipe land first, our line leaves through a saved descriptor, and
-    `os._exit` skips the shutdown (our `finally`s ran)."""
+    """Print `error: <text>` as the last line of stderr and exit 1 at once, with stderr pointed
+    at /dev/null first and our line sent through a saved descriptor, after writes blocked on a
+    full pipe (docs/design.md#failures-of-the-environment)."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()

@@ -1,9 +1,6 @@
 """One training process per fold folder: `<fold>/train.lock`, a JSON file naming its holder.
-
-A live holder is refused with an error naming it, a dead one on this host is taken over with a
-warning, one on another host is refused with the `rm` that clears it. Prediction never takes
-the lock. See docs/design.md#one-training-process-per-fold.
-"""
+A live holder is refused, a dead one on this host taken over with a warning, one on another
+host refused with the `rm` that clears it (docs/design.md#one-training-process-per-fold)."""
 
 from __future__ import annotations
 

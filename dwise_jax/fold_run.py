@@ -47,17 +47,6 @@ _RESTART_FREE = ("workdir", "data_root", "folds", "log", "data.num_workers",
                  "data.prefetch_buffer_size")
 
 
-def _comparable(config_dict: dict) -> dict:
-    out = json.loads(json.dumps(config_dict))
-    for key in _RESTART_FREE:
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.get(p, {})
-        node.pop(leaf, None)
-    return out
-
-
 def _check_fold_folder(directory: Path, config, spec: checkpoint.ModelSpec) -> None:
     """Refuses to train into a fold folder made by another experiment or architecture."""
     if (directory / checkpoint.MODEL_SPEC_FILE).exists():
@@ -68,8 +57,8 @@ def _check_fold_folder(directory: Path, config, spec: checkpoint.ModelSpec) -> N
                 f"({checkpoint.MODEL_SPEC_FILE} differs); choose another workdir or experiment")
     config_file = directory / "config.json"
     if config_file.exists():
-        old, new = _flat(_comparable(json.loads(config_file.read_text()))), _flat(
-            _comparable(config.to_dict()))
+        old = _settings(json.loads(config_file.read_text()))
+        new = _settings(json.loads(json.dumps(config.to_dict())))  # tuples as JSON lists
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if changed:
             raise TrainingError(
@@ -77,13 +66,13 @@ def _check_fold_folder(directory: Path, config, spec: checkpoint.ModelSpec) -> N
                 f"{', '.join(changed)}); choose another workdir or experiment name")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def _settings(tree: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of a config as JSON holds it, less the `_RESTART_FREE` fields."""
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+        key = f"{prefix}{k}"
+        if key not in _RESTART_FREE:
+            out.update(_settings(v, f"{key}.") if isinstance(v, dict) else {key: v})
     return out
 
 
@@ -125,19 +114,19 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                dump_hlo: bool = False, max_steps: int | None = None) -> float:
     """Trains fold `fold` (validation fold) and returns its final EMA validation correlation."""
     # Until this run's first step of the fold is done, a stop request ends the process at once.
-    fold_folder = checkpoint.fold_dir(workdir, config.experiment, fold)
-    stop.fold_started(str(fold_folder), on_exit=lambda: _drop_lock(fold_folder))
-    # Devices and mesh.
+    directory = checkpoint.fold_dir(workdir, config.experiment, fold)
+    stop.fold_started(str(directory), on_exit=lambda: _drop_lock(directory))
     mesh = sharding.make_mesh()
     config_lib.validate(config, num_devices=mesh.size)
     is_main = jax.process_index() == 0
-
     # Data.
     dataset = SensoriumDataset.open(config.data_root)
-    d = config.data
+    d, o = config.data, config.optim
     steps_per_epoch = d.train_epoch_size // d.batch_size
+    warmup_steps = o.warmup_epochs * steps_per_epoch
+    cosine_steps = o.cosine_epochs * steps_per_epoch
+    total_steps = warmup_steps + cosine_steps
     shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
-
     # Model.
     kwargs = config_lib.model_kwargs(config, dataset.num_neurons)
     dtype = jnp.bfloat16 if config.model.compute_dtype == "bfloat16" else jnp.float32
@@ -145,19 +134,13 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
                        rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
     if config.model.readout_bias_init == "response_mean":
         readout_bias.set_readout_biases(model, dataset, config.model.softplus_beta)
-    extra = {"experiment": config.experiment, "fold": fold,
-             "total_steps": (config.optim.warmup_epochs + config.optim.cosine_epochs)
-             * steps_per_epoch}
+    extra = {"experiment": config.experiment, "fold": fold, "total_steps": total_steps}
     teacher = None
     if config.distill.enabled:  # before anything is written: a missing teacher stops here
         teacher, extra["teacher"] = load_teacher(config, workdir, fold, dataset, dtype)
     spec = checkpoint.ModelSpec(constructor=kwargs, mice=dataset.names, source="trained",
                                 extra=extra)
-
     # Optimiser: warm-up then cosine, both per iteration (docs/original.md#training).
-    o = config.optim
-    warmup_steps = o.warmup_epochs * steps_per_epoch
-    cosine_steps = o.cosine_epochs * steps_per_epoch
     schedule = optim.lr_schedule(optim.scaled_lr(o.base_lr, d.batch_size),
                                  optim.scaled_lr(o.min_lr, d.batch_size), warmup_steps,
                                  cosine_steps)
@@ -174,9 +157,7 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
     if trainer.distills:
         step_args = (jax.device_put(trainer.teacher_weights, replicated, donate=True),)
         trainer.teacher_weights = None
-
     # Fold folder and restore.
-    directory = checkpoint.fold_dir(workdir, config.experiment, fold)
     _check_fold_folder(directory, config, spec)
     logbook = Logbook(directory, enabled=is_main, tensorboard=config.log.tensorboard,
                       plot=config.log.plot)
@@ -196,9 +177,7 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
             atomic.write_json(directory / "config.json", config.to_dict())
     params = preview.num_params(state["params"])
     state = jax.device_put(state, replicated)
-
     # The epoch loop.
-    total_steps = warmup_steps + cosine_steps
     last_step = total_steps if max_steps is None else min(total_steps, max_steps)
     step = int(state["step"])
     if is_main:
@@ -208,15 +187,14 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
     timed = []  # seconds of this run's first steps (the first one compiles)
     # (Filtered by step as well: in a multi-process run the others may read the file before
     # process 0 has truncated it.)
-    val_records = [r for r in logbook.records() if r["kind"] == "val" and r["step"] <= step]
-    val_history = [r["corr"] for r in val_records]
+    vals = [(r["step"], r["corr"]) for r in logbook.records()
+            if r["kind"] == "val" and r["step"] <= step]
     # The original validates before each fit too; at the start of the cosine fit that is the
     # end-of-epoch validation just done with the same weights, so it is not repeated.
-    validated_at = val_records[-1]["step"] if val_records else None
-    score = val_history[-1] if val_history else math.nan
-    val_batch = d.val_batch_size
+    validated_at, score = vals[-1] if vals else (None, math.nan)
     if dump_hlo and is_main:
-        first = sharding.put_batch(_first_batch(dataset, config, fold, shard), mesh)
+        with pipeline.TrainStream(dataset, config, fold=fold, **shard) as probe:
+            first = sharding.put_batch(next(probe), mesh)
         hlo = train.lower(state, first, *step_args).compile().as_text()
         with atomic.atomic_path(directory / "train_step.hlo.txt") as tmp:
             tmp.write_text(hlo)
@@ -229,15 +207,14 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
         while step < last_step and not stopping:
             if (step in (0, warmup_steps) and step % steps_per_epoch == 0
                     and validated_at != step):
-                val = validate(evaluate, state["ema"], dataset, fold, val_batch, mesh)
+                val = validate(evaluate, state["ema"], dataset, fold, d.val_batch_size, mesh)
                 logbook.log(step, "val", **val)
                 score, validated_at = val["corr"], step
             if profile_steps and step == profile_steps[0] and is_main:
                 jax.profiler.start_trace(str(directory / "profile"))
             started = time.perf_counter()
             host_batch = next(stream)
-            batch = sharding.put_batch(host_batch, mesh)
-            state, metrics = train(state, batch, *step_args)
+            state, metrics = train(state, sharding.put_batch(host_batch, mesh), *step_args)
             step += 1
             if len(timed) < 3:  # wait for the first steps, to time them and to mark the first
                 jax.block_until_ready(metrics)
@@ -260,16 +237,15 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
             if step % config.log.every_steps == 0 or saving:
                 _check_losses(unchecked, fold, directory)
             if step % config.log.every_steps == 0 or step == last_step:
-                loss = float(metrics["loss"])
+                loss, lr = float(metrics["loss"]), float(schedule(step - 1))
                 rate = samples / (time.perf_counter() - timer)
-                logbook.log(step, "train", loss=loss, lr=float(schedule(step - 1)),
+                logbook.log(step, "train", loss=loss, lr=lr,
                             grad_norm=float(metrics["grad_norm"]), samples_per_s=rate)
                 bar.set_postfix(epoch=f"{step / steps_per_epoch:.2f}", loss=f"{loss:.1f}",
-                                lr=f"{float(schedule(step - 1)):.2e}",
-                                samples_s=f"{rate:.1f}")
+                                lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                 timer, samples = time.perf_counter(), 0
             if step % steps_per_epoch == 0 or step == last_step:
-                val = validate(evaluate, state["ema"], dataset, fold, val_batch, mesh)
+                val = validate(evaluate, state["ema"], dataset, fold, d.val_batch_size, mesh)
                 logbook.log(step, "val", **val)
                 score, validated_at = val["corr"], step
                 if is_main:
@@ -292,10 +268,9 @@ def train_fold(config, workdir: Path, fold: int, *, profile_steps: tuple[int, in
 
 def load_teacher(config, workdir: Path, fold: int, dataset: SensoriumDataset,
                  dtype) -> tuple[nnx.Module, dict[str, Any]]:
-    """(teacher, its provenance for the student's model.json): the eval-mode EMA model of the
-    same fold of `distill.teacher_experiment`, built from its own model.json (expansion 7 in
-    the original, the student 6), computing in `dtype`. TrainingError naming the folder when it
-    is missing, unreadable, or made for other mice or neuron counts."""
+    """(teacher, its provenance for model.json): the eval-mode EMA model of the same fold of
+    `distill.teacher_experiment`, built from its own model.json, computing in `dtype`; a
+    TrainingError naming the folder when missing, unreadable, or for other mice or neurons."""
     directory = checkpoint.fold_dir(workdir, config.distill.teacher_experiment, fold)
     if config.distill.teacher_experiment == config.experiment:
         raise TrainingError(f"{directory}: distill.teacher_experiment is this experiment; "
@@ -345,20 +320,13 @@ def _drop_lock(directory: Path) -> None:
 def _check_losses(unchecked: list, fold: int, directory: Path) -> None:
     """Raises TrainingError at the first non-finite loss of `(step, loss, mice)` entries (before
     anything of that state is saved), naming the step and the batch's mice; empties the list."""
-    entries = list(unchecked)
-    unchecked.clear()
-    for step, loss, mice in entries:
-        loss = float(loss)
-        if not math.isfinite(loss):
+    for step, loss, mice in unchecked:
+        if not math.isfinite(loss := float(loss)):
             raise TrainingError(
                 f"fold {fold}: loss is {loss} at step {step} (batch mice "
                 f"{sorted(set(np.asarray(mice).tolist()))}); the last good checkpoint is kept "
                 f"in {directory}")
-
-
-def _first_batch(dataset, config, fold: int, shard: dict) -> dict:
-    with pipeline.TrainStream(dataset, config, fold=fold, **shard) as probe:
-        return next(probe)
+    unchecked.clear()
 
 
 def _save(checkpoints: checkpoint.FoldCheckpoints, state, stream, step: int,

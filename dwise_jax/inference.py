@@ -1,8 +1,7 @@
 """A trained ensemble as one object: fold models stacked on a model axis, whole-trial prediction
 and differentiable functions of the video, and what the in-silico commands share
 (docs/insilico.md). Arrays in the dataset's layout: video (36, 64, T), behavior and
-pupil_center (2, T); the NaN tail is ignored.
-"""
+pupil_center (2, T); the NaN tail is ignored."""
 
 from __future__ import annotations
 
@@ -104,13 +103,11 @@ def trial_arrays(video, behavior, pupil_center):
 def load_windows(mouse: Mouse, rows: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     """The (trial, anchor) windows of a mouse: frames (K, 16, 36, 64) and traces (K, 16, 4)."""
     load = functools.lru_cache(maxsize=1)(mouse.load_trial)  # a trial's windows come together
-    frames, traces = [], []
+    pairs = []
     for trial, anchor in rows:
         data = load(trial)
-        f, t = windows.compact_window(data.video, data.behavior, data.pupil_center, anchor)
-        frames.append(f)
-        traces.append(t)
-    return np.stack(frames), np.stack(traces)
+        pairs.append(windows.compact_window(data.video, data.behavior, data.pupil_center, anchor))
+    return np.stack([f for f, _ in pairs]), np.stack([t for _, t in pairs])
 
 
 @dataclass
@@ -173,8 +170,7 @@ def stack(models: list[tuple[nnx.Module, checkpoint.ModelSpec, dict]]) -> Ensemb
                 f"{member['directory']}: its architecture or mice differ from "
                 f"{models[0][2]['directory']}; an ensemble stacks models of one architecture")
     graphdef, _ = nnx.split(models[0][0])
-    states = [nnx.split(m)[1] for m, _, _ in models]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.split(m)[1] for m, _, _ in models])
     return Ensemble(graphdef, stacked, first, [m for _, _, m in models])
 
 

@@ -78,11 +78,9 @@ def reconstruction_report(out: Path, rows: list[dict], masks: dict, meta: dict) 
     overall = {s: {k: float(np.mean([r["by_size"][s]["final"][k] for r in rows
                                      if s in r["by_size"]])) for k in ("corr", "rmse")}
                for s in sizes}
-    linear = [r["linear"] for r in rows if "linear" in r]
-    if linear:
-        overall["linear"] = {k: float(np.mean([x[k] for x in linear])) for k in ("corr", "rmse")}
     fig, (a, b) = pyplot().subplots(1, 2, figsize=(9, 3.4))
-    if linear:
+    if linear := [r["linear"] for r in rows if "linear" in r]:
+        overall["linear"] = {k: float(np.mean([x[k] for x in linear])) for k in ("corr", "rmse")}
         a.axhline(overall["linear"]["corr"], color="grey", ls="--", label="linear decoder")
     for s in sizes:
         curves = [r["by_size"][s]["curve"] for r in rows if s in r["by_size"]]

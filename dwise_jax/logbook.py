@@ -1,8 +1,6 @@
-"""What a user watches during training: metrics.jsonl, TensorBoard events and a PNG of the curves.
-
-One `Logbook` per fold folder, written by process 0: one JSON object per line ({"step", "kind":
-"train" | "val", ...values}), tensorboardX events when installed, `curves.png` at each validation.
-"""
+"""What a user watches during training, written by process 0 into each fold folder:
+metrics.jsonl (one JSON object per line: {"step", "kind": "train" | "val", ...values}),
+tensorboardX events when installed, and `curves.png` redrawn at each validation."""
 
 from __future__ import annotations
 
@@ -125,13 +123,12 @@ def _summary_writer():
     """tensorboardX's SummaryWriter class, imported without torch: where torch is installed
     (for `convert`), tensorboardX imports it only to accept torch tensors, which cost each
     training process about 1.4 s. We log floats."""
-    if "tensorboardX" in sys.modules or "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    sys.modules["torch"] = None  # `import torch` raises ImportError while this stands
+    hide_torch = "tensorboardX" not in sys.modules and "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this stands
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if hide_torch:
+            del sys.modules["torch"]
     return SummaryWriter

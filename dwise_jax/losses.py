@@ -1,11 +1,6 @@
-"""The training loss of the original (docs/original.md#training): the mouse-weighted Poisson loss
-
-    l(pred, y) = pred - y * log(pred + 1e-8)              (Poisson NLL, log_input=False, full=False)
-    w = mice_weights / sum(mice_weights)                  (over the whole batch and all mice)
-    loss = sum_m sum_{b: w[b, m] != 0} w[b, m] * sum_{t, n} l(pred_m[b, t, n], y_m[b, t, n])
-
-A SUM over neurons and time (docs/original.md#loss-is-a-sum), always float32: 1e-8 underflows
-in half precision. Predictions and targets are (batch, time, neurons).
+"""The original's mouse-weighted Poisson loss (docs/original.md#training): a SUM over neurons and
+time (#loss-is-a-sum), always float32 (1e-8 underflows in half precision). Predictions and targets
+are (batch, time, neurons).
 """
 
 from __future__ import annotations
@@ -20,8 +15,7 @@ POISSON_EPS = 1e-8
 
 def poisson_nll(pred: jax.Array, target: jax.Array, eps: float = POISSON_EPS) -> jax.Array:
     """Elementwise Poisson negative log-likelihood without the constant term, float32."""
-    pred = pred.astype(jnp.float32)
-    target = target.astype(jnp.float32)
+    pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
     return pred - target * jnp.log(pred + eps)
 
 
@@ -46,8 +40,7 @@ def own_mouse_loss(preds: Sequence[jax.Array], targets: jax.Array, mouse: jax.Ar
     weights = jax.nn.one_hot(mouse, len(preds), dtype=jnp.float32)
     if sample_weight is not None:
         weights = weights * sample_weight[:, None].astype(jnp.float32)
-    per_mouse_targets = [targets[..., : pred.shape[-1]] for pred in preds]
-    return mice_poisson_loss(preds, per_mouse_targets, weights)
+    return mice_poisson_loss(preds, [targets[..., : p.shape[-1]] for p in preds], weights)
 
 
 def own_readout_loss(preds: jax.Array, targets: jax.Array, neuron_mask: jax.Array) -> jax.Array:

@@ -1,8 +1,6 @@
-"""Evaluation metrics as pure NumPy functions: correlations, FEVE, the Poisson loss.
-
-Trial arrays are ``(neurons, time)``, cut by the caller to the trial's valid length; training's
-val_corr adds windows' (frames, neurons) rows to ``PearsonSums``. Definitions:
-docs/original.md#metrics.
+"""Evaluation metrics as pure NumPy functions: correlations, FEVE, the Poisson loss
+(docs/original.md#metrics). Trial arrays are ``(neurons, time)``, cut by the caller to the
+trial's valid length; training's val_corr adds windows' (frames, neurons) rows to ``PearsonSums``.
 """
 
 from __future__ import annotations
@@ -96,10 +94,9 @@ class CorrelationScores:
 
 
 class StreamingCorrelation:
-    """The single-trial correlation of trials added one at a time: each trial cut ("baseline":
-    frames [skip:], the starter kit; "submission": [50 : min(L, 300) - 1], the winner's
-    out-of-fold evaluation, which keeps NaN), a mouse's trials concatenated along time, r per
-    neuron; from float64 ``PearsonSums`` per mouse (a real mouse's trials hold gigabytes)."""
+    """Per-neuron r of each mouse's trials, added one at a time and cut ("baseline": frames
+    [skip:], the starter kit; "submission": the winner's out-of-fold evaluation, which keeps
+    NaN), from float64 ``PearsonSums`` per mouse (a real mouse's trials hold gigabytes)."""
 
     def __init__(self, *, cut: Cut = "baseline", skip: int = SKIP_FRAMES,
                  nan_to_zero: bool = True):
@@ -191,27 +188,23 @@ def correlation_to_average(preds: Sequence[np.ndarray], responses: Sequence[np.n
     return pearson_per_neuron(pred, mean, -1, nan_to_zero=nan_to_zero)
 
 
-# The Sensorium evaluation scores FEVE only on neurons whose fraction of explainable variance,
-# (total - noise variance) / total, is at least 0.15; the others' FEVE is mostly noise.
-FEV_THRESHOLD = 0.15
+FEV_THRESHOLD = 0.15  # the least fraction of explainable variance FEVE scores (docs/prediction.md)
 
 
 def feve(preds: Sequence[np.ndarray], responses: Sequence[np.ndarray], *,
          fev_threshold: float = FEV_THRESHOLD) -> np.ndarray:
-    """(neurons,) fraction of explainable variance explained, neuralpredictors' form, each
-    (video, frame) one stimulus; shapes as ``correlation_to_average``, at least 2 repeats. NaN
-    for a neuron left out: explainable variance (total - noise variance) not positive (a silent
-    neuron, FEVE 0/0) or under `fev_threshold` of its total variance."""
+    """(neurons,) fraction of explainable variance explained (neuralpredictors' form, each
+    (video, frame) one stimulus; shapes as ``correlation_to_average``, 2+ repeats); NaN where
+    total - noise variance is not positive or under `fev_threshold` of the total."""
     pairs = _repeat_arrays(preds, responses)
     if min(r.shape[0] for _, r in pairs) < 2:
         raise ValueError("FEVE needs at least 2 repeats of every video")
     # Noise: the mean over (video, frame) of the variance across repeats; total: the variance
     # of all responses, each (video, frame, repeat) one sample; both ddof 1.
     noise = np.concatenate([r.var(0, ddof=1) for _, r in pairs], axis=-1).mean(-1)
-    total = np.concatenate([np.moveaxis(r, 0, -1).reshape(r.shape[1], -1) for _, r in pairs],
-                           axis=-1).var(-1, ddof=1)
-    mse = np.concatenate([np.moveaxis((r - p) ** 2, 0, -1).reshape(r.shape[1], -1)
-                          for p, r in pairs], axis=-1).mean(-1)
+    samples = lambda a: np.moveaxis(a, 0, -1).reshape(a.shape[1], -1)  # (neurons, samples)
+    total = np.concatenate([samples(r) for _, r in pairs], axis=-1).var(-1, ddof=1)
+    mse = np.concatenate([samples((r - p) ** 2) for p, r in pairs], axis=-1).mean(-1)
     explainable = total - noise
     kept = (explainable > 0) & (explainable >= fev_threshold * total)
     with np.errstate(divide="ignore", invalid="ignore"):

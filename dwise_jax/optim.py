@@ -20,14 +20,12 @@ def scaled_lr(lr_per_4_samples: float, batch_size: int) -> float:
 def lr_schedule(base_lr: float, min_lr: float, warmup_steps: int,
                 cosine_steps: int) -> optax.Schedule:
     """Warm-up from 0, then cosine to min_lr, both per iteration (jit-able)."""
-
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         warm = base_lr * step / max(warmup_steps, 1)
         j = jnp.clip(step - warmup_steps, 0, cosine_steps)
         cosine = min_lr + (base_lr - min_lr) * (1 + jnp.cos(jnp.pi * j / max(cosine_steps, 1))) / 2
         return jnp.where(step < warmup_steps, warm, cosine)
-
     return schedule
 
 
@@ -40,10 +38,8 @@ def adamw(schedule: optax.Schedule, weight_decay: float) -> optax.GradientTransf
 
 def ema_update(ema: Any, state: Any, decay: float) -> Any:
     """ema <- decay * ema + (1 - decay) * state on float leaves; other leaves take the state's."""
-
     def update(e, s):
         if not jnp.issubdtype(jnp.asarray(e).dtype, jnp.floating):
             return s
         return decay * e + (1.0 - decay) * s
-
     return jax.tree.map(update, ema, state)

@@ -3,9 +3,8 @@ submission, report.
 
 As the original, every fold model's EMA weights predict every trial of the split with windows at
 every anchor, mean-blended frame by frame, and the folds are averaged; with no `--experiment`
-every experiment of the workdir, and with several also their mean as the experiment `a,b`.
-Splits, outputs, scores and anchor strides: docs/prediction.md.
-"""
+every experiment of the workdir, with several also their mean, the experiment `a,b`.
+Splits, outputs, scores and anchor strides: docs/prediction.md."""
 
 from __future__ import annotations
 
@@ -56,11 +55,9 @@ class FoldModel:
 
 
 def load_fold_models(folders: dict[int, Path], mesh) -> list[FoldModel]:
-    models = []
-    for k, directory in folders.items():
-        model, spec, step = experiment.load_fold(directory, k)
-        models.append(FoldModel.of(model, mesh, k, directory, spec, step))
-    return models
+    loaded = {k: experiment.load_fold(directory, k) for k, directory in folders.items()}
+    return [FoldModel.of(model, mesh, k, folders[k], spec, step)
+            for k, (model, spec, step) in loaded.items()]
 
 
 def forward(model: FoldModel, frames, traces, readout_index: int):
@@ -149,7 +146,6 @@ def predict_split(workdir: str | Path, name: str, split: str, *, data_root: str 
     strides = (anchor_stride,)
     if report.is_scored(dataset, split) and anchor_stride == 1:  # from the same windows
         strides += tuple(s for s in stride_sweep if s != 1)
-
     total = sum(len(eval_windows.prediction_windows(mouse, trials, anchor_stride)) * len(ids)
                 for mouse, ids, trials in plan)
     progress = None

@@ -1,7 +1,6 @@
 """What `train` and `predict` are about to do, printed before they start: devices, parameter
 count, steps or windows, folds, and the time per step measured on the first steps. It never
-refuses a run: on a CPU with a model far larger than the demo's it names `configs/demo.py`.
-"""
+refuses a run: on a CPU with a model far larger than the demo's it names `configs/demo.py`."""
 
 from __future__ import annotations
 
@@ -11,9 +10,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-# Above this many parameters a model is "much larger than the demo's" (configs/demo.py: 68,978
-# on a 3-mouse, 12-neuron simulated set, more with more neurons; true_batch about 170 million).
-CPU_HINT_PARAMS = 10_000_000
+CPU_HINT_PARAMS = 10_000_000  # "much larger than the demo's" (docs/training.md)
 
 
 def devices_text() -> str:
@@ -38,11 +35,9 @@ def duration(seconds: float) -> str:
 def train_lines(*, fold: int, params: int, steps: int, done: int, epochs: int,
                 backend: str | None = None) -> list[str]:
     """The lines printed before a fold's first step (`backend`: default JAX's)."""
-    lines = [
-        f"fold {fold}: {devices_text()}; model {params:,} parameters",
-        f"fold {fold}: {steps} steps per fold ({epochs} epochs), {steps - done} to go; "
-        "the time per step is measured on the first steps",
-    ]
+    lines = [f"fold {fold}: {devices_text()}; model {params:,} parameters",
+             f"fold {fold}: {steps} steps per fold ({epochs} epochs), {steps - done} to go; "
+             "the time per step is measured on the first steps"]
     if (backend or jax.default_backend()) == "cpu" and params > CPU_HINT_PARAMS:
         lines.append(
             f"fold {fold}: note: this model is far larger than configs/demo.py's, the run "
@@ -61,13 +56,13 @@ def step_time_line(fold: int, first_s: float, step_s: float | None, steps_left: 
 
 
 class EstimatingBar(tqdm):
-    """tqdm that writes one line once its first three updates are timed: the first (with the
-    compilation), then the rate and the estimated time left."""
+    """tqdm of windows that writes one line once its first three updates are timed: the first
+    (with the compilation), then the rate and the estimated time left."""
 
-    def __init__(self, *args, label: str, unit: str = "window", **kwargs):
-        super().__init__(*args, unit=unit, **kwargs)
+    def __init__(self, *args, label: str, **kwargs):
+        super().__init__(*args, unit="window", **kwargs)
         self._label, self._started, self._marks = label, time.perf_counter(), []
-        self._count, self._unit, self._total = 0, unit, kwargs.get("total")
+        self._count, self._total = 0, kwargs.get("total")
 
     def update(self, n: float = 1) -> bool | None:
         shown = super().update(n)
@@ -79,6 +74,6 @@ class EstimatingBar(tqdm):
                 rate = (n3 - n1) / max(t3 - t1, 1e-9)
                 left = (self._total - self._count) / rate if self._total and rate else 0.0
                 self.write(f"{self._label}: first batch {duration(t1 - self._started)} "
-                           f"(compilation included), then {rate:.1f} {self._unit}s/s: about "
+                           f"(compilation included), then {rate:.1f} windows/s: about "
                            f"{duration(left)} left")
         return shown

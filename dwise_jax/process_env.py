@@ -1,9 +1,6 @@
-"""Process-level settings that XLA:CPU and glibc read only when a process starts.
-
-The entry points call `reexec_with_cpu_settings` first: without the XLA flag and the glibc
-huge-page tunable (much cheaper CPU steps), the process replaces itself with one that has them
-(docs/design.md#process-settings-for-xlacpu). `DWISE_JAX_NO_REEXEC=1` opts out.
-"""
+"""Process settings that XLA:CPU and glibc read only at start: the entry points call
+`reexec_with_cpu_settings` first, which re-executes the process with them
+(docs/design.md#process-settings-for-xlacpu). `DWISE_JAX_NO_REEXEC=1` opts out."""
 
 from __future__ import annotations
 

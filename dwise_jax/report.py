@@ -1,10 +1,7 @@
-"""Scoring a split's predictions and its report: report.md, scores.json and PNG plots.
-
-The score is the competition's single-trial correlation (docs/original.md#metrics) of the raw
-predictions against the labeled trials' responses (`folds`) or, on a simulated dataset's test
-splits, the responses its simulator kept aside, beside the noise ceiling, and the starter kit's
-Poisson loss. Where the scored trials show a video more than once (the oracle repeats of
-`folds`), also the correlation to the average over repeats and FEVE. See docs/prediction.md.
+"""Scoring a split's predictions and its report (report.md, scores.json, PNG plots): the
+competition's single-trial correlation of the raw predictions against the labeled responses
+(`folds`) or a simulated root's kept-aside test responses, the noise ceiling, the starter kit's
+Poisson loss and, for repeated videos, the correlation to average and FEVE (docs/prediction.md).
 """
 
 from __future__ import annotations
@@ -32,12 +29,9 @@ def is_scored(dataset: SensoriumDataset, split: str) -> bool:
 
 def load_target(dataset: SensoriumDataset, split: str, mouse: Mouse, trial: int) -> np.ndarray:
     """(neurons, L) float32 responses the split's predictions are scored against."""
-    length = int(mouse.lengths[trial])
-    if split in TEST_TIERS:
-        responses = synthetic.load_truth(dataset.root, mouse.name, trial)
-    else:
-        responses = mouse.load("responses", trial)
-    return np.asarray(responses[:, :length], np.float32)
+    responses = (synthetic.load_truth(dataset.root, mouse.name, trial) if split in TEST_TIERS
+                 else mouse.load("responses", trial))
+    return np.asarray(responses[:, :int(mouse.lengths[trial])], np.float32)
 
 
 @dataclasses.dataclass
@@ -77,10 +71,9 @@ class SplitScores:
 
 
 def repeat_scores(preds: list[np.ndarray], responses: list[np.ndarray]) -> dict:
-    """Means over neurons of the correlation to the average over repeats and of FEVE, per-video
-    (repeats, neurons, time) arrays; FEVE over the neurons that `metrics.feve` keeps (a fraction
-    of explainable variance of at least `metrics.FEV_THRESHOLD`: `feve_neurons` of them; None
-    if none)."""
+    """Means over neurons of the correlation to the average over repeats and of FEVE (over the
+    `feve_neurons` that `metrics.feve` keeps; None if none), of per-video (repeats, neurons,
+    time) arrays."""
     explained = metrics.feve(preds, responses)
     keep = ~np.isnan(explained)
     return {"correlation_to_average": float(np.mean(metrics.correlation_to_average(
@@ -90,11 +83,9 @@ def repeat_scores(preds: list[np.ndarray], responses: list[np.ndarray]) -> dict:
 
 
 class SplitScorer:
-    """Scores trials as they are predicted; keeps one example trial per mouse for the plots.
-
-    The trials of videos shown more than once are kept until their mouse's trials end (the
-    next mouse, or `summary`), so memory holds one mouse's repeats (the real data's oracle
-    trials: about 1 GB at 8,000 neurons)."""
+    """Scores trials as they are predicted; keeps one example trial per mouse for the plots, and
+    the trials of repeated videos until their mouse's trials end (the next mouse, or `summary`):
+    memory holds one mouse's repeats."""
 
     def __init__(self, dataset: SensoriumDataset, split: str):
         self.dataset, self.split = dataset, split
@@ -311,9 +302,8 @@ def write_report(directory: str | Path, scores: SplitScores, examples: dict,
         lines += markdown_table([["mouse", "videos", "trials", "correlation to average", "FEVE"]]
                                 + [[short, r["videos"], r["trials"],
                                     f"{r['correlation_to_average']:.4f}", _feve(r)]
-                                   for (m, r), short in zip(scores.repeats.items(),
-                                                            _short(list(scores.repeats)),
-                                                            strict=True)])
+                                   for r, short in zip(scores.repeats.values(),
+                                                       _short(list(scores.repeats)), strict=True)])
     _plot_correlations(scores, directory / "correlations.png")
     _plot_traces(scores, examples, directory / "traces.png")
     lines += ["", "## Per-neuron correlations", "", "![per-neuron correlations](correlations.png)",

@@ -1,9 +1,6 @@
 """Data parallelism: a 1-D device mesh, batches sharded on its `data` axis, parameters replicated.
-
-`jax.jit` over a `jax.make_mesh` mesh with `NamedSharding`s (not the legacy `jax.pmap`); XLA
-inserts the all-reduces. Several processes: `initialize_distributed` first, then each reads its
-own rows of every batch (docs/design.md#several-devices-and-hosts).
-"""
+Several processes: `initialize_distributed` first, then each reads its own rows of every batch
+(docs/design.md#several-devices-and-hosts)."""
 
 from __future__ import annotations
 

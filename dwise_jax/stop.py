@@ -1,7 +1,6 @@
 """Stop requests (SIGTERM, Ctrl-C) for training: immediate before a fold's first step is done,
 graceful after it. A watcher thread reads the signals from a wake-up pipe, so a stop does not
-wait for XLA's compilation of the first step (docs/design.md#stop-requests).
-"""
+wait for XLA's compilation of the first step (docs/design.md#stop-requests)."""
 
 from __future__ import annotations
 
@@ -37,8 +36,8 @@ def step_done() -> None:
     _state["step_done"] = True
 
 
-def request(signum: int = signal.SIGTERM) -> None:
-    """What a stop signal does (the watcher thread calls it; tests may too)."""
+def request(signum: int) -> None:
+    """What a stop signal does (the watcher thread calls it)."""
     if _state["step_done"] and not _state["requested"]:
         _state["requested"] = True
         return

@@ -1,9 +1,7 @@
-"""Competition submission files, exactly as the Sensorium 2023 servers take them.
-
-One brotli parquet file per test split, a row per trial of the submitted mice (mouse, trial id
-ascending): the prediction times the organisers' precision, cut to frames [50 : min(L, 300) - 1]
-(docs/original.md#submission). Files are written under a temporary name and renamed.
-"""
+"""Competition submission files, exactly as the Sensorium 2023 servers take them: one brotli
+parquet file per test split, a row per trial of the submitted mice (mouse, trial id ascending),
+the prediction times the organisers' precision, cut to frames [50 : min(L, 300) - 1]
+(docs/original.md#submission). Files are written under a temporary name and renamed."""
 
 from __future__ import annotations
 
@@ -39,8 +37,7 @@ def precision(std: np.ndarray) -> np.ndarray:
 def trial_prediction(prediction: np.ndarray, trial_precision: np.ndarray) -> np.ndarray:
     """One trial's submitted array: (neurons, L) * precision[:, :L], then the submission cut."""
     length = prediction.shape[-1]
-    normalised = np.asarray(prediction, np.float32) * trial_precision[:, :length]
-    return cut_frames(normalised, length)
+    return cut_frames(np.asarray(prediction, np.float32) * trial_precision[:, :length], length)
 
 
 def _schema():

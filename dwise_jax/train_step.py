@@ -1,7 +1,6 @@
 """The jit-compiled train and eval steps, and the train state they carry: a pytree of dicts
-{step, params, batch_stats, opt_state, ema} that Orbax saves as it is. The state layout, the
-readouts a step runs, the frozen teacher and data parallelism: docs/design.md#the-train-step.
-"""
+{step, params, batch_stats, opt_state, ema} that Orbax saves as it is
+(docs/design.md#the-train-step)."""
 
 from __future__ import annotations
 
@@ -22,20 +21,12 @@ TrainState = dict[str, Any]
 
 
 class Trainer:
-    """Builds the initial state and the jitted steps of one model.
-
-    Args:
-      model: a fresh DwiseNeuro (built with `nnx.Rngs(params=..., dropout=...)`).
-      tx: the optax optimiser (dwise_jax.optim.adamw with the schedule).
-      iter_size: the original's gradient accumulation: the batch split into this many chunks,
-        gradients averaged, BatchNorm statistics updated chunk after chunk.
-      seed: dropout keys derive from (seed, step, chunk).
-      readouts: without a teacher, "needed" (each sample's own readout) or "all" (every
-        readout, the others masked out of the loss): the same loss and gradients.
-      teacher: for distillation, the teacher model; its weights go to `train_step` as
-        `teacher_weights` (`self.teacher_weights`).
-      distill_ratio: the teacher's share of the loss weight (the original: 0.36).
-    """
+    """The initial state and the steps of a fresh DwiseNeuro (`nnx.Rngs(params=..., dropout=...)`)
+    with the optax `tx`. `iter_size`: the original's gradient accumulation (chunks, gradients
+    averaged, BatchNorm statistics updated chunk after chunk); dropout keys derive from (seed,
+    step, chunk); `readouts` without a teacher: "needed" (own readout) or "all" (the others
+    masked out), the same loss and gradients; `teacher` for distillation, its weights passed to
+    `train_step` (`self.teacher_weights`), `distill_ratio` its share of the loss weight."""
 
     def __init__(self, model: nnx.Module, tx: optax.GradientTransformation, *,
                  ema_decay: float, iter_size: int = 1, seed: int = 0, readouts: str = "needed",
@@ -47,7 +38,6 @@ class Trainer:
         self.iter_size = iter_size
         self.seed = seed
         self.readouts = readouts
-        self.num_readouts = len(model.readouts)
         self.distill_ratio = distill_ratio
         model.train()
         self.train_def, params, batch_stats, rng_state = nnx.split(
@@ -86,8 +76,6 @@ class Trainer:
             "opt_state": self.tx.init(params),
             "ema": {"params": copy(params), "batch_stats": copy(batch_stats)},
         }
-
-    # ------------------------------------------------------------------------------ train
 
     def _loss(self, params, batch_stats, data, key, teacher_preds):
         model = nnx.merge(self.train_def, params, batch_stats, self.rng_state)
@@ -151,8 +139,6 @@ class Trainer:
         new_state = {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats,
                      "opt_state": opt_state, "ema": ema}
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-    # ------------------------------------------------------------------------------- eval
 
     def eval_step(self, weights: Mapping[str, Any], batch: Batch) -> dict[str, jax.Array]:
         """Eval-mode predictions of each sample's own readout with `weights` ({"params",

@@ -73,12 +73,21 @@ def pytest_sessionfinish(session, exitstatus):
 HANG_TIMEOUT_S = 1800
 
 
+class _Arrays(dict):
+    """An npz file's arrays, all read at once: no zip handle shared by tests and threads."""
+
+    @property
+    def files(self) -> list[str]:
+        return list(self)
+
+
 def _load_fixture(name: str):
     path = FIXTURES / name
     if not path.exists():
         pytest.fail(f"fixture {path} is missing: it ships with the repository (tests/fixtures)")
-    f = np.load(path, allow_pickle=False)
-    return f, json.loads(str(f["meta"]))
+    with np.load(path, allow_pickle=False) as f:
+        arrays = _Arrays((key, f[key]) for key in f.files)
+    return arrays, json.loads(str(arrays["meta"]))
 
 
 @pytest.fixture(scope="session")
@@ -169,6 +178,12 @@ def checkpoint_leaves(tree, prefix=""):
             yield from checkpoint_leaves(v, f"{prefix}/{i}")
     else:
         yield prefix, np.asarray(tree)
+
+
+def best_step(directory) -> int | None:
+    """The kept step with the best validation correlation, or None if none was validated."""
+    with checkpoint.FoldCheckpoints(directory, create=False) as reader:
+        return reader.manager.best_step()
 
 
 FOLD = 2

@@ -7,7 +7,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import model_kwargs
+from conftest import best_step, model_kwargs
 
 from dwise_jax import atomic, checkpoint
 
@@ -78,7 +78,7 @@ def test_one_manager_keeps_the_latest_two_and_the_best_step(tmp_path):
     # Latest two, plus the best validated step so far (by hand from `corrs`).
     assert kept[1] == [1] and kept[2] == [1, 2] and kept[3] == [2, 3]
     assert kept[4] == [2, 3, 4] and kept[5] == [2, 4, 5] and kept[7] == [2, 6, 7]
-    assert checkpoint.best_step(tmp_path) == 2 and checkpoint.latest_step(tmp_path) == 7
+    assert best_step(tmp_path) == 2 and checkpoint.latest_step(tmp_path) == 7
     assert checkpoint.all_steps(tmp_path) == [7, 6, 2]
     _, items = checkpoint.restore(tmp_path, step=2)
     np.testing.assert_array_equal(items["ema"]["w"], [2, 2])

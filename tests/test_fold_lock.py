@@ -26,6 +26,7 @@ from conftest import (
     REFERENCE_EXTRA,
     Child,
     assert_bit_identical,
+    best_step,
     call_command,
     command_env,
     link_copy,
@@ -265,7 +266,7 @@ def test_a_second_training_of_the_same_fold_is_refused_and_changes_nothing(
     assert_bit_identical(a, b)
     assert sorted(os.listdir(fold / "checkpoints")) == sorted(
         os.listdir(alone_fold / "checkpoints"))
-    assert checkpoint.best_step(fold) == checkpoint.best_step(alone_fold)
+    assert best_step(fold) == best_step(alone_fold)
     assert without_timing(records(fold / "metrics.jsonl")) == without_timing(
         records(alone_fold / "metrics.jsonl"))
     events = sorted((fold / "tensorboard").iterdir())

@@ -19,6 +19,7 @@ from conftest import (
     HANG_TIMEOUT_S,
     REPO,
     TINY,
+    best_step,
     checkpoint_leaves,
     command_env,
     model_kwargs,
@@ -43,7 +44,7 @@ def test_tiny_training_writes_everything(sim_root, tmp_path):
     assert np.isfinite(scores[1])
     for name in ("config.json", "model.json", "metrics.jsonl", "curves.png"):
         assert (fold / name).is_file(), name
-    assert checkpoint.latest_step(fold) == 9 and checkpoint.best_step(fold) is not None
+    assert checkpoint.latest_step(fold) == 9 and best_step(fold) is not None
     assert any((fold / "tensorboard").iterdir())
     records = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
     val_steps = [r["step"] for r in records if r["kind"] == "val"]

@@ -1,9 +1,7 @@
 """`python -m dwise_jax.data.download --root DIR`: fetch and unpack the real Sensorium 2023 data
 (ten mice, 148 GB; docs/data.md#downloading-the-real-data), one zip per mouse holding `<mouse>/`.
-
 A mouse folder is skipped once present; a download resumes from `<mouse>.zip.part`, and only a
-verified file becomes `<mouse>.zip`, so the final names only ever hold complete data. Only the
-hosts of the archive URLs are contacted unless `--allow_host` names another.
+verified file becomes `<mouse>.zip`. Only the archive URLs' hosts (and `--allow_host`) are asked.
 """
 
 from __future__ import annotations
@@ -86,7 +84,6 @@ def load_manifest(path: str | os.PathLike) -> list[Archive]:
 
 def check_archive(archive: Archive) -> None:
     """Refuses an entry whose mouse is not a folder name, or whose URL or checksums are odd."""
-    # The mouse name becomes a path: only the real naming pattern is accepted.
     if not sensorium.MOUSE_NAME_PATTERN.fullmatch(str(archive.mouse)):
         raise DownloadError(f"{archive.mouse!r}: not a mouse folder name "
                             "(dynamic<digits>-<digits>-<digits>-Video-<32 hex digits>)")
@@ -110,11 +107,9 @@ def file_digests(path: Path, names: set[str]) -> dict[str, str]:
 
 def _members(zf: zipfile.ZipFile, mouse: str,
              where: Path) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
-    """The members to extract, as (info, path parts); refuses the whole archive if one is unsafe.
-
-    Checked like tarfile's "data" filter: no absolute or drive paths, no `..`, no backslashes,
-    no links or special files, nothing outside `<mouse>/` (macOS `__MACOSX/` litter is skipped).
-    """
+    """The members to extract, as (info, path parts), checked like tarfile's "data" filter: one
+    absolute or drive path, `..`, backslash, link, special file or member outside `<mouse>/`
+    refuses the whole archive (macOS `__MACOSX/` litter is skipped)."""
     keep = []
     for info in zf.infolist():
         name = info.filename

@@ -24,23 +24,16 @@ from dwise_jax.data.window_reader import (
 
 def validation_windows(dataset: SensoriumDataset, fold: int) -> np.ndarray:
     """(windows, 3) int64 rows (mouse index, trial id, anchor) of the validation fold."""
-    rows = []
-    for mouse in dataset.mice:
-        trial_fold = folds.trial_folds(mouse)
-        for trial in np.flatnonzero(trial_fold == fold):
-            if not mouse.is_labeled(int(trial)):
-                continue
-            for anchor in windows.validation_anchors(int(mouse.lengths[trial])):
-                rows.append((mouse.index, int(trial), int(anchor)))
+    rows = [(mouse.index, int(t), int(a)) for mouse in dataset.mice
+            for t in np.flatnonzero(folds.trial_folds(mouse) == fold) if mouse.is_labeled(int(t))
+            for a in windows.validation_anchors(int(mouse.lengths[t]))]
     return np.array(rows, np.int64).reshape(-1, 3)
 
 
 def prediction_windows(mouse: Mouse, trials: Iterable[int],
                        stride: int | Sequence[int] = 1) -> np.ndarray:
-    """(windows, 3) int64 rows (mouse index, trial id, anchor): every anchor of each trial.
-
-    With several strides, the union of their anchors (one pass feeds a `WindowBlender` each).
-    """
+    """(windows, 3) int64 rows (mouse index, trial id, anchor): every anchor of each trial; with
+    several strides, the union of their anchors (one pass feeds a `WindowBlender` each)."""
     strides = [int(stride)] if np.ndim(stride) == 0 else [int(s) for s in stride]
     rows = [(mouse.index, int(t), int(a)) for t in trials for a in np.unique(np.concatenate(
         [windows.prediction_anchors(int(mouse.lengths[t]), s) for s in strides]))]
@@ -106,10 +99,8 @@ def prediction_batches(mouse: Mouse, trials: Iterable[int], batch_size: int = 32
                        stride: int | Sequence[int] = 1, shard_index: int = 0,
                        shard_count: int = 1, read_threads: int = 2,
                        read_buffer: int = 2) -> grain.IterDataset:
-    """Prediction batches of one mouse's trials (docs/data.md); labels are not read.
-
-    `stride`: one anchor stride or several (the union of their windows, `prediction_windows`).
-    """
+    """Prediction batches of one mouse's trials (docs/data.md); labels are not read. `stride`:
+    one anchor stride or several (the union of their windows, `prediction_windows`)."""
     return _batches([mouse], prediction_windows(mouse, trials, stride), False, batch_size,
                     shard_index, shard_count, read_threads, read_buffer)
 
@@ -143,6 +134,3 @@ class WindowBlender:
     def result(self, trial: int) -> np.ndarray:
         """(N, L) float32: each frame's mean over the windows covering it (0 if none)."""
         return (self.sums[trial] / np.maximum(self.counts[trial], 1)).astype(np.float32)
-
-    def results(self) -> dict[int, np.ndarray]:
-        return {t: self.result(t) for t in self.sums}

@@ -1,15 +1,14 @@
-"""The seven cross-validation folds, grouped by a perceptual hash of each trial's video.
-
-The hash must match the original bit for bit (docs/original.md#folds, #fold-hash-is-bit-exact),
-or folds reshuffle. Each mouse's hashes are cached in the user's cache folder, never in the
-dataset. A mouse is any object with `name`, `path`, `tiers`, `is_real_old`, `labeled_tiers`
-and `load` (and `is_labeled` for `labeled_trials`).
+"""The seven cross-validation folds, grouped by a perceptual hash of each trial's video, bit for
+bit the original's (docs/original.md#folds). Each mouse's hashes are cached in the user's cache
+folder, never in the dataset. A mouse is any object with `name`, `path`, `tiers`, `is_real_old`,
+`labeled_tiers` and `load` (and `is_labeled` for `labeled_trials`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Collection, Iterable
@@ -34,8 +33,7 @@ VideoLoader = Callable[[int], np.ndarray]
 def frame_phash(frame: np.ndarray) -> int:
     """imagehash.phash of a (height, width) frame of floats in 0..255, as the original: an int,
     bits read row-major, most significant first."""
-    # astype truncates (not rounds) like the original; a pixel sitting on an integer can
-    # therefore flip under tiny noise, which is why only exact copies are guaranteed to match.
+    # astype truncates (not rounds) like the original: only exact copies are sure to match.
     pixels = np.ascontiguousarray(np.asarray(frame).astype(np.uint8))
     bits = imagehash.phash(Image.fromarray(pixels)).hash
     return int.from_bytes(np.packbits(bits.ravel()).tobytes(), "big")
@@ -66,9 +64,7 @@ def video_hash(video: np.ndarray) -> int:
 def tiers_with_folds(is_real_old: bool, labeled_tiers: Collection[str]) -> frozenset[str]:
     """The tiers whose trials get a fold: for the five real old mice every labeled tier but
     ``none``; for every other mouse (new, simulated) ``train`` and ``oracle``."""
-    if is_real_old:
-        return frozenset(labeled_tiers) - {"none"}
-    return frozenset({"train", "oracle"})
+    return frozenset(labeled_tiers) - {"none"} if is_real_old else frozenset({"train", "oracle"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,16 +76,16 @@ class FoldAssignment:
     hashes: np.ndarray
     folds: np.ndarray
 
-    @property
-    def tiers_after_folds(self) -> np.ndarray:
-        """(trials,) str: ``fold_<k>`` for trials with a fold, the other tiers unchanged."""
-        return np.where(self.folds >= 0, np.char.add("fold_", self.folds.astype(str)), self.tiers)
 
-
-def _assign(tiers: np.ndarray, load_video: VideoLoader, folded_tiers: Collection[str],
-            hashes: np.ndarray, hashed: np.ndarray) -> FoldAssignment:
-    """Hashes the trials of `folded_tiers` not yet `hashed` (both arrays updated in place)."""
+def assign_folds(tiers: np.ndarray, load_video: VideoLoader, folded_tiers: Collection[str],
+                 hashes: np.ndarray | None = None, hashed: np.ndarray | None = None,
+                 ) -> FoldAssignment:
+    """Hash the videos of the trials in ``folded_tiers`` not yet ``hashed`` (default: none; both
+    (trials,) arrays updated in place) and give each its fold; ``tiers`` (trials,) str,
+    ``load_video``: trial id -> (36, 64, T) video."""
     tiers = np.asarray(tiers).astype(str)
+    hashes = np.zeros(len(tiers), np.uint64) if hashes is None else hashes
+    hashed = np.zeros(len(tiers), bool) if hashed is None else hashed
     needs = np.isin(tiers, sorted(folded_tiers))
     for trial in np.flatnonzero(needs & ~hashed):
         hashes[trial] = np.uint64(video_hash(load_video(int(trial))))
@@ -98,14 +94,6 @@ def _assign(tiers: np.ndarray, load_video: VideoLoader, folded_tiers: Collection
     # uint64 % 7 stays exact in uint64 arithmetic (no float or int64 on the way).
     folds[needs] = (hashes[needs] % np.uint64(NUM_FOLDS)).astype(np.int8)
     return FoldAssignment(tiers, np.where(needs, hashes, np.uint64(0)), folds)
-
-
-def assign_folds(tiers: np.ndarray, load_video: VideoLoader,
-                 folded_tiers: Collection[str]) -> FoldAssignment:
-    """Hash the videos of the trials in ``folded_tiers`` and give each its fold; ``tiers``
-    (trials,) str, ``load_video``: trial id -> (36, 64, T) video."""
-    n = len(tiers)
-    return _assign(tiers, load_video, folded_tiers, np.zeros(n, np.uint64), np.zeros(n, bool))
 
 
 # Folds per (mouse folder, tiers.npy size and mtime, fold tiers): computed once per run.
@@ -138,10 +126,7 @@ def mouse_folds(mouse: Any) -> FoldAssignment:
     old mice's test labels are downloaded)."""
     tiers = np.asarray(mouse.tiers).astype(str)
     folded_tiers = tiers_with_folds(bool(mouse.is_real_old), mouse.labeled_tiers)
-
-    def load_video(trial: int) -> np.ndarray:
-        return mouse.load("videos", trial)
-
+    load_video = functools.partial(mouse.load, "videos")
     try:
         st = (Path(mouse.path) / "meta" / "trials" / "tiers.npy").stat()
     except (OSError, TypeError):  # not on disk (TypeError: path None): no cache to key
@@ -152,7 +137,7 @@ def mouse_folds(mouse: Any) -> FoldAssignment:
         cache_path = cache_file(mouse)
         hashes, hashed = _read_cache(cache_path, stamp, len(tiers))
         known = int(hashed.sum())
-        result = _assign(tiers, load_video, folded_tiers, hashes, hashed)
+        result = assign_folds(tiers, load_video, folded_tiers, hashes, hashed)
         if hashed.sum() > known:
             # Atomic, readable by others (a shared cache folder); an unwritable one is skipped.
             with contextlib.suppress(OSError), atomic.atomic_path(cache_path, ".npz") as tmp:
@@ -190,8 +175,7 @@ def fold_balance(mice: Iterable[Any]) -> dict[str, np.ndarray]:
 
 def format_fold_balance(balance: dict[str, np.ndarray]) -> str:
     """A plain-text table of ``fold_balance`` (one row per mouse and a total row)."""
-    rows = [(name, counts) for name, counts in balance.items()]
-    rows.append(("total", sum(balance.values(), np.zeros(NUM_FOLDS, np.int64))))
+    rows = [*balance.items(), ("total", sum(balance.values(), np.zeros(NUM_FOLDS, np.int64)))]
     lines = ["mouse".ljust(24) + "".join(f"{f'fold_{k}':>8}" for k in range(NUM_FOLDS))]
     lines += [name[:23].ljust(24) + "".join(f"{int(c):>8}" for c in counts)
               for name, counts in rows]

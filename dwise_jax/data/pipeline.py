@@ -1,8 +1,7 @@
-"""Grain streams of model batches: the training stream (with CutMix) and its resumable state.
+"""The training stream of model batches (with CutMix) and its resumable state.
 
-Streams ship compact host arrays; `device_inputs` builds the original's model input on the
-device. Batch format and sampling: docs/data.md#windows-and-batches. Windows are read by
-`window_reader.py`; validation and prediction live in `eval_windows.py`.
+Streams ship compact host arrays; `device_inputs` builds the model input on the device. Batch
+format and sampling: docs/data.md#windows-and-batches; validation and prediction: `eval_windows`.
 """
 
 from __future__ import annotations
@@ -46,9 +45,6 @@ class SampleDraw:
     partner_anchor: int
 
 
-# --------------------------------------------------------------------------- training samples
-
-
 def training_trials(mouse: Mouse, fold: int | None) -> np.ndarray:
     """Trial ids of a mouse's training folds (fold != `fold`, with a fold), long enough."""
     trial_fold = folds.trial_folds(mouse)
@@ -77,12 +73,8 @@ def build_sample(mouse: Mouse, draw: SampleDraw, num_neurons: int,
 
 
 class TrainSamples:
-    """The training stream's samples: a pure function of (seed, epoch, position).
-
-    Picklable (Grain's workers receive it); holds only small per-mouse tables and the few
-    settings of `config` (the experiment config: seed, data.batch_size, data.train_epoch_size,
-    data.cutmix_*) that fix the samples.
-    """
+    """The training stream's samples: a pure function of (seed, epoch, position). Picklable
+    (Grain's workers receive it): small per-mouse tables and the settings that fix the samples."""
 
     def __init__(self, mice: list[Mouse], config: Any, fold: int | None, shard_index: int = 0,
                  shard_count: int = 1):
@@ -142,20 +134,9 @@ class TrainSamples:
         return build_sample(self.mice[draw.mouse], draw, self.num_neurons, self.arrays)
 
 
-# --------------------------------------------------------------------------- the stream
-
-
-def _as_dataset(dataset: SensoriumDataset | str | os.PathLike) -> SensoriumDataset:
-    return dataset if isinstance(dataset, SensoriumDataset) else SensoriumDataset.open(dataset)
-
-
 class TrainStream:
-    """Training batches (docs/data.md#windows-and-batches) with a resumable state.
-
-    `get_state()` (a JSON-serialisable dict: batches consumed and what fixes their content, not
-    workers, threads or shards) is saved with the model; `set_state` on a fresh stream continues
-    exactly there. Close it (or use it as a context manager) to stop the worker processes.
-    """
+    """Training batches with a resumable state: `set_state(get_state())` on a fresh stream
+    continues exactly there. Close it (or use it as a context manager) to stop the workers."""
 
     def __init__(self, dataset: SensoriumDataset | str | os.PathLike, config: Any, *,
                  fold: int | None, num_epochs: int | None = None, shard_index: int = 0,
@@ -169,7 +150,8 @@ class TrainStream:
                              "shards")
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard index {shard_index} not in 0..{shard_count - 1}")
-        self.dataset = _as_dataset(dataset)
+        self.dataset = (dataset if isinstance(dataset, SensoriumDataset)
+                        else SensoriumDataset.open(dataset))
         self.samples = TrainSamples(self.dataset.mice, config, fold, shard_index, shard_count)
         self.steps_per_epoch = self.samples.steps_per_epoch
         self.num_batches = (_ENDLESS_BATCHES if num_epochs is None
@@ -179,9 +161,8 @@ class TrainStream:
         self._workers = grain.MultiprocessingOptions(
             num_workers=d.num_workers, per_worker_buffer_size=d.prefetch_buffer_size)
         local = self.samples.local_batch_size
-        self._batches = (grain.MapDataset.range(self.num_batches * local)
-                         .map(self.samples)
-                         .batch(local, drop_remainder=True))
+        self._batches = grain.MapDataset.range(self.num_batches * local).map(self.samples).batch(
+            local, drop_remainder=True)
         self._next = 0
         self._iterator: Any = None
 
@@ -239,11 +220,9 @@ class TrainStream:
 
     def close(self) -> None:
         """Stops the worker processes (idempotent); the next batch restarts them."""
-        if self._iterator is not None:
-            iterator, self._iterator = self._iterator, None
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+        iterator, self._iterator = self._iterator, None
+        if hasattr(iterator, "close"):
+            iterator.close()
 
     def __enter__(self) -> TrainStream:
         return self
@@ -262,9 +241,6 @@ def decode_state(encoded: np.ndarray | str | bytes) -> dict[str, Any]:
     if isinstance(encoded, np.ndarray):
         encoded = np.asarray(encoded, np.uint8).tobytes()
     return json.loads(encoded)
-
-
-# --------------------------------------------------------------------------- on the device
 
 
 def device_inputs(batch: Mapping[str, jax.Array | np.ndarray]) -> jax.Array:

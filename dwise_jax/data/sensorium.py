@@ -67,8 +67,7 @@ def load_npy(path: Path, ndim: int | None = None, what: str = "") -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        if isinstance(err, ValueError) and ("object" in str(err).lower()
-                                            or "pickle" in str(err).lower()):
+        if isinstance(err, ValueError) and re.search("object|pickle", str(err), re.IGNORECASE):
             raise DatasetError(f"{path}: holds a pickled object array") from None
         raise DatasetError(f"{path}: is not a readable .npy file ({err})") from None
     if ndim is not None and array.ndim != ndim:
@@ -112,18 +111,15 @@ class Trial:
 
 @dataclass(eq=False)
 class Mouse:
-    """One mouse folder: meta data in memory, trial arrays memory-mapped on demand.
-
-    `index` is the readout index; `tiers` (trials,) and `unit_ids` (neurons,) come from meta/;
-    `is_real_old`: one of the five real old mice (not submitted); `lengths` (trials,): first
-    NaN of responses row 0 when the trial is labeled, else of behavior row 0.
-    """
+    """One mouse folder: meta data in memory, trial arrays memory-mapped on demand. `index`: the
+    readout index; `is_real_old`: one of the five real old mice (not submitted); `lengths`
+    (trials,): first NaN of responses row 0 when the trial is labeled, else of behavior row 0."""
 
     name: str
     index: int
     path: Path
-    tiers: np.ndarray = field(repr=False)
-    unit_ids: np.ndarray = field(repr=False)
+    tiers: np.ndarray = field(repr=False)  # (trials,) from meta/trials/tiers.npy
+    unit_ids: np.ndarray = field(repr=False)  # (neurons,) from meta/neurons/unit_ids.npy
     cell_coordinates: np.ndarray = field(repr=False)  # (neurons, 3) um, unused by the model
     is_real_old: bool
     labeled_tiers: frozenset[str]

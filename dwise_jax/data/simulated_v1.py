@@ -1,7 +1,4 @@
-"""The simulated V1 behind `dwise_jax.data.synthetic`: videos, behaviour, neurons, responses.
-
-The model (videos, behaviour, receptive fields, gain, noise) is described in
-docs/data.md#the-simulated-v1.
+"""The simulated V1 behind `dwise_jax.data.synthetic` (model: docs/data.md#the-simulated-v1).
 
 Every draw comes from `random_stream(seed, purpose, ...)`, so the order in which clips, mice
 and trials are generated never changes a value.
@@ -67,40 +64,39 @@ def _pink_scene(rng: np.random.Generator, n: int) -> np.ndarray:
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
-def _natural_video(rng: np.random.Generator, length: int) -> np.ndarray:
+def _scenes(rng: np.random.Generator, length: int, scene) -> np.ndarray:
+    """(length, H, W) float32 of `scene(rng, n)` segments, a scene cut every 1 to 3 s."""
     out, t = np.empty((length, H, W), np.float32), 0
     while t < length:
-        n = min(length - t, int(rng.integers(30, 91)))  # a scene cut every 1 to 3 s
-        out[t:t + n] = rng.uniform(90, 160) + rng.uniform(20, 45) * _pink_scene(rng, n)
+        n = min(length - t, int(rng.integers(30, 91)))
+        out[t:t + n] = scene(rng, n)
         t += n
     return out
 
 
-def _ood_video(rng: np.random.Generator, length: int) -> np.ndarray:
+def _natural_scene(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.uniform(90, 160) + rng.uniform(20, 45) * _pink_scene(rng, n)
+
+
+def _ood_scene(rng: np.random.Generator, n: int) -> np.ndarray:
     """Bonus-tier stimuli: gratings, sparse flashing squares, binarised drifting noise."""
-    out, t = np.empty((length, H, W), np.float32), 0
-    yy, xx = np.mgrid[0:H, 0:W]
-    while t < length:
-        n, kind = min(length - t, int(rng.integers(30, 91))), int(rng.integers(3))
-        contrast = rng.uniform(0.7, 1.0)
-        if kind == 0:  # drifting sinusoidal grating
-            theta, period = rng.uniform(0, np.pi), rng.uniform(8, 32)
-            omega = 2 * np.pi * rng.uniform(0.5, 4.0) / FPS
-            u = (xx * np.cos(theta) + yy * np.sin(theta)) * 2 * np.pi / period
-            phase = rng.uniform(0, 2 * np.pi) + omega * np.arange(n)[:, None, None]
-            seg = 127.5 + 127.5 * contrast * np.sin(u[None] - phase)
-        elif kind == 1:  # sparse noise: black and white squares flashing on grey
-            seg = np.full((n, H, W), 127.5)
-            for _ in range(int(n * 0.6)):
-                start, size = int(rng.integers(n)), int(rng.integers(4, 11))
-                r, c = int(rng.integers(0, H - size)), int(rng.integers(0, W - size))
-                level = 127.5 + 127.5 * contrast * rng.choice([-1.0, 1.0])
-                seg[start:start + int(rng.integers(4, 11)), r:r + size, c:c + size] = level
-        else:  # binarised pink noise: sharp edges, only two grey levels
-            seg = 127.5 + 127.5 * contrast * np.sign(_pink_scene(rng, n))
-        out[t:t + n] = seg
-        t += n
-    return out
+    kind, contrast = int(rng.integers(3)), rng.uniform(0.7, 1.0)
+    if kind == 0:  # drifting sinusoidal grating
+        yy, xx = np.mgrid[0:H, 0:W]
+        theta, period = rng.uniform(0, np.pi), rng.uniform(8, 32)
+        omega = 2 * np.pi * rng.uniform(0.5, 4.0) / FPS
+        u = (xx * np.cos(theta) + yy * np.sin(theta)) * 2 * np.pi / period
+        phase = rng.uniform(0, 2 * np.pi) + omega * np.arange(n)[:, None, None]
+        return 127.5 + 127.5 * contrast * np.sin(u[None] - phase)
+    if kind == 1:  # sparse noise: black and white squares flashing on grey
+        seg = np.full((n, H, W), 127.5)
+        for _ in range(int(n * 0.6)):
+            start, size = int(rng.integers(n)), int(rng.integers(4, 11))
+            r, c = int(rng.integers(0, H - size)), int(rng.integers(0, W - size))
+            level = 127.5 + 127.5 * contrast * rng.choice([-1.0, 1.0])
+            seg[start:start + int(rng.integers(4, 11)), r:r + size, c:c + size] = level
+        return seg
+    return 127.5 + 127.5 * contrast * np.sign(_pink_scene(rng, n))  # binarised: sharp edges
 
 
 def _clip_length(rng: np.random.Generator, frames: int) -> int:
@@ -117,7 +113,7 @@ def make_video(seed: int, key: tuple[str, int, int], frames: int) -> np.ndarray:
     pool, mouse, index = key
     rng = random_stream(seed, "video", _POOLS.index(pool), mouse, index)
     length = _clip_length(rng, frames)
-    video = _ood_video(rng, length) if pool.endswith("bonus") else _natural_video(rng, length)
+    video = _scenes(rng, length, _ood_scene if pool.endswith("bonus") else _natural_scene)
     return np.rint(np.clip(video, 0, 255)).astype(np.float32)
 
 
@@ -190,8 +186,8 @@ def make_neurons(seed: int, mouse: int, n: int, frames: int) -> dict:
     }
     # Scale the drives to unit variance (energy: zero mean too) on natural clips.
     cal = random_stream(seed, "calibration", mouse)
-    proj = np.concatenate([_filtered(neurons, _contrast_frames(_natural_video(cal, frames)))
-                           for _ in range(2)])
+    clips = [_contrast_frames(_scenes(cal, frames, _natural_scene)) for _ in range(2)]
+    proj = np.concatenate([_filtered(neurons, clip) for clip in clips])
     lin, quad = proj[:, :n], np.hypot(proj[:, :n], proj[:, n:])
     neurons["drive_mean"] = np.where(energy, quad.mean(0), 0.0)
     neurons["drive_std"] = np.where(energy, quad.std(0), lin.std(0)) + 1e-6

@@ -1,9 +1,6 @@
 """`python -m dwise_jax.data.synthetic OUT_DIR`: a simulated Sensorium 2023 dataset in the real
-on-disk layout, from the simulated V1 of `dwise_jax.data.simulated_v1`.
-
-Mouse folders read like the real ones; `OUT_DIR/simulation/` keeps what the real data keeps
-secret (true test responses, noiseless rates, `simulation.json`). A seed gives byte-identical
-files on one machine. Layout: docs/data.md.
+on-disk layout, from `dwise_jax.data.simulated_v1`; `OUT_DIR/simulation/` keeps what the real
+data keeps secret. A seed gives byte-identical files on one machine. Layout: docs/data.md.
 """
 
 from __future__ import annotations
@@ -183,11 +180,8 @@ def load_info(root: str | os.PathLike) -> dict:
 
 def load_truth(root: str | os.PathLike, mouse_name: str, trial_id: int, *,
                noiseless: bool = False) -> np.ndarray:
-    """True responses of a trial, (neurons, T) float32 with the NaN tail.
-
-    Test trials read the kept-aside file (their public file holds dummy zeros), other trials
-    the public responses file; `noiseless=True` gives the expected response (the rate).
-    """
+    """True responses of a trial, (neurons, T) float32 with the NaN tail: the kept-aside file for
+    test trials (their public one holds dummy zeros), else the public one; `noiseless`: the rate."""
     root, name = Path(root), f"{int(trial_id)}.npy"
     path = root / SIMULATION_DIR / ("rate" if noiseless else "truth") / mouse_name / name
     if not noiseless and not path.exists():

@@ -3,8 +3,7 @@ folds' balance, and with --check every trial validated and every value held to t
 statistics (`meta/statistics/<modality>/all`).
 
 A value more than `RANGE_WIDTHS` recorded ranges outside its channel's recorded range is
-implausible (docs/data.md#values-the-datasets-statistics-rule-out). `scan_trial` reads whole
-trial files (`--check`); `check_window` tests the window a loader just read.
+implausible (docs/data.md#values-the-datasets-statistics-rule-out).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import numpy as np
 from absl import flags
 
 from dwise_jax import cli
-from dwise_jax.data import folds
+from dwise_jax.data import folds, sensorium
 from dwise_jax.data.sensorium import DatasetError, Mouse, SensoriumDataset, check_float, load_npy
 
 RANGE_WIDTHS = 10.0
@@ -133,7 +132,7 @@ def mouse_bounds(mouse: Mouse) -> dict[str, Bounds]:
     on it, so Grain workers that receive it after the first window get them too)."""
     bounds = mouse.__dict__.get("_value_bounds")
     if bounds is None:
-        bounds = {m: b for m in ("videos", "responses", "behavior", "pupil_center")
+        bounds = {m: b for m in sensorium.MODALITIES
                   if (b := modality_bounds(mouse, m)) is not None}
         mouse.__dict__["_value_bounds"] = bounds
     return bounds
@@ -183,10 +182,9 @@ def scan_trial(mouse: Mouse, trial: int, arrays: dict[str, np.ndarray] | None = 
 def check_window(bounds: dict[str, Bounds], mouse: Mouse, trial: int,
                  frame_indexes: np.ndarray, frames: np.ndarray, traces: np.ndarray,
                  target: np.ndarray | None) -> None:
-    """Raises DatasetError naming the file, trial and frame when a window as `load_window`
-    returns it (frames at the trial's `frame_indexes`) holds a value that contradicts the
-    statistics (`bounds` = `mouse_bounds(mouse)`); a ReLU'd value is out only if the file's was.
-    """
+    """Raises DatasetError naming the file, trial and frame if a window as `load_window` returns
+    it (frames at the trial's `frame_indexes`) contradicts `bounds` (= `mouse_bounds(mouse)`); a
+    ReLU'd value is out only if the file's was."""
     parts = {"videos": np.moveaxis(frames, 0, -1), "behavior": traces[:, :2].T,
              "pupil_center": traces[:, 2:].T}
     if target is not None:
@@ -198,20 +196,17 @@ def check_window(bounds: dict[str, Bounds], mouse: Mouse, trial: int,
 
 
 # ----------------------------------------------------------------------------- the command
-def check_all(dataset: SensoriumDataset, offenses: list[str] | None = None) -> int:
-    """Validates every trial and std file of every mouse; returns the number of trials. With
-    `offenses`, also appends the `scan_trial` lines of every trial, and goes on scanning."""
-    count = 0
+def check_all(dataset: SensoriumDataset, offenses: list[str]) -> int:
+    """Validates every trial and std file of every mouse, appending each trial's `scan_trial`
+    lines to `offenses` (scanning on); returns the number of trials."""
     for mouse in dataset.mice:
         mouse.response_std()
         for trial_id in range(mouse.num_trials):
             trial = mouse.load_trial(trial_id)
-            if offenses is not None:
-                offenses += scan_trial(mouse, trial_id, {
-                    "videos": trial.video, "behavior": trial.behavior,
-                    "pupil_center": trial.pupil_center, "responses": trial.responses})
-            count += 1
-    return count
+            offenses += scan_trial(mouse, trial_id, {
+                "videos": trial.video, "behavior": trial.behavior,
+                "pupil_center": trial.pupil_center, "responses": trial.responses})
+    return sum(mouse.num_trials for mouse in dataset.mice)
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -240,10 +235,8 @@ def run(fv: flags.FlagValues, args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command in process (`argv` without the program name; default: sys.argv).
-
-    `python -m dwise_jax.data.sensorium` runs that module as `__main__`, whose own `DatasetError`
-    is not the class the dataset raises; this module's import of it is.
-    """
+    """The command in process (`argv` without the program name; default: sys.argv). It lives
+    here because `python -m dwise_jax.data.sensorium` runs that module as `__main__`, whose own
+    `DatasetError` is not the class the dataset raises; this module's import of it is."""
     return cli.call(define_flags, run, sys.argv[1:] if argv is None else argv,
                     "python -m dwise_jax.data.sensorium", __doc__, errors=ERRORS)

@@ -18,10 +18,9 @@ from dwise_jax.data.sensorium import DatasetError, Mouse
 # Memory maps kept open per process: more than the real dataset's ~28000 trial files (10 mice,
 # ~700 trials, 4 modalities) and well under Linux's default 65530 mappings per process.
 MAX_OPEN_ARRAYS = 32768
-# np.load parses each .npy header with ast.literal_eval, and CPython 3.11's AST construction is
-# not thread-safe: Grain's read threads opening files at once rarely raise "SystemError: AST
-# constructor recursion depth mismatch" (python/cpython#106905, seen in our tests). Opening is
-# serialised per process; with the maps kept open it happens once per file.
+# np.load parses .npy headers with ast.literal_eval, not thread-safe in CPython 3.11: Grain's read
+# threads rarely raised "SystemError: AST constructor recursion depth mismatch" in our tests
+# (python/cpython#106905). Opening is serialised per process, once per file (the maps are kept).
 _OPEN_LOCK = threading.Lock()
 
 
@@ -56,13 +55,11 @@ class TrialArrays:
 def load_window(mouse: Mouse, trial: int, anchor: int, targets: bool = True,
                 arrays: TrialArrays | None = None,
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Compact inputs and target of the window ending at `anchor` (>= 30) of a trial.
-
-    Returns frames (16, 36, 64) float32, traces (16, 4) float32 and targets (16, neurons)
-    float32 ReLU'd (None unless `targets`). `arrays`: a cache of open maps (default: a fresh one).
-    Raises DatasetError naming the file when it is missing, unreadable, too short, holds NaN
-    inside the trial or values the dataset's statistics rule out (`value_check`).
-    """
+    """Compact inputs and target of the window ending at `anchor` (>= 30) of a trial: frames
+    (16, 36, 64), traces (16, 4) and ReLU'd targets (16, neurons), float32 (targets None unless
+    `targets`). `arrays`: a cache of open maps (default: a fresh one). Raises DatasetError naming
+    the file when it is missing, unreadable, too short, or holds NaN inside the trial or values
+    the dataset's statistics rule out (`value_check`)."""
     arrays, trial_arrays = arrays or TrialArrays(), {}
     for modality in ("videos", "behavior", "pupil_center") + (("responses",) if targets else ()):
         array = arrays.load(mouse, modality, trial)
@@ -73,8 +70,7 @@ def load_window(mouse: Mouse, trial: int, anchor: int, targets: bool = True,
     try:
         frames, traces = windows.compact_window(trial_arrays["videos"], trial_arrays["behavior"],
                                                 trial_arrays["pupil_center"], anchor)
-        target = (windows.window_targets(trial_arrays["responses"], anchor) if targets
-                  else None)
+        target = windows.window_targets(trial_arrays["responses"], anchor) if targets else None
     except OSError as err:  # an I/O error while the memory map is read
         raise DatasetError(f"{mouse.path_of('videos', trial)} (or its sibling files): read "
                            f"failed ({err})") from None

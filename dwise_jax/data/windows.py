@@ -1,8 +1,7 @@
 """Frame windows, the 5-channel model input, training targets and the CutMix box.
 
 Pure functions: NumPy on the host (windows, targets, CutMix), jax.numpy on the device for the
-input planes, so the loader ships compact `frames` and `traces`
-(docs/data.md#windows-and-batches). All values are raw, as the original uses them
+input planes (docs/data.md#windows-and-batches). All values are raw, as the original uses them
 (docs/original.md#inputs-and-windows).
 """
 
@@ -33,12 +32,9 @@ def validation_anchors(length: int) -> np.ndarray:
 
 
 def prediction_anchors(length: int, stride: int = 1) -> np.ndarray:
-    """Anchors of the sliding prediction windows of a trial of `length` frames.
-
-    Stride 1 (the original): every anchor in [30, length - 1]. Stride s > 1: the pairs
-    (30 + k s, 31 + k s) and the last two frames, since a window covers only frames of its
-    anchor's parity; every frame stays covered.
-    """
+    """Anchors of the sliding prediction windows of a trial of `length` frames: every anchor in
+    [30, length - 1] (stride 1, the original's), else the pairs (30 + k s, 31 + k s) and the
+    last two frames (a window covers one parity; every frame stays covered)."""
     if length < BEHIND + 1:
         raise ValueError(f"a trial of {length} frames is shorter than one window ({BEHIND + 1})")
     if not 1 <= stride <= BEHIND:
@@ -75,11 +71,9 @@ def compact_window(video: np.ndarray, behavior: np.ndarray, pupil_center: np.nda
 
 
 def expand_inputs(frames, traces, box=None, partner_traces=None, xp=jnp):
-    """Model inputs from compact arrays: (..., 16, 36, 64) and (..., 16, 4) -> (..., 16, 64, 64, 5).
-
-    The original's: the frame in rows 14..49 of a zero canvas, then four constant planes. A
-    CutMixed sample (`cutmix`) also gives its `box` (..., 4) and `partner_traces`: inside the
-    box the planes are the partner's. `xp` is jax.numpy (the default) or numpy."""
+    """Model inputs from compact arrays: (..., 16, 36, 64) and (..., 16, 4) -> (..., 16, 64, 64, 5):
+    the frame in rows 14..49 of a zero canvas, four constant planes; inside a CutMix `box`
+    (..., 4) the planes of `partner_traces`. `xp` is jax.numpy (the default) or numpy."""
     frames = xp.asarray(frames, dtype=xp.float32)
     traces = xp.asarray(traces, dtype=xp.float32)
     lead = frames.shape[:-2]
@@ -98,45 +92,35 @@ def window_targets(responses: np.ndarray, anchor: int) -> np.ndarray:
     return np.maximum(target, 0.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# CutMix (docs/original.md#cutmix-box): a box from a partner sample of the same mouse is pasted
-# into all 5 channels and all 16 frames; targets mix by the pasted fraction of the 64 x 64 canvas.
-# Done on the host in the compact layout (`cutmix`); the planes inside the box are drawn by
-# `expand_inputs` from the partner's traces.
+# CutMix (docs/original.md#cutmix-box), on the host in the compact layout (`cutmix`); the trace
+# planes inside the box are drawn by `expand_inputs` from the partner's traces.
 
 
-def cutmix_box(lam: float, center_row: int, center_col: int, size: int = CANVAS) -> np.ndarray:
-    """The original's CutMix box [r1, c1, r2, c2] (rows r1:r2, columns c1:c2).
-
-    cut = int(size * sqrt(lam)); the box spans [c - cut // 2, c + cut // 2) on each axis, clipped
-    to [0, size], so its unclipped side is 2 * (cut // 2) and cut <= 1 gives an empty box.
-    """
-    half = int(size * math.sqrt(lam)) // 2
-    r1, r2 = np.clip([center_row - half, center_row + half], 0, size)
-    c1, c2 = np.clip([center_col - half, center_col + half], 0, size)
+def cutmix_box(lam: float, center_row: int, center_col: int) -> np.ndarray:
+    """The original's CutMix box [r1, c1, r2, c2] (rows r1:r2, columns c1:c2): with cut =
+    int(64 * sqrt(lam)), [c - cut // 2, c + cut // 2) on each axis clipped to [0, 64]."""
+    half = int(CANVAS * math.sqrt(lam)) // 2
+    r1, r2 = np.clip([center_row - half, center_row + half], 0, CANVAS)
+    c1, c2 = np.clip([center_col - half, center_col + half], 0, CANVAS)
     return np.array([r1, c1, r2, c2], dtype=np.int64)
 
 
-def draw_cutmix(rng: np.random.Generator, alpha: float, prob: float,
-                size: int = CANVAS) -> np.ndarray:
-    """One sample's CutMix draw: a box [r1, c1, r2, c2], all zeros (empty) when not applied.
-
-    Draw order: apply (probability `prob`), lambda ~ Beta(alpha, alpha), centre row and column
-    uniform in 0..size-1. The RNG is the caller's (seeded from seed, epoch and sample index).
-    """
+def draw_cutmix(rng: np.random.Generator, alpha: float, prob: float) -> np.ndarray:
+    """One sample's CutMix box [r1, c1, r2, c2], all zeros when not applied. Draw order: apply
+    (probability `prob`), lambda ~ Beta(alpha, alpha), centre row and column in 0..63."""
     apply = rng.random() < prob
     lam = rng.beta(alpha, alpha)
-    row, col = rng.integers(size), rng.integers(size)
+    row, col = rng.integers(CANVAS), rng.integers(CANVAS)
     if not apply:
         return np.zeros(4, dtype=np.int64)
-    return cutmix_box(lam, int(row), int(col), size)
+    return cutmix_box(lam, int(row), int(col))
 
 
-def box_fraction(box, size: int = CANVAS, xp=np):
-    """Pasted fraction of the canvas, (r2 - r1) * (c2 - c1) / size**2, for box(es) (..., 4)."""
-    box = xp.asarray(box)
+def box_fraction(box):
+    """Pasted fraction of the canvas, (r2 - r1) * (c2 - c1) / 64**2, for box(es) (..., 4)."""
+    box = np.asarray(box)
     area = (box[..., 2] - box[..., 0]) * (box[..., 3] - box[..., 1])
-    return area.astype(xp.float32) / float(size * size)
+    return area.astype(np.float32) / float(CANVAS * CANVAS)
 
 
 def box_mask(box, rows, cols, xp=np):
@@ -151,8 +135,7 @@ def box_mask(box, rows, cols, xp=np):
 def cutmix(frames, targets, partner_frames, partner_targets, box):
     """One training sample's CutMix on the host, in the compact layout: (frames with the
     partner's pasted inside the box, (1 - a) targets + a partner_targets), a the pasted fraction
-    of the canvas. Frames (16, 36, 64) fill canvas rows 14..49; targets (16, neurons) float32.
-    The box's trace planes are the partner's too: `expand_inputs` draws them from the box."""
+    of the canvas. Frames (16, 36, 64) fill canvas rows 14..49; targets (16, neurons) float32."""
     a = box_fraction(box)
     if a == 0:
         return frames, targets

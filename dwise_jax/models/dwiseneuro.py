@@ -14,24 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dwise_jax.models import layers
 from dwise_jax.models.grouped_readouts import grouped_readouts
-from dwise_jax.models.layers import (
-    BatchNorm,
-    ChannelDropout,
-    DropPath,
-    Dtype,
-    SqueezeExcite,
-    add_positional_encoding,
-    channel_shuffle,
-    conv_init,
-    depthwise_conv3d,
-    grouped_pointwise,
-    nearest_downsample,
-    pointwise,
-    resolve_impl,
-    softplus,
-    tile_channels,
-)
 
 
 class InvertedResidual3d(nnx.Module):
@@ -42,35 +26,35 @@ class InvertedResidual3d(nnx.Module):
                  temporal_kernel: int, expansion_ratio: int, se_reduce_ratio: int,
                  drop_path_rate: float, depthwise_impl: str, rngs: nnx.Rngs):
         mid, k, kt = in_features * expansion_ratio, spatial_kernel, temporal_kernel
-        self.stride, self.out_features = stride, out_features
-        self.depthwise_impl = depthwise_impl
-        self.expand_kernel = nnx.Param(conv_init(rngs.params(), (in_features, mid), mid))
-        self.expand_bn = BatchNorm(mid)
-        self.spatial_kernel = nnx.Param(conv_init(rngs.params(), (k, k, mid), k * k))
-        self.spatial_bn = BatchNorm(mid)
-        self.temporal_kernel = nnx.Param(conv_init(rngs.params(), (kt, mid), kt))
-        self.temporal_bn = BatchNorm(mid)
-        self.se = SqueezeExcite(mid, mid // se_reduce_ratio, rngs=rngs)
-        self.project_kernel = nnx.Param(conv_init(rngs.params(), (mid, out_features),
-                                                  out_features))
-        self.project_bn = BatchNorm(out_features)
-        self.drop_path = DropPath(drop_path_rate, rngs=rngs)
-        self.shortcut_bn = BatchNorm(out_features)
+        self.stride, self.out_features, self.depthwise_impl = stride, out_features, depthwise_impl
+        self.expand_kernel = nnx.Param(layers.conv_init(rngs.params(), (in_features, mid), mid))
+        self.expand_bn = layers.BatchNorm(mid)
+        self.spatial_kernel = nnx.Param(layers.conv_init(rngs.params(), (k, k, mid), k * k))
+        self.spatial_bn = layers.BatchNorm(mid)
+        self.temporal_kernel = nnx.Param(layers.conv_init(rngs.params(), (kt, mid), kt))
+        self.temporal_bn = layers.BatchNorm(mid)
+        self.se = layers.SqueezeExcite(mid, mid // se_reduce_ratio, rngs=rngs)
+        self.project_kernel = nnx.Param(layers.conv_init(rngs.params(), (mid, out_features),
+                                                         out_features))
+        self.project_bn = layers.BatchNorm(out_features)
+        self.drop_path = layers.DropPath(drop_path_rate, rngs=rngs)
+        self.shortcut_bn = layers.BatchNorm(out_features)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """`(batch, time, h, w, c_in)` -> `(batch, time, ceil(h/s), ceil(w/s), c_out)`."""
         dt, s = x.dtype, self.stride
         k, kt = self.spatial_kernel.shape[0], self.temporal_kernel.shape[0]
-        y = self.expand_bn(pointwise(x, self.expand_kernel[...]), silu=True)
-        y = depthwise_conv3d(y, self.spatial_kernel[...].astype(dt)[None], (1, s, s),
-                             ((0, 0), (k // 2, k // 2), (k // 2, k // 2)), self.depthwise_impl)
+        y = self.expand_bn(layers.pointwise(x, self.expand_kernel[...]), silu=True)
+        y = layers.depthwise_conv3d(y, self.spatial_kernel[...].astype(dt)[None], (1, s, s),
+                                    ((0, 0), (k // 2, k // 2), (k // 2, k // 2)),
+                                    self.depthwise_impl)
         y = self.spatial_bn(y, silu=True)
-        y = depthwise_conv3d(y, self.temporal_kernel[...].astype(dt)[:, None, None, :],
-                             padding=((kt // 2, kt // 2), (0, 0), (0, 0)),
-                             impl=self.depthwise_impl)
+        y = layers.depthwise_conv3d(y, self.temporal_kernel[...].astype(dt)[:, None, None, :],
+                                    padding=((kt // 2, kt // 2), (0, 0), (0, 0)),
+                                    impl=self.depthwise_impl)
         y = self.se(self.temporal_bn(y, silu=True))
-        y = self.project_bn(pointwise(y, self.project_kernel[...]))
-        shortcut = tile_channels(nearest_downsample(x, s), self.out_features)
+        y = self.project_bn(layers.pointwise(y, self.project_kernel[...]))
+        shortcut = layers.tile_channels(layers.nearest_downsample(x, s), self.out_features)
         return self.drop_path(y) + self.shortcut_bn(shortcut)
 
 
@@ -82,9 +66,9 @@ class Core(nnx.Module):
                  **block_kwargs):
         if len(spatial_strides) != len(features):
             raise ValueError("core_features and spatial_strides must have the same length")
-        self.stem_kernel = nnx.Param(conv_init(rngs.params(), (in_channels, features[0]),
-                                               features[0]))
-        self.stem_bn = BatchNorm(features[0])
+        self.stem_kernel = nnx.Param(layers.conv_init(rngs.params(), (in_channels, features[0]),
+                                                      features[0]))
+        self.stem_bn = layers.BatchNorm(features[0])
         # Channels grow one block before the stride-2 block; the last block keeps its width.
         n, outs = len(features), (*features[1:], features[-1])
         self.blocks = nnx.List([
@@ -93,9 +77,9 @@ class Core(nnx.Module):
             for i in range(n)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.stem_bn(pointwise(x, self.stem_kernel[...]))
+        x = self.stem_bn(layers.pointwise(x, self.stem_kernel[...]))
         for block in self.blocks:
-            x = block(add_positional_encoding(x))
+            x = block(layers.add_positional_encoding(x))
         return x
 
 
@@ -106,15 +90,15 @@ class ShuffleLayer(nnx.Module):
                  drop_path_rate: float, rngs: nnx.Rngs):
         self.groups, self.out_features = groups, out_features
         shape = (groups, in_features // groups, out_features // groups)
-        self.kernel = nnx.Param(conv_init(rngs.params(), shape, out_features // groups))
-        self.bn = BatchNorm(out_features)
-        self.drop_path = DropPath(drop_path_rate, rngs=rngs)
-        self.shortcut_bn = BatchNorm(out_features)
+        self.kernel = nnx.Param(layers.conv_init(rngs.params(), shape, out_features // groups))
+        self.bn = layers.BatchNorm(out_features)
+        self.drop_path = layers.DropPath(drop_path_rate, rngs=rngs)
+        self.shortcut_bn = layers.BatchNorm(out_features)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.bn(grouped_pointwise(x, self.kernel[...]), silu=True)
-        y = channel_shuffle(y, self.groups)
-        return self.drop_path(y) + self.shortcut_bn(tile_channels(x, self.out_features))
+        y = self.bn(layers.grouped_pointwise(x, self.kernel[...]), silu=True)
+        y = layers.channel_shuffle(y, self.groups)
+        return self.drop_path(y) + self.shortcut_bn(layers.tile_channels(x, self.out_features))
 
 
 class Cortex(nnx.Module):
@@ -142,34 +126,30 @@ class Readout(nnx.Module):
                  drop_rate: float, rngs: nnx.Rngs):
         self.neurons, self.softplus_beta = neurons, softplus_beta
         padded = math.ceil(neurons / groups) * groups
-        self.dropout = ChannelDropout(drop_rate, rngs=rngs)
+        self.dropout = layers.ChannelDropout(drop_rate, rngs=rngs)
         shape = (groups, in_features // groups, padded // groups)
-        self.kernel = nnx.Param(conv_init(rngs.params(), shape, padded // groups))
+        self.kernel = nnx.Param(layers.conv_init(rngs.params(), shape, padded // groups))
         self.bias = nnx.Param(jnp.zeros((padded,), jnp.float32))
 
     def __call__(self, features: jax.Array) -> jax.Array:
         x = self.dropout(features)
-        y = grouped_pointwise(x, self.kernel[...]) + self.bias[...].astype(x.dtype)
-        return softplus(y[..., : self.neurons], self.softplus_beta)
+        y = layers.grouped_pointwise(x, self.kernel[...]) + self.bias[...].astype(x.dtype)
+        return layers.softplus(y[..., : self.neurons], self.softplus_beta)
 
 
 class DwiseNeuro(nnx.Module):
     """The whole model: core -> mean over (height, width) -> cortex -> one readout per mouse.
-
-    Arguments are the original's (`params["nn_module"][1]` of its .pth) plus `depthwise_impl`
-    (`layers.resolve_impl`), `canvas_rows` (the core sees the middle `canvas_rows` rows of a
-    taller input; the original's 64 sees all) and the compute `dtype` (parameters stay
-    float32). Defaults live in `config.model` (`config.model_kwargs`).
-    """
+    The original's arguments (`params["nn_module"][1]` of its .pth; defaults in `config.model`)
+    plus `depthwise_impl`, `canvas_rows` (the core sees the middle rows) and the compute `dtype`."""
 
     def __init__(self, readout_outputs: Sequence[int], *, in_channels: int,
                  core_features: Sequence[int], spatial_strides: Sequence[int],
                  spatial_kernel: int, temporal_kernel: int, expansion_ratio: int,
                  se_reduce_ratio: int, cortex_features: Sequence[int], groups: int,
                  softplus_beta: float, drop_rate: float, drop_path_rate: float,
-                 depthwise_impl: str, canvas_rows: int, dtype: Dtype = jnp.float32,
+                 depthwise_impl: str, canvas_rows: int, dtype: layers.Dtype = jnp.float32,
                  rngs: nnx.Rngs):
-        resolve_impl(depthwise_impl)  # an unknown name fails here, not at the first trace
+        layers.resolve_impl(depthwise_impl)  # an unknown name fails here, not at the first trace
         self.dtype, self.depthwise_impl, self.canvas_rows = dtype, depthwise_impl, canvas_rows
         self.readout_outputs = tuple(int(n) for n in readout_outputs)
         self.core = Core(in_channels=in_channels, features=tuple(core_features),
@@ -204,11 +184,8 @@ class DwiseNeuro(nnx.Module):
         return [readout(features) for readout in self.readouts]
 
     def own_readouts(self, features: jax.Array, mouse: jax.Array) -> jax.Array:
-        """Row b is `self.readouts[mouse[b]](features)[b]`, zero-padded to max_neurons, float32.
-
-        Only each sample's own readout runs (`grouped_readouts`); every readout still draws its
-        dropout mask for the whole batch, as when all of them run. `mouse` is `(batch,)` int.
-        """
+        """Row b is `self.readouts[mouse[b]](features)[b]`, zero-padded to max_neurons, float32,
+        with `mouse` `(batch,)` int: only each sample's own readout runs (`grouped_readouts`)."""
         readouts, dt = list(self.readouts), features.dtype
         masks = [r.dropout.draw_mask(features) for r in readouts]
         z = grouped_readouts(
@@ -216,7 +193,7 @@ class DwiseNeuro(nnx.Module):
             tuple(r.bias[...].astype(dt) for r in readouts),
             None if masks[0] is None else tuple(masks), self.readout_outputs,
             readouts[0].dropout.rate)
-        y = softplus(z, readouts[0].softplus_beta)
+        y = layers.softplus(z, readouts[0].softplus_beta)
         counts = jnp.asarray(self.readout_outputs, jnp.int32)[mouse]
         valid = jnp.arange(y.shape[-1]) < counts[:, None]
         return jnp.where(valid[:, None, :], y, 0.0)

@@ -1,8 +1,6 @@
-"""Each sample's own readout only: the readouts' matmuls over the samples of their own mouse.
-
-Samples are sorted by mouse; readout m multiplies only mouse m's rows, padded to a static
-bucket size chosen by `lax.switch`, with a custom VJP. Why this way (not `ragged_dot`, not
-plain autodiff): docs/design.md#only-the-readouts-a-batch-needs.
+"""Each sample's own readout only: samples sorted by mouse, readout m multiplies only mouse m's
+rows, padded to a static bucket size chosen by `lax.switch`, with a custom VJP. Why this way
+(not `ragged_dot`, not plain autodiff): docs/design.md#only-the-readouts-a-batch-needs.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dwise_jax.models.layers import apply_dropout_mask
+from dwise_jax.models import layers
 
 
 def bucket_sizes(batch: int) -> tuple[int, ...]:
@@ -44,19 +42,9 @@ def _rows(order, start, count, size: int):
     return rows, i < count
 
 
-def _split_groups(x: jax.Array, groups: int) -> jax.Array:
-    """(rows..., c) -> (groups, rows, c / groups)."""
-    return jnp.swapaxes(x.reshape(-1, groups, x.shape[-1] // groups), 0, 1)
-
-
-def _merge_groups(x: jax.Array, lead: tuple[int, ...]) -> jax.Array:
-    """(groups, rows, c / groups) -> (*lead, c)."""
-    return jnp.swapaxes(x, 0, 1).reshape(*lead, -1)
-
-
 def _inputs(features, mask, rows, rate):
     x = features[rows]
-    return x if mask is None else apply_dropout_mask(x, mask[rows], rate)
+    return x if mask is None else layers.apply_dropout_mask(x, mask[rows], rate)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -64,21 +52,10 @@ def grouped_readouts(features: jax.Array, mouse: jax.Array, kernels: Sequence[ja
                      biases: Sequence[jax.Array], masks: Sequence[jax.Array] | None,
                      neurons: tuple[int, ...], rate: float) -> jax.Array:
     """Pre-activations of each sample's own readout, `(batch, time, max(neurons))`: for sample
-    b the first neurons[mouse[b]] of its readout, then zeros.
-
-    Args:
-      features: `(batch, time, channels)` cortex output, in the compute dtype.
-      mouse: `(batch,)` int, each sample's readout index.
-      kernels, biases: per readout, `(groups, channels / groups, padded_m / groups)` and
-        `(padded_m,)`, in the compute dtype.
-      masks: per readout, its Dropout1d keep mask `(batch, 1, channels)` drawn for the whole
-        batch, or None; `rate` is the dropout rate they were drawn with.
-      neurons: per readout, its neuron count (outputs past it are padding, sliced off).
-    """
-    return _forward(features, mouse, kernels, biases, masks, neurons, rate)
-
-
-def _forward(features, mouse, kernels, biases, masks, neurons, rate):
+    b the first neurons[mouse[b]] of its readout, then zeros. `features` `(batch, time, channels)`
+    and per readout m `kernels` `(groups, channels / groups, padded_m / groups)` and `biases`
+    `(padded_m,)`, in the compute dtype; `mouse` `(batch,)` int; `masks`: per readout its Dropout1d
+    keep mask `(batch, 1, channels)` for the whole batch, drawn with `rate`, or None."""
     batch, time, _ = features.shape
     order, counts, starts, branch = _groups(mouse, len(neurons))
     out = jnp.zeros((batch, time, max(neurons)), features.dtype)
@@ -86,15 +63,13 @@ def _forward(features, mouse, kernels, biases, masks, neurons, rate):
     def make(size, n):
         def run(out, features, kernel, bias, mask, order, start, count):
             rows, valid = _rows(order, start, count, size)
-            x = _split_groups(_inputs(features, mask, rows, rate), kernel.shape[0])
-            y = lax.dot_general(x, kernel, (((2,), (1,)), ((0,), (0,))))
-            y = _merge_groups(y, (size, time)) + bias
+            y = layers.grouped_pointwise(_inputs(features, mask, rows, rate), kernel) + bias
             # Padding rows point past the batch and are dropped.
             return out.at[jnp.where(valid, rows, batch), :, :n].set(y[..., :n], mode="drop")
         return run
 
+    skip = lambda out, *_: out
     for m, n in enumerate(neurons):
-        skip = lambda out, *_: out
         mask = None if masks is None else masks[m]
         out = lax.switch(branch[m], [skip, *(make(s, n) for s in bucket_sizes(batch))], out,
                          features, kernels[m], biases[m], mask, order, starts[m], counts[m])
@@ -102,7 +77,7 @@ def _forward(features, mouse, kernels, biases, masks, neurons, rate):
 
 
 def _fwd(features, mouse, kernels, biases, masks, neurons, rate):
-    out = _forward(features, mouse, kernels, biases, masks, neurons, rate)
+    out = grouped_readouts(features, mouse, kernels, biases, masks, neurons, rate)
     return out, (features, mouse, kernels, biases, masks)
 
 
@@ -120,14 +95,14 @@ def _bwd(neurons, rate, residuals, g):
             groups = kernel.shape[0]
             gy = jnp.where(valid[:, None, None], g[rows][..., :n], jnp.zeros((), g.dtype))
             gy = jnp.pad(gy, ((0, 0), (0, 0), (0, bias.shape[0] - n)))
-            gy = _split_groups(gy, groups)  # (groups, size * time, padded / groups)
-            x = _split_groups(_inputs(features, mask, rows, rate), groups)
+            gy = layers.split_groups(gy, groups)  # (groups, size * time, padded / groups)
+            x = layers.split_groups(_inputs(features, mask, rows, rate), groups)
             dkernel = lax.dot_general(jnp.swapaxes(x, 1, 2), gy, (((2,), (1,)), ((0,), (0,))))
             dbias = jnp.sum(gy, axis=1).reshape(-1)
-            dx = _merge_groups(lax.dot_general(gy, kernel, (((2,), (2,)), ((0,), (0,)))),
-                               (size, time))
+            dx = lax.dot_general(gy, kernel, (((2,), (2,)), ((0,), (0,))))
+            dx = layers.merge_groups(dx, (size, time))
             if mask is not None:
-                dx = apply_dropout_mask(dx, mask[rows], rate)
+                dx = layers.apply_dropout_mask(dx, mask[rows], rate)
             dfeatures = dfeatures.at[jnp.where(valid, rows, batch)].set(dx, mode="drop")
             return dfeatures, dkernel.astype(kernel.dtype), dbias.astype(bias.dtype)
         return run

@@ -1,9 +1,6 @@
-"""Building blocks of DwiseNeuro: BatchNorm, pointwise and depthwise convolutions, positional
-encoding, squeeze-excite, drop path, channel helpers and the fixed-beta softplus.
-
-Channels-last: video features `(batch, time, height, width, channels)`, cortex features
-`(batch, time, channels)`. Parameters are float32; activations run in the compute dtype;
-BatchNorm statistics and softplus are float32.
+"""Building blocks of DwiseNeuro, channels-last: video features `(batch, time, height, width,
+channels)`, cortex features `(batch, time, channels)`. Parameters are float32, activations in the
+compute dtype, BatchNorm statistics and softplus float32.
 """
 
 from __future__ import annotations
@@ -36,10 +33,8 @@ def _silu_grad(z: jax.Array) -> jax.Array:
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _batch_norm_train(x, scale, bias, epsilon, silu):
     """Train-mode BatchNorm (+ SiLU): (y, batch mean, biased batch variance), float32 stats.
-
     The custom VJP keeps only x and per-channel vectors (autodiff kept three or four full-size
-    intermediates per BatchNorm, which dominated the training step's memory).
-    """
+    intermediates per BatchNorm, which dominated the training step's memory)."""
     return _batch_norm_forward(x, scale, bias, epsilon, silu)[:3]
 
 
@@ -77,12 +72,8 @@ _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 class BatchNorm(nnx.Module):
-    """PyTorch's BatchNorm{1,3}d over every axis but the last, optionally fused with SiLU.
-
-    PyTorch momentum 0.1 is `momentum=0.9` here. As in PyTorch, the running variance takes the
-    unbiased batch variance while the batch is normalised with the biased one; no
-    `num_batches_tracked` (unused with a fixed momentum). Statistics run in float32.
-    """
+    """PyTorch's BatchNorm{1,3}d over every axis but the last, optionally fused with SiLU, in
+    float32; PyTorch momentum 0.1 is `momentum=0.9` here (docs/original.md#batchnorm-momentum)."""
 
     momentum, epsilon = 0.9, 1e-5
 
@@ -145,13 +136,21 @@ def _grouped_matmul_bwd(residuals, g):
 _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
 
 
+def split_groups(x: jax.Array, groups: int) -> jax.Array:
+    """`(..., c)` -> `(groups, rows, c / groups)`, group k holding channels `k*c/g ..`."""
+    return jnp.swapaxes(x.reshape(-1, groups, x.shape[-1] // groups), 0, 1)
+
+
+def merge_groups(x: jax.Array, lead: tuple[int, ...]) -> jax.Array:
+    """`(groups, rows, c / groups)` -> `(*lead, c)`: the inverse of `split_groups`."""
+    return jnp.swapaxes(x, 0, 1).reshape(*lead, -1)
+
+
 def grouped_pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Grouped 1x1 convolution in PyTorch's `groups=g` layout: `x` `(..., c_in)`, `kernel`
     `(g, c_in/g, c_out/g)` (group k reads channels `k*c_in/g ..`, writes `k*c_out/g ..`)."""
-    groups, c_in_g, c_out_g = kernel.shape
-    xg = jnp.swapaxes(x.reshape(-1, groups, c_in_g), 0, 1)  # (g, rows, c_in/g): small
-    y = _grouped_matmul(xg, kernel.astype(x.dtype))
-    return jnp.swapaxes(y, 0, 1).reshape(*x.shape[:-1], groups * c_out_g)
+    y = _grouped_matmul(split_groups(x, kernel.shape[0]), kernel.astype(x.dtype))
+    return merge_groups(y, x.shape[:-1])
 
 
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
@@ -162,15 +161,9 @@ def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
 
 
 def tile_channels(x: jax.Array, channels: int) -> jax.Array:
-    """Cyclic channel tiling (not repeat): [0..C-1, 0..C-1, ...] cut to `channels`.
-
-    From fewer than 64 channels, a matmul with a 0/1 matrix, exact (each output is one input
-    times 1 plus zeros). As a `jnp.tile`, XLA:CPU fused the tiling, and with it the whole
-    elementwise chain of the block outputs before it (dropout hashes included), into each later
-    shortcut and recomputed it per element: the matmul reads its input materialised once. For
-    the full model's wider layers the matmul measured no gain, so they keep `jnp.tile`
-    (benchmarks/RESULTS.md, "The shortcuts' channel tiling").
-    """
+    """Cyclic channel tiling (not repeat): [0..C-1, 0..C-1, ...] cut to `channels`. Below 64
+    channels an exact matmul with a 0/1 matrix, which XLA:CPU does not fuse into every shortcut
+    (benchmarks/RESULTS.md, "The shortcuts' channel tiling")."""
     c = x.shape[-1]
     if c == channels:
         return x
@@ -181,10 +174,8 @@ def tile_channels(x: jax.Array, channels: int) -> jax.Array:
 
 
 def nearest_downsample(x: jax.Array, stride: int) -> jax.Array:
-    """PyTorch nearest resize of (height, width) to ceil(size / stride): index floor(d*in/out).
-
-    For even sizes that is x[:, :, ::s, ::s] (not jax.image.resize's half-pixel centres).
-    """
+    """PyTorch nearest resize of (height, width) to ceil(size / stride): index floor(d*in/out),
+    for even sizes x[:, :, ::s, ::s] (not jax.image.resize's half-pixel centres)."""
     if stride == 1:
         return x
     for axis in (2, 3):
@@ -198,8 +189,7 @@ def nearest_downsample(x: jax.Array, stride: int) -> jax.Array:
     return x
 
 
-# Depthwise 3-D convolutions: "taps" sums shifted, strided slices times per-channel weights
-# (hand-written VJP), "lax" is XLA's grouped convolution (docs/design.md#depthwise-convolutions).
+# Depthwise 3-D convolutions, tap sums or XLA's grouped one (docs/design.md#depthwise-convolutions)
 
 
 def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
@@ -245,9 +235,8 @@ def _depthwise_taps_fwd(x, kernel, strides, padding):
 
 
 def _depthwise_taps_bwd(strides, padding, residuals, g):
-    # Plain autodiff of the tap sum keeps every shifted slice alive for the backward pass and
-    # accumulates dx tap by tap; here dx is one transposed tap sum and dk reads x and g once
-    # per tap, without materialising anything.
+    # dx is one transposed tap sum and dk reads x and g once per tap, materialising nothing
+    # (autodiff kept every shifted slice alive and accumulated dx tap by tap).
     x, kernel = residuals
     sizes, outs, ks = x.shape[1:4], g.shape[1:4], kernel.shape[:3]
     # dx = correlation of the stride-dilated, padded g with the flipped kernel.
@@ -291,9 +280,6 @@ def depthwise_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (
         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=x.shape[-1])
 
 
-# Positional encoding, squeeze-excite, stochastic layers, softplus
-
-
 def pe_frequencies(channels: int) -> np.ndarray:
     """inv_freq_k = 10000^(-2k/ch), ch = ceil(C/6)*2 bumped to even (22/44/86 for 64/128/256)."""
     ch = int(math.ceil(channels / 6) * 2)
@@ -302,12 +288,9 @@ def pe_frequencies(channels: int) -> np.ndarray:
 
 
 def positional_encoding_3d(time: int, height: int, width: int, channels: int) -> np.ndarray:
-    """The original's 3-D sinusoidal encoding, `(time, height, width, channels)` float32.
-
-    Per axis (T, H, W), integer positions p give [sin(p*f_0..), cos(p*f_0..)] (all sines,
-    then all cosines); the three blocks are concatenated T|H|W and cut to `channels`.
-    A constant: computed with NumPy at trace time for the block's actual size.
-    """
+    """The original's 3-D sinusoidal encoding, `(time, height, width, channels)` float32, a
+    NumPy constant: per axis T|H|W [sin(p*f_0..), cos(p*f_0..)] at integer positions p,
+    concatenated and cut to `channels`."""
     f = pe_frequencies(channels)
     ch = 2 * f.shape[0]
     emb = np.zeros((time, height, width, 3 * ch), np.float32)
@@ -347,8 +330,7 @@ class _SampleDropout(nnx.Module):
     1 / (1 - rate), in training only."""
 
     def __init__(self, rate: float, *, rngs: nnx.Rngs):
-        self.rate = rate
-        self.deterministic = False
+        self.rate, self.deterministic = rate, False
         self.rngs = rngs["dropout"].fork() if rate > 0 else nnx.data(None)
 
     def draw_mask(self, x: jax.Array) -> jax.Array | None:
