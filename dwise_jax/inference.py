@@ -187,7 +187,7 @@ def load_ensemble(workdir: str | Path, experiments: str | list[str],
     return stack(models)
 
 
-def data_root(workdir: str | Path, ensemble: Ensemble, given: str | None = None) -> str:
+def data_root(ensemble: Ensemble, given: str | None = None) -> str:
     """--data_root, else the folds' config.json (as predict)."""
     folders = {i: Path(m["directory"]) for i, m in enumerate(ensemble.members)}
     return experiment.resolve_data_root(folders, given)

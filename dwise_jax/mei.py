@@ -153,7 +153,7 @@ def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
     """Finds and writes the MEIs of a mouse's neurons (or of its `best` best predicted on
     held-out trials) and the report; returns the rows."""
     ens = inference.load_ensemble(workdir, experiments, fold_ids)
-    dataset = SensoriumDataset.open(inference.data_root(workdir, ens, data_root))
+    dataset = SensoriumDataset.open(inference.data_root(ens, data_root))
     if mouse_name not in dataset.names:
         raise experiment.PredictionError(f"{dataset.root}: has no mouse {mouse_name}; its mice "
                                          f"are {dataset.names}")

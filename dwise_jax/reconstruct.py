@@ -230,7 +230,7 @@ def reconstruct_split(workdir: str | Path, experiments: list[str], split: str, *
     """Reconstructs the chosen trials, each with every ensemble size of `sizes` (0: all);
     writes arrays, strips, movies, masks and the report."""
     ens = inference.load_ensemble(workdir, experiments, fold_ids)
-    dataset = SensoriumDataset.open(inference.data_root(workdir, ens, data_root))
+    dataset = SensoriumDataset.open(inference.data_root(ens, data_root))
     groups = trial_groups(ens, dataset, split, mice, trials)
     name = ",".join(sorted(experiments))
     out = Path(out) if out else Path(workdir) / "insilico" / name / "reconstruct" / split
