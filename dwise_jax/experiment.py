@@ -13,7 +13,7 @@ import numpy as np
 
 from dwise_jax import atomic, checkpoint, report, submission
 from dwise_jax.data import folds
-from dwise_jax.data.sensorium import TEST_TIERS, DatasetError, Mouse, SensoriumDataset
+from dwise_jax.data.sensorium import NPY_LOCK, TEST_TIERS, DatasetError, Mouse, SensoriumDataset
 
 SPLITS = (*TEST_TIERS, "folds")
 MANIFEST = "manifest.json"
@@ -119,7 +119,8 @@ def write_trial(directory: Path, mouse: str, trial: int, prediction: np.ndarray)
 
 
 def read_trial(directory: Path, mouse: str, trial: int) -> np.ndarray:
-    return np.load(directory / mouse / f"{trial}.npy", allow_pickle=False)
+    with NPY_LOCK:
+        return np.load(directory / mouse / f"{trial}.npy", allow_pickle=False)
 
 
 def start(dataset: SensoriumDataset, workdir: str | Path, experiment: str,

@@ -26,7 +26,7 @@ from flax import nnx
 
 from dwise_jax import atomic, checkpoint, cli, process_env, stop
 from dwise_jax import config as config_lib
-from dwise_jax.data import windows
+from dwise_jax.data import sensorium, windows
 from dwise_jax.models.dwiseneuro import DwiseNeuro
 
 # Grain's worker processes read absl flags; tests run without absl.app.run.
@@ -85,7 +85,7 @@ def _load_fixture(name: str):
     path = FIXTURES / name
     if not path.exists():
         pytest.fail(f"fixture {path} is missing: it ships with the repository (tests/fixtures)")
-    with np.load(path, allow_pickle=False) as f:
+    with sensorium.NPY_LOCK, np.load(path, allow_pickle=False) as f:
         arrays = _Arrays((key, f[key]) for key in f.files)
     return arrays, json.loads(str(arrays["meta"]))
 

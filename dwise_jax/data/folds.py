@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from dwise_jax import atomic
-from dwise_jax.data.sensorium import first_nan
+from dwise_jax.data.sensorium import NPY_LOCK, first_nan
 
 NUM_FOLDS = 7
 HASHED_FRAMES = 5
@@ -112,7 +112,7 @@ def cache_file(mouse: Any) -> Path:
 
 def _read_cache(path: Path, stamp: tuple[int, int], num_trials: int) -> tuple[np.ndarray, ...]:
     """(hashes, hashed) from the cache; nothing hashed if it is missing, stale or malformed."""
-    with contextlib.suppress(Exception), np.load(path, allow_pickle=False) as f:
+    with NPY_LOCK, contextlib.suppress(Exception), np.load(path, allow_pickle=False) as f:
         if (int(f["version"]) == _CACHE_VERSION and tuple(f["stamp"].tolist()) == stamp
                 and f["hashes"].shape == f["hashed"].shape == (num_trials,)
                 and f["hashes"].dtype == np.uint64):

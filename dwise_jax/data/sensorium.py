@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -60,12 +61,19 @@ def first_nan(row: np.ndarray) -> int:
     return int(np.argmax(nan)) if nan.any() else int(nan.size)
 
 
+# np.load parses .npy headers with ast.literal_eval, not thread-safe in CPython 3.11: Grain's read
+# threads rarely raised "SystemError: AST constructor recursion depth mismatch" in our tests
+# (python/cpython#106905). Every .npy or .npz the package reads is opened under this lock.
+NPY_LOCK = threading.Lock()
+
+
 def load_npy(path: Path, ndim: int | None = None, what: str = "") -> np.ndarray:
     """Memory-maps one .npy file (with `ndim` dimensions, `what` naming them, if given)."""
     if not path.is_file():
         raise DatasetError(f"{path}: file is missing")
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        with NPY_LOCK:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         if isinstance(err, ValueError) and re.search("object|pickle", str(err), re.IGNORECASE):
             raise DatasetError(f"{path}: holds a pickled object array") from None

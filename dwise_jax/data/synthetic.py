@@ -16,7 +16,7 @@ from absl import flags
 
 from dwise_jax import cli
 from dwise_jax.data import simulated_v1 as v1
-from dwise_jax.data.sensorium import MODALITIES, TEST_TIERS, TIERS
+from dwise_jax.data.sensorium import MODALITIES, NPY_LOCK, TEST_TIERS, TIERS
 from dwise_jax.metrics import pearson_per_neuron
 
 DEFAULTS = {"mice": 5, "neurons": 100, "trials": 100, "frames": 300}
@@ -188,7 +188,8 @@ def load_truth(root: str | os.PathLike, mouse_name: str, trial_id: int, *,
         path = root / mouse_name / "data" / "responses" / name
     if not path.exists():
         raise FileNotFoundError(f"{path}: no simulated truth for this trial")
-    return np.load(path, allow_pickle=False)
+    with NPY_LOCK:
+        return np.load(path, allow_pickle=False)
 
 
 def define_flags(fv: flags.FlagValues) -> None:

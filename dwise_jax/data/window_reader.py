@@ -18,10 +18,6 @@ from dwise_jax.data.sensorium import DatasetError, Mouse
 # Memory maps kept open per process: more than the real dataset's ~28000 trial files (10 mice,
 # ~700 trials, 4 modalities) and well under Linux's default 65530 mappings per process.
 MAX_OPEN_ARRAYS = 32768
-# np.load parses .npy headers with ast.literal_eval, not thread-safe in CPython 3.11: Grain's read
-# threads rarely raised "SystemError: AST constructor recursion depth mismatch" in our tests
-# (python/cpython#106905). Opening is serialised per process, once per file (the maps are kept).
-_OPEN_LOCK = threading.Lock()
 
 
 class TrialArrays:
@@ -40,8 +36,7 @@ class TrialArrays:
             if (array := self._maps.get(key)) is not None:
                 self._maps.move_to_end(key)
                 return array
-        with _OPEN_LOCK:
-            array = mouse.load(modality, trial)
+        array = mouse.load(modality, trial)  # opens under sensorium.NPY_LOCK
         with self._lock:
             self._maps[key] = array
             while len(self._maps) > MAX_OPEN_ARRAYS:
@@ -84,8 +79,7 @@ def load_window(mouse: Mouse, trial: int, anchor: int, targets: bool = True,
     # Values far outside the dataset's own statistics stop here, before they reach a gradient.
     bounds = mouse.__dict__.get("_value_bounds")
     if bounds is None:  # the first window of this mouse in this process reads the statistics
-        with _OPEN_LOCK:  # np.load, see there
-            bounds = value_check.mouse_bounds(mouse)
+        bounds = value_check.mouse_bounds(mouse)
     value_check.check_window(bounds, mouse, trial, windows.window_indexes(anchor), frames,
                              traces, target)
     return frames, traces, target
