@@ -217,13 +217,6 @@ def _tap_sum(xp, kernel, strides):
     return acc
 
 
-def _valid_range(size, out, k, stride, pad):
-    """Output positions o with 0 <= o*stride + k - pad < size, as (first, count)."""
-    first = max(0, -(-(pad - k) // stride))
-    last = min(out - 1, (size - 1 + pad - k) // stride)
-    return first, max(0, last - first + 1)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise_taps(x, kernel, strides, padding):
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
@@ -231,12 +224,14 @@ def _depthwise_taps(x, kernel, strides, padding):
 
 
 def _depthwise_taps_fwd(x, kernel, strides, padding):
+    # x materialised once by an exact identity matmul: left alone, XLA:CPU recomputes the
+    # preceding BatchNorm + SiLU inside the pad and inside every slice of the backward.
+    x = pointwise(x, jnp.asarray(np.eye(x.shape[-1]), x.dtype))
     return _depthwise_taps(x, kernel, strides, padding), (x, kernel)
 
 
 def _depthwise_taps_bwd(strides, padding, residuals, g):
-    # dx is one transposed tap sum and dk reads x and g once per tap, materialising nothing
-    # (autodiff kept every shifted slice alive and accumulated dx tap by tap).
+    # dx is one transposed tap sum; dk reads x once per stride phase and g once per tap.
     x, kernel = residuals
     sizes, outs, ks = x.shape[1:4], g.shape[1:4], kernel.shape[:3]
     # dx = correlation of the stride-dilated, padded g with the flipped kernel.
@@ -247,18 +242,20 @@ def _depthwise_taps_bwd(strides, padding, residuals, g):
         config.append((lo, hi, strides[d] - 1))
     gp = lax.pad(g, jnp.zeros((), g.dtype), [*config, (0, 0, 0)])
     dx = _tap_sum(gp, kernel[::-1, ::-1, ::-1], (1, 1, 1)).astype(x.dtype)
-    # dk[a, b, c] = sum over batch and output positions of x[o*s + k - p] * g[o].
+    # dk[tap] = sum over o of x[o*s + tap - pad] * g[o] = sum over i of phase[i] * g[i - q],
+    # phase = x[p::s] and tap - pad = q*s + p, per axis; g shifted by q and zero-filled.
+    phases, shifted, gf = {}, {}, g.astype(jnp.float32)
     dk = jnp.zeros(kernel.shape, jnp.float32)
     for tap in itertools.product(*map(range, ks)):
-        xs, gs = x, g
-        for d, k in enumerate(tap):
-            first, count = _valid_range(sizes[d], outs[d], k, strides[d], padding[d][0])
-            start = first * strides[d] + k - padding[d][0]
-            xs = lax.slice_in_dim(xs, start, start + (count - 1) * strides[d] + 1, strides[d],
-                                  axis=d + 1)
-            gs = lax.slice_in_dim(gs, first, first + count, axis=d + 1)
-        dk = dk.at[tap].set(
-            jnp.sum(xs.astype(jnp.float32) * gs.astype(jnp.float32), axis=(0, 1, 2, 3)))
+        qp = [divmod(k - padding[d][0], strides[d]) for d, k in enumerate(tap)]
+        p = tuple(r for _, r in qp)
+        if p not in phases:
+            phases[p] = x[:, p[0]::strides[0], p[1]::strides[1], p[2]::strides[2]]
+        ph, key = phases[p], (p, *(q for q, _ in qp))
+        if key not in shifted:
+            config = [(q, ph.shape[1 + d] - outs[d] - q, 0) for d, (q, _) in enumerate(qp)]
+            shifted[key] = lax.pad(gf, jnp.zeros((), gf.dtype), [(0, 0, 0), *config, (0, 0, 0)])
+        dk = dk.at[tap].set(jnp.sum(ph.astype(jnp.float32) * shifted[key], axis=(0, 1, 2, 3)))
     return dx, dk.astype(kernel.dtype)
 
 
