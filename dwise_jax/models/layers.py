@@ -18,6 +18,7 @@ from jax import lax
 
 Dtype = jnp.dtype | type
 DEPTHWISE_IMPLS = ("auto", "taps", "lax")
+NARROW = 256  # depthwise layers below this many channels take the narrow backward
 
 
 def conv_init(key: jax.Array, shape: Sequence[int], fan_out: int) -> jax.Array:
@@ -224,12 +225,29 @@ def _depthwise_taps(x, kernel, strides, padding):
 
 
 def _depthwise_taps_fwd(x, kernel, strides, padding):
-    # Below 64 channels x is materialised once by an exact identity matmul: left alone,
+    # Below NARROW channels x is materialised once by an exact identity matmul: left alone,
     # XLA:CPU recomputes the preceding BatchNorm + SiLU inside the pad and inside every slice
-    # of the backward. (The full model's wider layers measured 0.94x with it.)
-    if x.shape[-1] < 64:
+    # of the backward. (The full model's layers, 448 channels and up, measured 0.94x with it.)
+    if x.shape[-1] < NARROW:
         x = pointwise(x, jnp.asarray(np.eye(x.shape[-1]), x.dtype))
+        if max(strides) > 1:  # the taps from the backward's phases: no full-size pad
+            return _phase_taps(x, kernel, strides, padding), (x, kernel)
     return _depthwise_taps(x, kernel, strides, padding), (x, kernel)
+
+
+def _phase_taps(x, kernel, strides, padding):
+    """The strided tap sum from x[p::s] per phase, each tap's slice zero-filled at output size."""
+    sizes, ks = x.shape[1:4], kernel.shape[:3]
+    outs = [(sizes[d] + sum(padding[d]) - ks[d]) // strides[d] + 1 for d in range(3)]
+    acc = None
+    for tap in itertools.product(*map(range, ks)):
+        qp = [divmod(k - padding[d][0], strides[d]) for d, k in enumerate(tap)]
+        xs = x[:, qp[0][1]::strides[0], qp[1][1]::strides[1], qp[2][1]::strides[2]]
+        config = [(-q, outs[d] + q - xs.shape[1 + d], 0) for d, (q, _) in enumerate(qp)]
+        xs = lax.pad(xs, jnp.zeros((), x.dtype), [(0, 0, 0), *config, (0, 0, 0)])
+        term = (xs * kernel[tap]).astype(jnp.float32)
+        acc = term if acc is None else acc + term
+    return acc.astype(x.dtype)
 
 
 def _depthwise_taps_bwd(strides, padding, residuals, g):
@@ -246,7 +264,7 @@ def _depthwise_taps_bwd(strides, padding, residuals, g):
     gp = lax.pad(g, jnp.zeros((), g.dtype), [*config, (0, 0, 0)])
     dx = _tap_sum(gp, kernel[::-1, ::-1, ::-1], (1, 1, 1)).astype(x.dtype)
     dk = jnp.zeros(kernel.shape, jnp.float32)
-    if x.shape[-1] >= 64:  # dk[tap] = sum over o of x[o*s + tap - pad] * g[o]
+    if x.shape[-1] >= NARROW:  # dk[tap] = sum over o of x[o*s + tap - pad] * g[o]
         for tap in itertools.product(*map(range, ks)):
             xs, gs = x, g
             for d, k in enumerate(tap):
@@ -259,7 +277,7 @@ def _depthwise_taps_bwd(strides, padding, residuals, g):
             dk = dk.at[tap].set(
                 jnp.sum(xs.astype(jnp.float32) * gs.astype(jnp.float32), axis=(0, 1, 2, 3)))
         return dx, dk.astype(kernel.dtype)
-    # Below 64 channels, the same sum over i of phase[i] * g[i - q]: phase = x[p::s] and
+    # Below NARROW channels, the same sum over i of phase[i] * g[i - q]: phase = x[p::s] and
     # tap - pad = q*s + p per axis, g shifted by q and zero-filled; x read once per phase.
     phases, shifted, gf = {}, {}, g.astype(jnp.float32)
     for tap in itertools.product(*map(range, ks)):
