@@ -41,7 +41,7 @@ _BN = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "runnin
 _BLOCK_CONVS = {"expand": ("conv_pw", "pointwise3d"), "spatial": ("spat_covn_dw", "spatial_dw"),
                 "temporal": ("temp_covn_dw", "temporal_dw"), "project": ("conv_pwl", "pointwise3d")}
 # `num_batches_tracked` (no counter is kept here) and `inv_freq` (recomputed by
-# `layers.pe_frequencies`) are accepted and ignored.
+# `dwiseneuro.pe_frequencies`) are accepted and ignored.
 _IGNORED = re.compile(r"(.*\.num_batches_tracked|core\.blocks\.\d*[02468]\.inv_freq)$")
 # layout -> (NNX array from PyTorch array and NNX shape, PyTorch array from NNX array)
 LAYOUTS = {

@@ -12,7 +12,7 @@ import torch
 from conftest import model_kwargs
 from flax import nnx
 
-from dwise_jax.models import layers
+from dwise_jax.models import dwiseneuro, layers
 from dwise_jax.models.dwiseneuro import DwiseNeuro, parameter_shares
 from dwise_jax.models.layers import (
     BatchNorm,
@@ -22,7 +22,6 @@ from dwise_jax.models.layers import (
     depthwise_conv3d,
     grouped_pointwise,
     nearest_downsample,
-    positional_encoding_3d,
     softplus,
     tile_channels,
 )
@@ -68,7 +67,7 @@ def test_nearest_downsample_matches_torch():
 
 def test_positional_encoding_layout():
     t, h, w, c = 4, 3, 5, 64
-    pe = positional_encoding_3d(t, h, w, c)
+    pe = dwiseneuro.positional_encoding_3d(t, h, w, c)
     assert pe.shape == (t, h, w, c) and pe.dtype == np.float32
     ch = 22  # ceil(64 / 6) * 2
     f = 10000.0 ** (-np.arange(0, ch, 2) / ch)
@@ -80,8 +79,8 @@ def test_positional_encoding_layout():
                      np.sin(k * f), np.cos(k * f)]
                 )
                 np.testing.assert_allclose(pe[i, j, k], full[:c], atol=1e-6)
-    assert layers.pe_frequencies(128).shape == (22,)
-    assert layers.pe_frequencies(256).shape == (43,)
+    assert dwiseneuro.pe_frequencies(128).shape == (22,)
+    assert dwiseneuro.pe_frequencies(256).shape == (43,)
 
 
 def test_channel_shuffle_matches_torch_view_transpose():

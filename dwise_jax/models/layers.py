@@ -311,35 +311,6 @@ def depthwise_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (
         dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=x.shape[-1])
 
 
-def pe_frequencies(channels: int) -> np.ndarray:
-    """inv_freq_k = 10000^(-2k/ch), ch = ceil(C/6)*2 bumped to even (22/44/86 for 64/128/256)."""
-    ch = int(math.ceil(channels / 6) * 2)
-    ch += ch % 2
-    return (1.0 / 10000 ** (np.arange(0, ch, 2, dtype=np.float64) / ch)).astype(np.float32)
-
-
-def positional_encoding_3d(time: int, height: int, width: int, channels: int) -> np.ndarray:
-    """The original's 3-D sinusoidal encoding, `(time, height, width, channels)` float32, a
-    NumPy constant: per axis T|H|W [sin(p*f_0..), cos(p*f_0..)] at integer positions p,
-    concatenated and cut to `channels`."""
-    f = pe_frequencies(channels)
-    ch = 2 * f.shape[0]
-    emb = np.zeros((time, height, width, 3 * ch), np.float32)
-    for axis, size in enumerate((time, height, width)):
-        arg = np.arange(size, dtype=np.float32)[:, None] * f[None, :]
-        shape = [1, 1, 1, ch]
-        shape[axis] = size
-        emb[..., axis * ch : (axis + 1) * ch] = np.concatenate(
-            [np.sin(arg), np.cos(arg)], axis=-1).reshape(shape)
-    return emb[..., :channels]
-
-
-def add_positional_encoding(x: jax.Array) -> jax.Array:
-    """x + PE3d for x's own (time, height, width, channels)."""
-    _, t, h, w, c = x.shape
-    return x + jnp.asarray(positional_encoding_3d(t, h, w, c), dtype=x.dtype)
-
-
 class SqueezeExcite(nnx.Module):
     """Mean over (time, height, width) -> 1x1 reduce + SiLU -> 1x1 expand + sigmoid -> gate."""
 
