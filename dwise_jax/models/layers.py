@@ -18,7 +18,7 @@ from jax import lax
 
 Dtype = jnp.dtype | type
 DEPTHWISE_IMPLS = ("auto", "taps", "lax")
-NARROW = 256  # depthwise layers below this many channels take the narrow backward
+NARROW = 256  # depthwise layers below this many channels take the narrow path (_depthwise_taps_fwd)
 
 
 def conv_init(key: jax.Array, shape: Sequence[int], fan_out: int) -> jax.Array:
