@@ -235,15 +235,25 @@ def _depthwise_taps_fwd(x, kernel, strides, padding):
     return _depthwise_taps(x, kernel, strides, padding), (x, kernel)
 
 
+def _tap_phase(tap, strides, padding):
+    """(p, q), per axis tap - pad = q*s + p: the tap reads x[p::s] shifted by q."""
+    qp = [divmod(k - padding[d][0], strides[d]) for d, k in enumerate(tap)]
+    return tuple(r for _, r in qp), tuple(q for q, _ in qp)
+
+
+def _phase_slice(x, p, strides):
+    return x[:, p[0]::strides[0], p[1]::strides[1], p[2]::strides[2]]
+
+
 def _phase_taps(x, kernel, strides, padding):
     """The strided tap sum from x[p::s] per phase, each tap's slice zero-filled at output size."""
     sizes, ks = x.shape[1:4], kernel.shape[:3]
     outs = [(sizes[d] + sum(padding[d]) - ks[d]) // strides[d] + 1 for d in range(3)]
     acc = None
     for tap in itertools.product(*map(range, ks)):
-        qp = [divmod(k - padding[d][0], strides[d]) for d, k in enumerate(tap)]
-        xs = x[:, qp[0][1]::strides[0], qp[1][1]::strides[1], qp[2][1]::strides[2]]
-        config = [(-q, outs[d] + q - xs.shape[1 + d], 0) for d, (q, _) in enumerate(qp)]
+        p, q = _tap_phase(tap, strides, padding)
+        xs = _phase_slice(x, p, strides)
+        config = [(-q[d], outs[d] + q[d] - xs.shape[1 + d], 0) for d in range(3)]
         xs = lax.pad(xs, jnp.zeros((), x.dtype), [(0, 0, 0), *config, (0, 0, 0)])
         term = (xs * kernel[tap]).astype(jnp.float32)
         acc = term if acc is None else acc + term
@@ -281,13 +291,12 @@ def _depthwise_taps_bwd(strides, padding, residuals, g):
     # tap - pad = q*s + p per axis, g shifted by q and zero-filled; x read once per phase.
     phases, shifted, gf = {}, {}, g.astype(jnp.float32)
     for tap in itertools.product(*map(range, ks)):
-        qp = [divmod(k - padding[d][0], strides[d]) for d, k in enumerate(tap)]
-        p = tuple(r for _, r in qp)
+        p, q = _tap_phase(tap, strides, padding)
         if p not in phases:
-            phases[p] = x[:, p[0]::strides[0], p[1]::strides[1], p[2]::strides[2]]
-        ph, key = phases[p], (p, *(q for q, _ in qp))
+            phases[p] = _phase_slice(x, p, strides)
+        ph, key = phases[p], (p, q)
         if key not in shifted:
-            config = [(q, ph.shape[1 + d] - outs[d] - q, 0) for d, (q, _) in enumerate(qp)]
+            config = [(q[d], ph.shape[1 + d] - outs[d] - q[d], 0) for d in range(3)]
             shifted[key] = lax.pad(gf, jnp.zeros((), gf.dtype), [(0, 0, 0), *config, (0, 0, 0)])
         dk = dk.at[tap].set(jnp.sum(ph.astype(jnp.float32) * shifted[key], axis=(0, 1, 2, 3)))
     return dx, dk.astype(kernel.dtype)
