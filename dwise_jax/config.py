@@ -45,7 +45,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # neuron's mean response at the start; for short runs, see dwise_jax/readout_bias.py).
     config.model.readout_bias_init = "zeros"
     # How (not what) depthwise convolutions compute: "auto" (the tap sum on CPU, XLA's grouped
-    # convolution on GPU/TPU, resolved where the model runs; models/layers.py), "taps", "lax".
+    # convolution on GPU/TPU, resolved where the model runs; models/depthwise.py), "taps", "lax".
     config.model.depthwise_impl = "auto"
     # The middle rows of the 64-row input canvas that the core sees: 64 (all, the original) or
     # fewer, down to 36 (the video's own rows, without the zero rows above and below: the demo's

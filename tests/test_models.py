@@ -13,13 +13,13 @@ from conftest import model_kwargs
 from flax import nnx
 
 from dwise_jax.models import dwiseneuro, layers
+from dwise_jax.models.depthwise import depthwise_conv3d
 from dwise_jax.models.dwiseneuro import DwiseNeuro, parameter_shares
 from dwise_jax.models.layers import (
     BatchNorm,
     ChannelDropout,
     DropPath,
     channel_shuffle,
-    depthwise_conv3d,
     grouped_pointwise,
     nearest_downsample,
     softplus,
@@ -201,6 +201,39 @@ def test_batch_norm_matches_torch_train_and_eval():
     for a, b in zip(jax.vjp(fused, xj, scale, bias)[1](g), jax.vjp(plain, xj, scale, bias)[1](g),
                     strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("silu", [True, False])
+def test_pointwise_batch_norm_matches_torch(silu):
+    """BatchNorm(x, kernel=W) below NARROW outputs: the fused op (statistics from x's Gram
+    matrix) against PyTorch's 1x1 matmul + BatchNorm (+ SiLU) with autograd."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(3.0, 2.0, size=(2, 3, 4, 4, 5)).astype(np.float32)  # off-centre input
+    w = rng.normal(0.0, 0.5, size=(5, 12)).astype(np.float32)
+    g = rng.normal(size=(2, 3, 4, 4, 12)).astype(np.float32)
+    bn = BatchNorm(12)
+    bn.scale[...] = jnp.asarray(rng.normal(1.0, 0.3, size=12).astype(np.float32))
+    bn.bias[...] = jnp.asarray(rng.normal(size=12).astype(np.float32))
+    scale, bias = bn.scale[...], bn.bias[...]
+    y = bn(jnp.asarray(x), silu=silu, kernel=jnp.asarray(w))
+    fused = lambda *a: layers._pointwise_batch_norm(*a, bn.epsilon, silu)[0]
+    y_vjp, vjp = jax.vjp(fused, jnp.asarray(x), jnp.asarray(w), scale, bias)
+    np.testing.assert_array_equal(np.asarray(y_vjp), np.asarray(y))
+    ref = torch.nn.BatchNorm3d(12)
+    tensors = [torch.tensor(np.asarray(a), requires_grad=True) for a in (x, w, scale, bias)]
+    with torch.no_grad():
+        ref.weight.copy_(tensors[2])
+        ref.bias.copy_(tensors[3])
+    z = (tensors[0] @ tensors[1]).permute(0, 4, 1, 2, 3)
+    z = torch.nn.functional.batch_norm(z, ref.running_mean, ref.running_var, tensors[2],
+                                       tensors[3], training=True)
+    y_ref = (torch.nn.functional.silu(z) if silu else z).permute(0, 2, 3, 4, 1)
+    np.testing.assert_allclose(np.asarray(y), y_ref.detach().numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(bn.mean[...]), ref.running_mean.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(bn.var[...]), ref.running_var.numpy(), rtol=1e-4)
+    y_ref.backward(torch.from_numpy(g))
+    for ours, theirs in zip(vjp(jnp.asarray(g)), tensors, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), theirs.grad.numpy(), rtol=1e-3, atol=1e-3)
 
 
 def test_channel_dropout_drops_whole_channels():

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dwise_jax.models import layers
+from dwise_jax.models import depthwise, layers
 from dwise_jax.models.grouped_readouts import grouped_readouts
 
 
@@ -74,14 +74,14 @@ class InvertedResidual3d(nnx.Module):
         """`(batch, time, h, w, c_in)` -> `(batch, time, ceil(h/s), ceil(w/s), c_out)`."""
         dt, s = x.dtype, self.stride
         k, kt = self.spatial_kernel.shape[0], self.temporal_kernel.shape[0]
-        y = self.expand_bn(layers.pointwise(x, self.expand_kernel[...]), silu=True)
-        y = layers.depthwise_conv3d(y, self.spatial_kernel[...].astype(dt)[None], (1, s, s),
-                                    ((0, 0), (k // 2, k // 2), (k // 2, k // 2)),
-                                    self.depthwise_impl)
+        y = self.expand_bn(x, silu=True, kernel=self.expand_kernel[...])
+        y = depthwise.depthwise_conv3d(y, self.spatial_kernel[...].astype(dt)[None], (1, s, s),
+                                       ((0, 0), (k // 2, k // 2), (k // 2, k // 2)),
+                                       self.depthwise_impl)
         y = self.spatial_bn(y, silu=True)
-        y = layers.depthwise_conv3d(y, self.temporal_kernel[...].astype(dt)[:, None, None, :],
-                                    padding=((kt // 2, kt // 2), (0, 0), (0, 0)),
-                                    impl=self.depthwise_impl)
+        y = depthwise.depthwise_conv3d(y, self.temporal_kernel[...].astype(dt)[:, None, None, :],
+                                       padding=((kt // 2, kt // 2), (0, 0), (0, 0)),
+                                       impl=self.depthwise_impl)
         y = self.se(self.temporal_bn(y, silu=True))
         y = self.project_bn(layers.pointwise(y, self.project_kernel[...]))
         shortcut = layers.tile_channels(layers.nearest_downsample(x, s), self.out_features)
@@ -107,7 +107,7 @@ class Core(nnx.Module):
             for i in range(n)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.stem_bn(layers.pointwise(x, self.stem_kernel[...]))
+        x = self.stem_bn(x, kernel=self.stem_kernel[...])
         for block in self.blocks:
             x = block(add_positional_encoding(x))
         return x
@@ -179,7 +179,7 @@ class DwiseNeuro(nnx.Module):
                  softplus_beta: float, drop_rate: float, drop_path_rate: float,
                  depthwise_impl: str, canvas_rows: int, dtype: layers.Dtype = jnp.float32,
                  rngs: nnx.Rngs):
-        layers.resolve_impl(depthwise_impl)  # an unknown name fails here, not at the first trace
+        depthwise.resolve_impl(depthwise_impl)  # an unknown name fails here, not at the first trace
         self.dtype, self.depthwise_impl, self.canvas_rows = dtype, depthwise_impl, canvas_rows
         self.readout_outputs = tuple(int(n) for n in readout_outputs)
         self.core = Core(in_channels=in_channels, features=tuple(core_features),

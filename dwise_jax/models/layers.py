@@ -5,7 +5,6 @@ compute dtype, BatchNorm statistics and softplus float32.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -17,8 +16,7 @@ from flax import nnx
 from jax import lax
 
 Dtype = jnp.dtype | type
-DEPTHWISE_IMPLS = ("auto", "taps", "lax")
-NARROW = 256  # depthwise layers below this many channels take the narrow path (_depthwise_taps_fwd)
+NARROW = 256  # layers below this many channels take the narrow paths (BatchNorm, depthwise.py)
 
 
 def conv_init(key: jax.Array, shape: Sequence[int], fan_out: int) -> jax.Array:
@@ -72,6 +70,61 @@ def _batch_norm_train_bwd(epsilon, silu, residuals, cotangents):
 _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _pointwise_batch_norm(x, kernel, scale, bias, epsilon, silu):
+    """Train-mode BatchNorm(+ SiLU) of pointwise(x, kernel), (y, mean, var) as
+    `_batch_norm_train`, for narrow inputs: the statistics come from x's channel sums and Gram
+    matrix (no passes over the wider x @ kernel), the normalisation folded into the kernel."""
+    return _pointwise_batch_norm_fwd(x, kernel, scale, bias, epsilon, silu)[0]
+
+
+def _pointwise_stats(x2, kernel):
+    n, f32 = x2.shape[0], jnp.float32
+    mx = jnp.sum(x2, axis=0, dtype=f32) / n
+    gram = lax.dot_general(x2, x2, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+    cov = gram / n - jnp.outer(mx, mx)  # x's channel covariance
+    return mx, cov, mx @ kernel, jnp.maximum(jnp.sum(kernel * (cov @ kernel), axis=0), 0.0)
+
+
+def _pointwise_batch_norm_fwd(x, kernel, scale, bias, epsilon, silu):
+    x2 = x.reshape(-1, x.shape[-1])
+    mx, cov, mean, var = _pointwise_stats(x2, kernel)
+    inv = lax.rsqrt(var + epsilon)
+    a = scale * inv
+    # The residual is the dot's output: XLA fuses the shift and SiLU into their consumers.
+    z, shift = jnp.dot(x2, (kernel * a).astype(x.dtype)), (bias - mean * a).astype(x.dtype)
+    u = z + shift
+    y = (nnx.silu(u) if silu else u).reshape(*x.shape[:-1], -1)
+    return (y, mean, var), (x, kernel, scale, (z, shift) if silu else None, mx, cov, mean, inv)
+
+
+def _pointwise_batch_norm_bwd(epsilon, silu, residuals, cotangents):
+    # With z = x @ W: sum(du * zhat) = inv * diag(W^T xc^T du), x^T zhat = n * cov @ W * inv and
+    # zhat @ W^T = (x @ W - mean) * inv @ W^T, so every full-size pass reads x or du only.
+    x, kernel, scale, zs, mx, cov, mean, inv = residuals
+    x2, n, f32 = x.reshape(-1, x.shape[-1]), math.prod(x.shape[:-1]), jnp.float32
+    du = cotangents[0].reshape(x2.shape[0], -1).astype(f32)
+    if silu:
+        z, shift = lax.optimization_barrier(zs)  # no CSE with the forward's sigmoid
+        du = du * _silu_grad((z + shift).astype(f32))
+    dbias = jnp.sum(du, axis=0)
+    du = du.astype(x.dtype)
+    m = lax.dot_general(x2, du, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+    mc = m - jnp.outer(mx, dbias)
+    dscale = inv * jnp.sum(kernel * mc, axis=0)
+    a = scale * inv
+    b = inv * a * dscale / n
+    dkernel = a * (mc - (cov @ kernel) * inv * dscale)
+    const = (b * mean - a * dbias / n) @ kernel.T
+    dx = (jnp.dot(du, (kernel * a).T.astype(x.dtype), preferred_element_type=f32)
+          - jnp.dot(x2, ((kernel * b) @ kernel.T).astype(x.dtype), preferred_element_type=f32)
+          + const)
+    return dx.astype(x.dtype).reshape(x.shape), dkernel, dscale, dbias
+
+
+_pointwise_batch_norm.defvjp(_pointwise_batch_norm_fwd, _pointwise_batch_norm_bwd)
+
+
 class BatchNorm(nnx.Module):
     """PyTorch's BatchNorm{1,3}d over every axis but the last, optionally fused with SiLU, in
     float32; PyTorch momentum 0.1 is `momentum=0.9` here (docs/original.md#batchnorm-momentum)."""
@@ -85,13 +138,24 @@ class BatchNorm(nnx.Module):
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
 
-    def __call__(self, x: jax.Array, *, silu: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *, silu: bool = False,
+                 kernel: jax.Array | None = None) -> jax.Array:
+        """BN(x), or with `kernel` BN(pointwise(x, kernel)) (below NARROW outputs in training,
+        one fused op that never materialises the pointwise output)."""
+        if kernel is not None and (self.use_running_average or kernel.shape[-1] >= NARROW):
+            x, kernel = pointwise(x, kernel), None
+        if kernel is not None:
+            y, mean, var = _pointwise_batch_norm(x, kernel, self.scale[...], self.bias[...],
+                                                 self.epsilon, silu)
+            return self._update(mean, var, math.prod(x.shape[:-1]), y)
         if self.use_running_average:
             inv = lax.rsqrt(self.var[...] + self.epsilon) * self.scale[...]
             z = (x.astype(jnp.float32) - self.mean[...]) * inv + self.bias[...]
             return (nnx.silu(z) if silu else z).astype(x.dtype)
         y, mean, var = _batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon, silu)
-        n = math.prod(x.shape[:-1])
+        return self._update(mean, var, math.prod(x.shape[:-1]), y)
+
+    def _update(self, mean, var, n, y):
         unbiased = lax.stop_gradient(var) * (n / max(n - 1, 1))
         m = self.momentum
         self.mean[...] = m * self.mean[...] + (1.0 - m) * lax.stop_gradient(mean)
@@ -188,136 +252,6 @@ def nearest_downsample(x: jax.Array, stride: int) -> jax.Array:
             index = np.floor(np.arange(out) * (size / out)).astype(np.int32)
             x = jnp.take(x, index, axis=axis)
     return x
-
-
-# Depthwise 3-D convolutions, tap sums or XLA's grouped one (docs/design.md#depthwise-convolutions)
-
-
-def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
-    """"taps" or "lax": `impl` itself, or for "auto" "taps" on CPU (where XLA's grouped
-    convolution is very slow) and "lax" on any other `backend` (default: JAX's default)."""
-    if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(
-            f"unknown depthwise implementation {impl!r}; expected one of {DEPTHWISE_IMPLS}")
-    if impl != "auto":
-        return impl
-    return "taps" if (backend or jax.default_backend()) == "cpu" else "lax"
-
-
-def _tap_sum(xp, kernel, strides):
-    """sum over taps (a, b, c) of xp[:, a::st, b::sh, c::sw][:out] * kernel[a, b, c]: a valid
-    (unpadded) depthwise correlation, accumulated in float32."""
-    out = [(xp.shape[1 + d] - kernel.shape[d]) // strides[d] + 1 for d in range(3)]
-    acc = None
-    for tap in itertools.product(*map(range, kernel.shape[:3])):
-        limit = [k + (o - 1) * s + 1 for k, o, s in zip(tap, out, strides, strict=True)]
-        sliced = lax.slice(xp, (0, *tap, 0), (xp.shape[0], *limit, xp.shape[4]),
-                           (1, *strides, 1))
-        term = (sliced * kernel[tap]).astype(jnp.float32)
-        acc = term if acc is None else acc + term
-    return acc
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _depthwise_taps(x, kernel, strides, padding):
-    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    return _tap_sum(xp, kernel, strides).astype(x.dtype)
-
-
-def _depthwise_taps_fwd(x, kernel, strides, padding):
-    # Below NARROW channels x is materialised once by an exact identity matmul: left alone,
-    # XLA:CPU recomputes the preceding BatchNorm + SiLU inside the pad and inside every slice
-    # of the backward. (The full model's layers, 448 channels and up, measured 0.94x with it.)
-    if x.shape[-1] < NARROW:
-        x = pointwise(x, jnp.asarray(np.eye(x.shape[-1]), x.dtype))
-        if max(strides) > 1:  # the taps from the backward's phases: no full-size pad
-            return _phase_taps(x, kernel, strides, padding), (x, kernel)
-    return _depthwise_taps(x, kernel, strides, padding), (x, kernel)
-
-
-def _tap_phase(tap, strides, padding):
-    """(p, q), per axis tap - pad = q*s + p: the tap reads x[p::s] shifted by q."""
-    qp = [divmod(k - padding[d][0], strides[d]) for d, k in enumerate(tap)]
-    return tuple(r for _, r in qp), tuple(q for q, _ in qp)
-
-
-def _phase_slice(x, p, strides):
-    return x[:, p[0]::strides[0], p[1]::strides[1], p[2]::strides[2]]
-
-
-def _phase_taps(x, kernel, strides, padding):
-    """The strided tap sum from x[p::s] per phase, each tap's slice zero-filled at output size."""
-    sizes, ks = x.shape[1:4], kernel.shape[:3]
-    outs = [(sizes[d] + sum(padding[d]) - ks[d]) // strides[d] + 1 for d in range(3)]
-    acc = None
-    for tap in itertools.product(*map(range, ks)):
-        p, q = _tap_phase(tap, strides, padding)
-        xs = _phase_slice(x, p, strides)
-        config = [(-q[d], outs[d] + q[d] - xs.shape[1 + d], 0) for d in range(3)]
-        xs = lax.pad(xs, jnp.zeros((), x.dtype), [(0, 0, 0), *config, (0, 0, 0)])
-        term = (xs * kernel[tap]).astype(jnp.float32)
-        acc = term if acc is None else acc + term
-    return acc.astype(x.dtype)
-
-
-def _depthwise_taps_bwd(strides, padding, residuals, g):
-    # dx is one transposed tap sum and dk one reduction per tap, materialising nothing
-    # (autodiff kept every shifted slice alive and accumulated dx tap by tap).
-    x, kernel = residuals
-    sizes, outs, ks = x.shape[1:4], g.shape[1:4], kernel.shape[:3]
-    # dx = correlation of the stride-dilated, padded g with the flipped kernel.
-    config = [(0, 0, 0)]
-    for d in range(3):
-        lo = ks[d] - 1 - padding[d][0]
-        hi = sizes[d] + ks[d] - 1 - lo - ((outs[d] - 1) * strides[d] + 1)
-        config.append((lo, hi, strides[d] - 1))
-    gp = lax.pad(g, jnp.zeros((), g.dtype), [*config, (0, 0, 0)])
-    dx = _tap_sum(gp, kernel[::-1, ::-1, ::-1], (1, 1, 1)).astype(x.dtype)
-    dk = jnp.zeros(kernel.shape, jnp.float32)
-    if x.shape[-1] >= NARROW:  # dk[tap] = sum over o of x[o*s + tap - pad] * g[o]
-        for tap in itertools.product(*map(range, ks)):
-            xs, gs = x, g
-            for d, k in enumerate(tap):
-                first = max(0, -(-(padding[d][0] - k) // strides[d]))
-                last = min(outs[d] - 1, (sizes[d] - 1 + padding[d][0] - k) // strides[d])
-                start = first * strides[d] + k - padding[d][0]
-                xs = lax.slice_in_dim(xs, start, start + max(0, (last - first) * strides[d] + 1),
-                                      strides[d], axis=d + 1)
-                gs = lax.slice_in_dim(gs, first, last + 1, axis=d + 1)
-            dk = dk.at[tap].set(
-                jnp.sum(xs.astype(jnp.float32) * gs.astype(jnp.float32), axis=(0, 1, 2, 3)))
-        return dx, dk.astype(kernel.dtype)
-    # Below NARROW channels, the same sum over i of phase[i] * g[i - q]: phase = x[p::s] and
-    # tap - pad = q*s + p per axis, g shifted by q and zero-filled; x read once per phase.
-    phases, shifted, gf = {}, {}, g.astype(jnp.float32)
-    for tap in itertools.product(*map(range, ks)):
-        p, q = _tap_phase(tap, strides, padding)
-        if p not in phases:
-            phases[p] = _phase_slice(x, p, strides)
-        ph, key = phases[p], (p, q)
-        if key not in shifted:
-            config = [(q[d], ph.shape[1 + d] - outs[d] - q[d], 0) for d in range(3)]
-            shifted[key] = lax.pad(gf, jnp.zeros((), gf.dtype), [(0, 0, 0), *config, (0, 0, 0)])
-        dk = dk.at[tap].set(jnp.sum(ph.astype(jnp.float32) * shifted[key], axis=(0, 1, 2, 3)))
-    return dx, dk.astype(kernel.dtype)
-
-
-_depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
-
-
-def depthwise_conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1),
-                     padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0), (0, 0)),
-                     impl: str = "auto") -> jax.Array:
-    """Depthwise 3-D convolution with explicit, symmetric zero padding (PyTorch
-    `groups=channels`): `x` `(batch, time, height, width, channels)`, `kernel`
-    `(kt, kh, kw, channels)` in the compute dtype, `impl` "taps", "lax" or "auto"."""
-    impl, strides = resolve_impl(impl), tuple(strides)
-    padding = tuple(tuple(p) for p in padding)
-    if impl == "taps":
-        return _depthwise_taps(x, kernel, strides, padding)
-    return lax.conv_general_dilated(
-        x, kernel[:, :, :, None, :], window_strides=strides, padding=padding,
-        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=x.shape[-1])
 
 
 class SqueezeExcite(nnx.Module):
