@@ -21,8 +21,8 @@ from flax import nnx
 
 from dwise_jax import config as config_lib
 from dwise_jax import optim, process_env, sharding, train_step
-from dwise_jax.models.dwiseneuro import DwiseNeuro, count_parameters
 from dwise_jax.models.depthwise import resolve_impl
+from dwise_jax.models.dwiseneuro import DwiseNeuro, count_parameters
 
 ORIGINAL_SAMPLES_PER_S = 35  # the original, fp16 autocast, one RTX A6000 (configs/true_batch.py)
 TINY_NEURONS = (37, 41, 29)  # --tiny: common.TINY_MODEL with three small readouts

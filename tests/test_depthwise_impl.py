@@ -12,8 +12,8 @@ from flax import nnx
 
 from dwise_jax import checkpoint
 from dwise_jax import config as config_lib
-from dwise_jax.models.dwiseneuro import DwiseNeuro
 from dwise_jax.models.depthwise import resolve_impl
+from dwise_jax.models.dwiseneuro import DwiseNeuro
 
 
 def _run(arrays, meta, impl: str):
