@@ -16,7 +16,7 @@ def apply(graphdef: Any, states: tuple, frames, traces, readout: int | jax.Array
     `readout` gives (B, 16, N) of that readout; a (B,) array each window's own mouse's readout,
     (B, 16, max N), zero past the mouse's neurons."""
     model = nnx.merge(graphdef, *states)
-    features = model.features(windows.expand_inputs(frames, traces))
+    features = model.features(windows.expand_inputs(frames, traces, rows=model.canvas_rows))
     if isinstance(readout, int):
         return model.readouts[readout](features)
     return model.own_readouts(features, readout)

@@ -48,12 +48,14 @@ class Trainer:
         self.eval_def = nnx.split(model, nnx.Param, nnx.BatchStat, ...)[0]
         model.train()
         self._initial = (nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats))
+        self.canvas_rows = model.canvas_rows  # the input rows built: the model's, or the teacher's
         self.teacher_def = self.teacher_weights = None
         if teacher is not None:
             if list(teacher.readout_outputs) != list(model.readout_outputs):
                 raise ValueError(f"the teacher's readouts {list(teacher.readout_outputs)} differ "
                                  f"from the student's {list(model.readout_outputs)}")
             teacher.eval()
+            self.canvas_rows = max(self.canvas_rows, teacher.canvas_rows)
             self.teacher_def, t_params, t_stats, t_rest = nnx.split(
                 teacher, nnx.Param, nnx.BatchStat, ...)
             self.teacher_rest = nnx.to_pure_dict(t_rest)
@@ -104,8 +106,8 @@ class Trainer:
         (`self.teacher_weights`) exactly when distilling."""
         if (teacher_weights is None) == self.distills:
             raise ValueError("teacher_weights must be given exactly when the Trainer distills")
-        data = {"x": device_inputs(batch), "targets": batch["targets"], "mouse": batch["mouse"],
-                "neuron_mask": batch["neuron_mask"]}
+        data = {"x": device_inputs(batch, self.canvas_rows), "targets": batch["targets"],
+                "mouse": batch["mouse"], "neuron_mask": batch["neuron_mask"]}
         key = jax.random.fold_in(jax.random.key(self.seed), state["step"])
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
 

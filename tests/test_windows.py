@@ -109,6 +109,10 @@ def test_cutmix_equals_fixture(pipeline_fixture, seed):
     for xp in (np, windows.jnp):
         x = windows.expand_inputs(frames, traces1, box, traces2, xp=xp)
         np.testing.assert_array_equal(np.asarray(x), _cl(f[f"cutmix/seed{seed}/inputs"]))
+        for rows in (36, 50):  # a model's canvas_rows: the canvas's middle rows only
+            top = (64 - rows) // 2
+            part = windows.expand_inputs(frames, traces1, box, traces2, xp=xp, rows=rows)
+            np.testing.assert_array_equal(np.asarray(part), np.asarray(x)[:, top:top + rows])
     expected = f[f"cutmix/seed{seed}/target"].T
     assert np.abs(y - expected).max() / np.abs(expected).max() < 1e-5
 

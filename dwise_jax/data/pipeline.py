@@ -243,8 +243,10 @@ def decode_state(encoded: np.ndarray | str | bytes) -> dict[str, Any]:
     return json.loads(encoded)
 
 
-def device_inputs(batch: Mapping[str, jax.Array | np.ndarray]) -> jax.Array:
-    """The model input of a batch of any stream: (B, 16, 64, 64, 5) float32, jit-able; for a
-    training batch (one with a `box`) the CutMix partner's trace planes inside the box."""
+def device_inputs(batch: Mapping[str, jax.Array | np.ndarray],
+                  rows: int = windows.CANVAS) -> jax.Array:
+    """The model input of a batch of any stream: (B, 16, rows, 64, 5) float32 (the canvas's
+    middle rows), jit-able; for a training batch (one with a `box`) the CutMix partner's trace
+    planes inside the box."""
     return windows.expand_inputs(batch["frames"], batch["traces"], batch.get("box"),
-                                 batch.get("partner_traces"))
+                                 batch.get("partner_traces"), rows=rows)

@@ -70,18 +70,21 @@ def compact_window(video: np.ndarray, behavior: np.ndarray, pupil_center: np.nda
     return frames, traces
 
 
-def expand_inputs(frames, traces, box=None, partner_traces=None, xp=jnp):
-    """Model inputs from compact arrays: (..., 16, 36, 64) and (..., 16, 4) -> (..., 16, 64, 64, 5):
+def expand_inputs(frames, traces, box=None, partner_traces=None, xp=jnp, rows=CANVAS):
+    """Model inputs from compact arrays: (..., 16, 36, 64), (..., 16, 4) -> (..., 16, rows, 64, 5):
     the frame in rows 14..49 of a zero canvas, four constant planes; inside a CutMix `box`
-    (..., 4) the planes of `partner_traces`. `xp` is jax.numpy (the default) or numpy."""
+    (..., 4) the planes of `partner_traces`. `xp` is jax.numpy (the default) or numpy. `rows`
+    (even, 36..64) builds only the canvas's middle rows, what a model of `canvas_rows` sees."""
     frames = xp.asarray(frames, dtype=xp.float32)
     traces = xp.asarray(traces, dtype=xp.float32)
-    lead = frames.shape[:-2]
-    pad = [(0, 0)] * len(lead) + [(TOP, CANVAS - VIDEO_HEIGHT - TOP), (0, CANVAS - VIDEO_WIDTH)]
+    lead, top = frames.shape[:-2], (CANVAS - rows) // 2
+    pad = [(0, 0)] * len(lead) + [(TOP - top, top + rows - TOP - VIDEO_HEIGHT),
+                                  (0, CANVAS - VIDEO_WIDTH)]
     video = xp.pad(frames, pad)[..., None]
-    planes = xp.broadcast_to(traces[..., None, None, :], (*lead, CANVAS, CANVAS, 4))
+    planes = xp.broadcast_to(traces[..., None, None, :], (*lead, rows, CANVAS, 4))
     if box is not None:
-        inside = box_mask(box, xp.arange(CANVAS), xp.arange(CANVAS), xp)[..., None, :, :, None]
+        inside = box_mask(box, xp.arange(top, top + rows), xp.arange(CANVAS), xp)
+        inside = inside[..., None, :, :, None]
         planes = xp.where(inside, xp.asarray(partner_traces)[..., None, None, :], planes)
     return xp.concatenate([video, planes], axis=-1)
 

@@ -73,53 +73,48 @@ _batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _pointwise_batch_norm(x, kernel, scale, bias, epsilon, silu):
     """Train-mode BatchNorm(+ SiLU) of pointwise(x, kernel), (y, mean, var) as
-    `_batch_norm_train`, for narrow inputs: the statistics come from x's channel sums and Gram
-    matrix (no passes over the wider x @ kernel), the normalisation folded into the kernel."""
+    `_batch_norm_train`, for narrow inputs: the statistics come from x's channel means and
+    covariance (no passes over the wider x @ kernel), the normalisation folded into the kernel."""
     return _pointwise_batch_norm_fwd(x, kernel, scale, bias, epsilon, silu)[0]
 
 
-def _pointwise_stats(x2, kernel):
-    n, f32 = x2.shape[0], jnp.float32
-    mx = jnp.sum(x2, axis=0, dtype=f32) / n
-    gram = lax.dot_general(x2, x2, (((0,), (0,)), ((), ())), preferred_element_type=f32)
-    cov = gram / n - jnp.outer(mx, mx)  # x's channel covariance
-    return mx, cov, mx @ kernel, jnp.maximum(jnp.sum(kernel * (cov @ kernel), axis=0), 0.0)
-
-
 def _pointwise_batch_norm_fwd(x, kernel, scale, bias, epsilon, silu):
-    x2 = x.reshape(-1, x.shape[-1])
-    mx, cov, mean, var = _pointwise_stats(x2, kernel)
+    # x is centred first: a covariance from uncentred sums loses the variance of inputs far from
+    # zero (raw pixels and behaviour at the stem) to round-off.
+    n, f32 = math.prod(x.shape[:-1]), jnp.float32
+    mx = jnp.mean(x.reshape(n, -1), axis=0, dtype=f32)
+    xc = (x.reshape(n, -1) - mx).astype(x.dtype)
+    cov = lax.dot_general(xc, xc, (((0,), (0,)), ((), ())), preferred_element_type=f32) / n
+    mean, var = mx @ kernel, jnp.maximum(jnp.sum(kernel * (cov @ kernel), axis=0), 0.0)
     inv = lax.rsqrt(var + epsilon)
-    a = scale * inv
-    # The residual is the dot's output: XLA fuses the shift and SiLU into their consumers.
-    z, shift = jnp.dot(x2, (kernel * a).astype(x.dtype)), (bias - mean * a).astype(x.dtype)
-    u = z + shift
+    # The residual is the dot's output: XLA fuses the bias and SiLU into their consumers.
+    z = jnp.dot(xc, (kernel * (scale * inv)).astype(x.dtype))
+    u = z + bias.astype(x.dtype)
     y = (nnx.silu(u) if silu else u).reshape(*x.shape[:-1], -1)
-    return (y, mean, var), (x, kernel, scale, (z, shift) if silu else None, mx, cov, mean, inv)
+    return (y, mean, var), (xc, kernel, scale, bias, z if silu else None, cov, inv)
 
 
 def _pointwise_batch_norm_bwd(epsilon, silu, residuals, cotangents):
-    # With z = x @ W: sum(du * zhat) = inv * diag(W^T xc^T du), x^T zhat = n * cov @ W * inv and
-    # zhat @ W^T = (x @ W - mean) * inv @ W^T, so every full-size pass reads x or du only.
-    x, kernel, scale, zs, mx, cov, mean, inv = residuals
-    x2, n, f32 = x.reshape(-1, x.shape[-1]), math.prod(x.shape[:-1]), jnp.float32
-    du = cotangents[0].reshape(x2.shape[0], -1).astype(f32)
+    # With zhat = xc @ W * inv: sum(du * zhat) = inv * diag(W^T xc^T du), x^T dz = xc^T dz
+    # (dz sums to zero) and zhat @ W^T = xc @ W diag(inv) W^T: every full-size pass reads xc or du.
+    xc, kernel, scale, bias, z, cov, inv = residuals
+    n, f32, dt = xc.shape[0], jnp.float32, xc.dtype
+    g = cotangents[0]
+    du = g.reshape(n, -1).astype(f32)
     if silu:
-        z, shift = lax.optimization_barrier(zs)  # no CSE with the forward's sigmoid
-        du = du * _silu_grad((z + shift).astype(f32))
+        z = lax.optimization_barrier(z)  # no CSE with the forward's sigmoid
+        du = du * _silu_grad((z + bias.astype(dt)).astype(f32))
     dbias = jnp.sum(du, axis=0)
-    du = du.astype(x.dtype)
-    m = lax.dot_general(x2, du, (((0,), (0,)), ((), ())), preferred_element_type=f32)
-    mc = m - jnp.outer(mx, dbias)
+    du = du.astype(dt)
+    mc = lax.dot_general(xc, du, (((0,), (0,)), ((), ())), preferred_element_type=f32)
     dscale = inv * jnp.sum(kernel * mc, axis=0)
     a = scale * inv
-    b = inv * a * dscale / n
     dkernel = a * (mc - (cov @ kernel) * inv * dscale)
-    const = (b * mean - a * dbias / n) @ kernel.T
-    dx = (jnp.dot(du, (kernel * a).T.astype(x.dtype), preferred_element_type=f32)
-          - jnp.dot(x2, ((kernel * b) @ kernel.T).astype(x.dtype), preferred_element_type=f32)
-          + const)
-    return dx.astype(x.dtype).reshape(x.shape), dkernel, dscale, dbias
+    dx = (jnp.dot(du, (kernel * a).T.astype(dt), preferred_element_type=f32)
+          - jnp.dot(xc, ((kernel * (inv * a * dscale / n)) @ kernel.T).astype(dt),
+                    preferred_element_type=f32)
+          - (a * dbias / n) @ kernel.T)
+    return dx.astype(dt).reshape(*g.shape[:-1], -1), dkernel, dscale, dbias
 
 
 _pointwise_batch_norm.defvjp(_pointwise_batch_norm_fwd, _pointwise_batch_norm_bwd)
