@@ -11,7 +11,7 @@ docs/training.md#the-demo-on-the-simulated-dataset.
     python -m dwise_jax.data.synthetic data/simulated
     python -m dwise_jax.train --config configs/demo.py
 
-Cost: about 11 minutes per fold on a 2-core Intel Xeon CPU (~44 samples per second, ten
+Cost: about 10.5 minutes per fold on a 2-core Intel Xeon CPU (~46 samples per second, ten
 validations included; 2026-12-07). Fold 0 of the default simulated dataset: val_corr 0.1972,
 ridge baseline 0.1950, noise ceiling 0.4678.
 """
