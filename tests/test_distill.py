@@ -82,12 +82,14 @@ def test_train_step_uses_a_frozen_eval_mode_teacher(sim_root):
     # The teacher has dropout: in train mode its predictions would be random.
     teacher = DwiseNeuro(**model_kwargs(dataset.num_neurons, **TINY_MODEL, expansion_ratio=3),
                          rngs=nnx.Rngs(params=7, dropout=8))
+    # The student sees the video's rows only, the teacher the whole canvas: the step must build
+    # the rows the teacher needs (the hand-computed loss below feeds both the whole canvas).
     student = DwiseNeuro(**model_kwargs(dataset.num_neurons, **TINY_MODEL, expansion_ratio=2,
-                                        drop_rate=0.0, drop_path_rate=0.0),
+                                        drop_rate=0.0, drop_path_rate=0.0, canvas_rows=36),
                          rngs=nnx.Rngs(params=0, dropout=1))
     trainer = train_step.Trainer(student, optax.sgd(1e-2), ema_decay=0.9, teacher=teacher,
                                  distill_ratio=0.36)
-    assert trainer.distills
+    assert trainer.distills and trainer.canvas_rows == 64
     before = _leaves(trainer.teacher_weights)
     state = trainer.init_state()
     student_before = _leaves(state["params"])
