@@ -137,25 +137,28 @@ class BatchNorm(nnx.Module):
                  kernel: jax.Array | None = None) -> jax.Array:
         """BN(x), or with `kernel` BN(pointwise(x, kernel)) (below NARROW outputs in training,
         one fused op that never materialises the pointwise output)."""
-        if kernel is not None and (self.use_running_average or kernel.shape[-1] >= NARROW):
-            x, kernel = pointwise(x, kernel), None
         if kernel is not None:
-            y, mean, var = _pointwise_batch_norm(x, kernel, self.scale[...], self.bias[...],
-                                                 self.epsilon, silu)
-            return self._update(mean, var, math.prod(x.shape[:-1]), y)
+            if self.use_running_average or kernel.shape[-1] >= NARROW:
+                x = pointwise(x, kernel)
+            else:
+                y, mean, var = _pointwise_batch_norm(x, kernel, self.scale[...], self.bias[...],
+                                                     self.epsilon, silu)
+                self._update(mean, var, math.prod(x.shape[:-1]))
+                return y
         if self.use_running_average:
             inv = lax.rsqrt(self.var[...] + self.epsilon) * self.scale[...]
             z = (x.astype(jnp.float32) - self.mean[...]) * inv + self.bias[...]
             return (nnx.silu(z) if silu else z).astype(x.dtype)
         y, mean, var = _batch_norm_train(x, self.scale[...], self.bias[...], self.epsilon, silu)
-        return self._update(mean, var, math.prod(x.shape[:-1]), y)
+        self._update(mean, var, math.prod(x.shape[:-1]))
+        return y
 
-    def _update(self, mean, var, n, y):
+    def _update(self, mean, var, n):
+        """Running statistics <- momentum * running + (1 - momentum) * batch (unbiased var)."""
         unbiased = lax.stop_gradient(var) * (n / max(n - 1, 1))
         m = self.momentum
         self.mean[...] = m * self.mean[...] + (1.0 - m) * lax.stop_gradient(mean)
         self.var[...] = m * self.var[...] + (1.0 - m) * unbiased
-        return y
 
     def set_view(self, use_running_average: bool | None = None):
         """Used by `nnx.view`."""
