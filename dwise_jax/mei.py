@@ -154,10 +154,11 @@ def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
     held-out trials) and the report; returns the rows."""
     ens = inference.load_ensemble(workdir, experiments, fold_ids)
     dataset = SensoriumDataset.open(inference.data_root(ens, data_root))
-    if mouse_name not in dataset.names:
-        raise experiment.PredictionError(f"{dataset.root}: has no mouse {mouse_name}; its mice "
-                                         f"are {dataset.names}")
-    mouse = dataset.mouse(mouse_name)
+    try:
+        mouse = dataset.find(mouse_name)
+    except KeyError as err:
+        raise experiment.PredictionError(err.args[0]) from None
+    mouse_name = mouse.name
     name = ",".join(sorted(experiments))
     out = Path(out) if out else Path(workdir) / "insilico" / name / "mei" / mouse_name
     (out / "report.json").unlink(missing_ok=True)
@@ -201,7 +202,8 @@ ERRORS = (*experiment.USER_ERRORS, ValueError)  # the user's to fix: one `error:
 def define_flags(fv: flags.FlagValues) -> None:
     inference.define_flags(fv, "<workdir>/insilico/<experiment>/mei/<mouse>", MeiConfig,
                            {"neurons": (None, "Neuron indexes (0-based, readout order).")})
-    flags.DEFINE_string("mouse", None, "Mouse folder name.", flag_values=fv)
+    flags.DEFINE_string("mouse", None, "Mouse: folder name, readout index or unique name prefix.",
+                        flag_values=fv)
     flags.DEFINE_integer("best", 0, "Instead of --neurons: the N neurons best predicted on "
                                     "held-out trials.", flag_values=fv)
 

@@ -202,10 +202,10 @@ def trial_groups(ens: inference.Ensemble, dataset: SensoriumDataset, split: str,
     if not report.is_scored(dataset, split):
         raise experiment.PredictionError(f"{dataset.root}: split {split} has no recorded "
                                          "responses to reconstruct from (use --split folds)")
-    if unknown := sorted(set(mice or ()) - set(dataset.names)):
-        raise experiment.PredictionError(f"{dataset.root}: has no mice {unknown}; its mice are "
-                                         f"{dataset.names}")
-    chosen = [dataset.mouse(m) for m in mice] if mice else list(dataset.mice)
+    try:
+        chosen = [dataset.find(m) for m in mice] if mice else list(dataset.mice)
+    except KeyError as err:
+        raise experiment.PredictionError(err.args[0]) from None
     groups = []
     for mouse in chosen:
         ens.readout_index(mouse)
@@ -276,7 +276,8 @@ ERRORS = (*experiment.USER_ERRORS, ValueError)  # the user's to fix: one `error:
 
 def define_flags(fv: flags.FlagValues) -> None:
     inference.define_flags(fv, "<workdir>/insilico/<experiment>/reconstruct/<split>", ReconConfig,
-                           {"mice": (None, "Mouse folder names (default: all)."),
+                           {"mice": (None, "Mice: folder names, readout indexes or unique name "
+                                     "prefixes (default: all)."),
                             "trials": (None, "Trial ids (default: all of the split)."),
                             "ensemble_sizes": (["1", "2", "4", "0"],
                                                "Ensemble sizes scored (0: all).")})

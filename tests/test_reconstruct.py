@@ -151,7 +151,7 @@ def test_command_end_to_end(setup, tmp_path):
     assert row["linear"]["lags"] == 8 and -1 <= row["linear"]["corr"] <= 1
     assert "| linear decoder" in (out / "report.md").read_text()
 
-    with pytest.raises(experiment.PredictionError, match=r"has no mice \['nobody'\]"):
+    with pytest.raises(experiment.PredictionError, match=r"no mouse is 'nobody' .*its mice are"):
         reconstruct.reconstruct_split(work, ["a"], "folds", mice=["nobody"], out=tmp_path / "x")
     with pytest.raises(experiment.PredictionError, match="no trials of split folds"):
         reconstruct.reconstruct_split(work, ["a"], "folds", trials=[10**6], out=tmp_path / "x")

@@ -63,6 +63,11 @@ def test_simulated_root_shapes_dtypes_order(sim_root):
     assert ds.names == sorted(ds.names) and len(ds.mice) == 3
     assert [m.index for m in ds.mice] == [0, 1, 2] and ds.num_neurons == [12, 12, 12]
     assert ds.mouse(ds.names[1]) is ds.mice[1] and ds.mouse(2) is ds.mice[2]
+    # A command line's mouse: its name, its readout index, or a unique prefix of its name.
+    assert ds.find(ds.names[1]) is ds.find("1") is ds.find(ds.names[1][:12]) is ds.mice[1]
+    for key, problem in (("dynamic", "more than one"), ("3", "no"), ("nobody", "no")):
+        with pytest.raises(KeyError, match=f"{problem} mouse is '{key}'"):
+            ds.find(key)
     for mouse in ds.mice:
         assert not mouse.is_real_old and mouse.submitted
         assert mouse.labeled_tiers == {"train", "oracle"}

@@ -361,6 +361,17 @@ class SensoriumDataset:
             raise KeyError(f"no mouse {name_or_index!r} under {self.root}")
         return self.mice[self.names.index(name_or_index)]
 
+    def find(self, key: str) -> Mouse:
+        """The mouse a user named on a command line: folder name, readout index or unique prefix."""
+        hits = [m for m in self.mice if m.name == key] or (
+            [self.mice[int(key)]] if key.isdigit() and int(key) < len(self.mice)
+            else [m for m in self.mice if m.name.startswith(key)])
+        if len(hits) != 1:
+            raise KeyError(f"{self.root}: {'more than one' if hits else 'no'} mouse is {key!r} "
+                           f"(give a folder name, a readout index 0-{len(self.mice) - 1} or a "
+                           f"unique prefix of a name); its mice are {self.names}")
+        return hits[0]
+
     def summary(self) -> str:
         """A text table: mouse, neurons, trials per tier, labeled tiers, valid length range."""
         short = [t.replace("_test", "") for t in TIERS]
