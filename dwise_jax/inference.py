@@ -18,7 +18,7 @@ from flax import nnx
 
 from dwise_jax import checkpoint, cli, experiment, forward
 from dwise_jax.data import windows
-from dwise_jax.data.sensorium import Mouse, first_nan
+from dwise_jax.data.sensorium import Mouse, SensoriumDataset, first_nan
 
 DEFAULT_CHUNK = 32  # windows per model evaluated at once inside the jitted scan
 
@@ -191,6 +191,14 @@ def data_root(ensemble: Ensemble, given: str | None = None) -> str:
     """--data_root, else the folds' config.json (as predict)."""
     folders = {i: Path(m["directory"]) for i, m in enumerate(ensemble.members)}
     return experiment.resolve_data_root(folders, given)
+
+
+def find_mice(dataset: SensoriumDataset, keys: list[str]) -> list[Mouse]:
+    """The mice named on a command line (`SensoriumDataset.find`); one user error if any is not."""
+    try:
+        return [dataset.find(key) for key in keys]
+    except KeyError as err:
+        raise experiment.PredictionError(err.args[0]) from None
 
 
 def define_flags(fv: flags.FlagValues, out: str, settings: type, lists: dict) -> None:

@@ -154,10 +154,7 @@ def mei_command(workdir: str | Path, experiments: list[str], mouse_name: str,
     held-out trials) and the report; returns the rows."""
     ens = inference.load_ensemble(workdir, experiments, fold_ids)
     dataset = SensoriumDataset.open(inference.data_root(ens, data_root))
-    try:
-        mouse = dataset.find(mouse_name)
-    except KeyError as err:
-        raise experiment.PredictionError(err.args[0]) from None
+    (mouse,) = inference.find_mice(dataset, [mouse_name])
     mouse_name = mouse.name
     name = ",".join(sorted(experiments))
     out = Path(out) if out else Path(workdir) / "insilico" / name / "mei" / mouse_name

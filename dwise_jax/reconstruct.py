@@ -202,10 +202,7 @@ def trial_groups(ens: inference.Ensemble, dataset: SensoriumDataset, split: str,
     if not report.is_scored(dataset, split):
         raise experiment.PredictionError(f"{dataset.root}: split {split} has no recorded "
                                          "responses to reconstruct from (use --split folds)")
-    try:
-        chosen = [dataset.find(m) for m in mice] if mice else list(dataset.mice)
-    except KeyError as err:
-        raise experiment.PredictionError(err.args[0]) from None
+    chosen = inference.find_mice(dataset, mice) if mice else list(dataset.mice)
     groups = []
     for mouse in chosen:
         ens.readout_index(mouse)
